@@ -1,0 +1,60 @@
+/* context.c - moe_context_*: one backend on one device. */
+#include <stdlib.h>
+
+#include "backend/backend.h"
+#include "core/status.h"
+
+moe_status_t moe_context_create(moe_context_t **ctx, moe_backend_t backend, int device,
+                                moe_comm_t *comm) {
+    MOE_ARG(ctx != NULL, "ctx is NULL");
+    *ctx = NULL;
+    const moe_backend_ops_t *ops = NULL;
+    switch (backend) {
+    case MOE_BACKEND_CPU: ops = &moe_cpu_backend; break;
+    case MOE_BACKEND_CUDA:
+#ifdef MOE_WITH_CUDA
+        ops = &moe_cuda_backend;
+        break;
+#else
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "backend MOE_BACKEND_CUDA: this libmoe was built without CUDA");
+#endif
+    default: return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "backend %d is not a moe_backend_t",
+                            (int)backend);
+    }
+    MOE_ARG(device >= 0, "device %d is negative", device);
+    if (comm != NULL)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "comm: expert parallelism is not in this build yet; pass NULL for one rank");
+    moe_context_t *c = (moe_context_t *)calloc(1, sizeof *c);
+    if (!c) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "context");
+    c->magic = MOE_CONTEXT_MAGIC;
+    c->backend = backend;
+    c->device = device;
+    c->ops = ops;
+    c->comm = comm;
+    c->rank = 0;
+    c->world = 1;
+    moe_status_t st = ops->context_init(c);
+    if (st != MOE_STATUS_SUCCESS) {
+        free(c);
+        return st;
+    }
+    *ctx = c;
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_context_destroy(moe_context_t *ctx) {
+    if (!ctx) return MOE_STATUS_SUCCESS;
+    MOE_ARG(ctx->magic == MOE_CONTEXT_MAGIC, "ctx is not a live moe_context_t");
+    MOE_ARG(ctx->num_layers == 0, "ctx still has %lld layers: destroy them first",
+            (long long)ctx->num_layers);
+    ctx->ops->context_fini(ctx);
+    ctx->magic = 0;
+    free(ctx);
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_backend_t moe_context_backend(const moe_context_t *ctx) {
+    return ctx && ctx->magic == MOE_CONTEXT_MAGIC ? ctx->backend : MOE_BACKEND_CPU;
+}

@@ -1,0 +1,411 @@
+/* layer.c - moe_layer_*: config validation, parameters, gradients, buffers and stats. */
+#include "layer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/dtype.h"
+#include "core/philox.h"
+#include "core/status.h"
+
+/* largest tensor dimension product we accept: keeps every index inside int64 and row ids
+ * inside int32 */
+#define MOE_MAX_NUMEL ((int64_t)1 << 40)
+
+moe_layer_config_t moe_layer_config_default(void) {
+    moe_layer_config_t c;
+    memset(&c, 0, sizeof c);
+    c.struct_size = sizeof c;
+    c.d_model = 512;
+    c.d_ff = 2048;
+    c.num_experts = 8;
+    c.top_k = 2;
+    c.activation = MOE_ACTIVATION_GELU;
+    c.dtype = MOE_DTYPE_F32;
+    c.gate = MOE_GATE_SOFTMAX_OF_TOPK;
+    c.renormalize = 1;
+    c.noisy_gating = 0;
+    c.capacity_factor = 0.0;
+    c.priority = MOE_PRIORITY_POSITION;
+    c.expert_bias = 1;
+    c.seed = 1234;
+    return c;
+}
+
+static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t backend) {
+    MOE_ARG(c->struct_size == sizeof(moe_layer_config_t),
+            "cfg->struct_size is %zu, expected %zu: start from moe_layer_config_default()",
+            c->struct_size, sizeof(moe_layer_config_t));
+    MOE_ARG(c->d_model >= 1 && c->d_model <= (1 << 20), "cfg->d_model %lld is not in [1, 2^20]",
+            (long long)c->d_model);
+    MOE_ARG(c->d_ff >= 1 && c->d_ff <= (1 << 22), "cfg->d_ff %lld is not in [1, 2^22]",
+            (long long)c->d_ff);
+    MOE_ARG(c->num_experts >= 1 && c->num_experts <= 65536,
+            "cfg->num_experts %lld is not in [1, 65536]", (long long)c->num_experts);
+    MOE_ARG(c->top_k >= 1 && c->top_k <= c->num_experts,
+            "cfg->top_k %lld is not in [1, num_experts = %lld]", (long long)c->top_k,
+            (long long)c->num_experts);
+    MOE_ARG(c->activation >= MOE_ACTIVATION_RELU && c->activation <= MOE_ACTIVATION_SWIGLU,
+            "cfg->activation %d is not a moe_activation_t", (int)c->activation);
+    MOE_ARG(c->dtype >= MOE_DTYPE_F32 && c->dtype <= MOE_DTYPE_F16,
+            "cfg->dtype %d is not a moe_dtype_t", (int)c->dtype);
+    MOE_ARG(c->gate == MOE_GATE_SOFTMAX_OF_TOPK || c->gate == MOE_GATE_TOPK_OF_SOFTMAX,
+            "cfg->gate %d is not a moe_gate_t", (int)c->gate);
+    MOE_ARG(c->priority == MOE_PRIORITY_POSITION || c->priority == MOE_PRIORITY_SCORE,
+            "cfg->priority %d is not a moe_priority_t", (int)c->priority);
+    MOE_ARG(isfinite(c->capacity_factor), "cfg->capacity_factor is not finite");
+    MOE_ARG(isfinite(c->switch_loss_coef) && c->switch_loss_coef >= 0.0,
+            "cfg->switch_loss_coef must be finite and >= 0");
+    MOE_ARG(isfinite(c->importance_loss_coef) && c->importance_loss_coef >= 0.0,
+            "cfg->importance_loss_coef must be finite and >= 0");
+    MOE_ARG(isfinite(c->load_loss_coef) && c->load_loss_coef >= 0.0,
+            "cfg->load_loss_coef must be finite and >= 0");
+    MOE_ARG(isfinite(c->z_loss_coef) && c->z_loss_coef >= 0.0,
+            "cfg->z_loss_coef must be finite and >= 0");
+    int64_t f2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * c->d_ff : c->d_ff;
+    MOE_ARG(c->d_model * f2 <= MOE_MAX_NUMEL / c->num_experts,
+            "expert weights of num_experts x d_model x d_ff = %lld x %lld x %lld are too large",
+            (long long)c->num_experts, (long long)c->d_model, (long long)f2);
+    if (backend == MOE_BACKEND_CPU && c->dtype != MOE_DTYPE_F32)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "cfg->dtype %s: the CPU backend computes in f32 only",
+                       moe_dtype_name(c->dtype));
+    return MOE_STATUS_SUCCESS;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * parameters: layout, init rule (docs/semantics.md), allocation
+ * ------------------------------------------------------------------------------------------- */
+
+/* Fills host f32 values of parameter p. Element i of an expert tensor is indexed globally,
+ * (expert_begin + le) * per_expert + offset, so every rank layout initialises the same way. */
+static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v) {
+    uint64_t seed = s->cfg.seed;
+    int64_t n = s->numel[p];
+    int64_t per_expert = s->E_local ? n / s->E_local : 0;
+    int64_t base = s->expert_begin * per_expert;
+    float bound;
+    switch (p) {
+    case MOE_PARAM_ROUTER_WEIGHT: bound = 1.0f / sqrtf((float)s->D); break;
+    case MOE_PARAM_NOISE_WEIGHT: bound = 0.0f; break; /* zero, as Shazeer et al. */
+    case MOE_PARAM_W1:
+    case MOE_PARAM_B1: bound = 1.0f / sqrtf((float)s->D); break;
+    default: bound = 1.0f / sqrtf((float)s->F); break; /* W2, B2 */
+    }
+    int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT;
+    for (int64_t i = 0; i < n; ++i)
+        v[i] = bound == 0.0f ? 0.0f
+                             : moe_init_uniform(seed, (uint32_t)p,
+                                                (uint64_t)(replicated ? i : base + i), bound);
+}
+
+static void free_params(moe_layer_t *L) {
+    const moe_backend_ops_t *ops = L->ctx->ops;
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        ops->free(L->ctx, L->s.param[p]);
+        ops->free(L->ctx, L->s.grad[p]);
+        L->s.param[p] = L->s.grad[p] = NULL;
+    }
+}
+
+static moe_status_t alloc_params(moe_layer_t *L) {
+    moe_layer_state_t *s = &L->s;
+    moe_context_t *ctx = L->ctx;
+    const moe_backend_ops_t *ops = ctx->ops;
+    size_t esz = moe_dtype_size(s->cfg.dtype);
+    s->numel[MOE_PARAM_ROUTER_WEIGHT] = s->D * s->E;
+    s->numel[MOE_PARAM_NOISE_WEIGHT] = s->cfg.noisy_gating ? s->D * s->E : 0;
+    s->numel[MOE_PARAM_W1] = s->E_local * s->D * s->F2;
+    s->numel[MOE_PARAM_B1] = s->cfg.expert_bias ? s->E_local * s->F2 : 0;
+    s->numel[MOE_PARAM_W2] = s->E_local * s->F * s->D;
+    s->numel[MOE_PARAM_B2] = s->cfg.expert_bias ? s->E_local * s->D : 0;
+    int64_t maxn = 0;
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) maxn = s->numel[p] > maxn ? s->numel[p] : maxn;
+    float *host = (float *)malloc((size_t)maxn * sizeof(float));
+    uint16_t *host16 = esz == 2 ? (uint16_t *)malloc((size_t)maxn * 2) : NULL;
+    if (!host || (esz == 2 && !host16)) {
+        free(host), free(host16);
+        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "host staging for %lld parameter values",
+                       (long long)maxn);
+    }
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    for (int p = 0; p < MOE_PARAM_COUNT && st == MOE_STATUS_SUCCESS; ++p) {
+        size_t bytes = (size_t)s->numel[p] * esz;
+        if (bytes == 0) continue;
+        MOE_CHECK_GOTO(ops->alloc(ctx, &s->param[p], bytes), st, done);
+        MOE_CHECK_GOTO(ops->alloc(ctx, &s->grad[p], bytes), st, done);
+        MOE_CHECK_GOTO(ops->memset_zero(ctx, s->grad[p], bytes, NULL), st, done);
+        init_param_host(s, (moe_param_t)p, host);
+        const void *src = host;
+        if (esz == 2) {
+            for (int64_t i = 0; i < s->numel[p]; ++i)
+                host16[i] = s->cfg.dtype == MOE_DTYPE_BF16 ? moe_f32_to_bf16(host[i]) : 0;
+            if (s->cfg.dtype == MOE_DTYPE_F16) {
+                st = MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "f16 parameter storage");
+                goto done;
+            }
+            src = host16;
+        }
+        MOE_CHECK_GOTO(ops->copy(ctx, s->param[p], src, bytes, MOE_COPY_H2D, NULL), st, done);
+    }
+    st = ops->sync(ctx, NULL);
+done:
+    free(host), free(host16);
+    if (st != MOE_STATUS_SUCCESS) free_params(L);
+    return st;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * per-token buffers: grown to the largest T seen, all or nothing
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    void **slot; /* where the pointer lives in the state */
+    int64_t per_token; /* bytes per token */
+} moe__buf_t;
+
+static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
+    const int64_t D = s->D, E = s->E, K = s->K, F = s->F, F2 = s->F2, f = sizeof(float);
+    const int noisy = s->cfg.noisy_gating;
+    int n = 0;
+#define MOE_BUF(ptr, bytes) (b[n].slot = (void **)&s->ptr, b[n].per_token = (bytes), ++n)
+    MOE_BUF(x, D * f);
+    MOE_BUF(logits, E * f);
+    MOE_BUF(noise_raw, noisy ? E * f : 0);
+    MOE_BUF(eps, noisy ? E * f : 0);
+    MOE_BUF(h, noisy ? E * f : 0);
+    MOE_BUF(dnoise, noisy ? E * f : 0);
+    MOE_BUF(lse, f);
+    MOE_BUF(idx, s->K1 * (int64_t)sizeof(int32_t));
+    MOE_BUF(row, K * (int64_t)sizeof(int32_t));
+    MOE_BUF(gate, K * f);
+    MOE_BUF(dg, K * f);
+    MOE_BUF(dlogits, E * f);
+    MOE_BUF(xp, K * D * f);
+    MOE_BUF(yp, K * D * f);
+    MOE_BUF(dyp, K * D * f);
+    MOE_BUF(dxp, K * D * f);
+    MOE_BUF(hpre, K * F2 * f);
+    MOE_BUF(dhpre, K * F2 * f);
+    MOE_BUF(act, K * F * f);
+    MOE_BUF(dact, K * F * f);
+#undef MOE_BUF
+    return n;
+}
+
+#define MOE_MAX_BUFS 32
+
+static void free_buffers(moe_layer_t *L) {
+    moe__buf_t b[MOE_MAX_BUFS];
+    int n = list_buffers(&L->s, b);
+    for (int i = 0; i < n; ++i) {
+        L->ctx->ops->free(L->ctx, *b[i].slot);
+        *b[i].slot = NULL;
+    }
+    L->s.cap_tokens = 0;
+}
+
+moe_status_t moe__layer_reserve(moe_layer_t *L, int64_t T) {
+    moe_layer_state_t *s = &L->s;
+    if (T <= s->cap_tokens) return MOE_STATUS_SUCCESS;
+    moe__buf_t b[MOE_MAX_BUFS];
+    void *fresh[MOE_MAX_BUFS] = {0};
+    int n = list_buffers(s, b);
+    for (int i = 0; i < n; ++i) {
+        if (b[i].per_token == 0) continue;
+        if (b[i].per_token > INT64_MAX / T) {
+            for (int k = 0; k < i; ++k) L->ctx->ops->free(L->ctx, fresh[k]);
+            return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "num_tokens %lld is too large",
+                           (long long)T);
+        }
+        moe_status_t st = L->ctx->ops->alloc(L->ctx, &fresh[i], (size_t)(b[i].per_token * T));
+        if (st != MOE_STATUS_SUCCESS) {
+            for (int k = 0; k < i; ++k) L->ctx->ops->free(L->ctx, fresh[k]);
+            return MOE_ERR(MOE_STATUS_ALLOC_FAILED,
+                           "buffers for %lld tokens: %s (the layer keeps its %lld-token buffers)",
+                           (long long)T, moe_status_string(st), (long long)s->cap_tokens);
+        }
+    }
+    free_buffers(L);
+    for (int i = 0; i < n; ++i) *b[i].slot = fresh[i];
+    s->cap_tokens = T;
+    return MOE_STATUS_SUCCESS;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * public API
+ * ------------------------------------------------------------------------------------------- */
+
+#define MOE_LAYER_ARG(layer)                                                                  \
+    MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC,                             \
+            "layer is %s", (layer) == NULL ? "NULL" : "not a live moe_layer_t")
+
+static void free_host_arrays(moe_layer_state_t *s) {
+    free(s->offsets_h), free(s->counts_h), free(s->dropped_h);
+    free(s->prob_sum_h), free(s->importance_h), free(s->load_h);
+    free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
+}
+
+moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
+                              const moe_layer_config_t *cfg) {
+    MOE_ARG(layer != NULL, "layer is NULL");
+    *layer = NULL;
+    MOE_ARG(ctx != NULL && ctx->magic == MOE_CONTEXT_MAGIC, "ctx is %s",
+            ctx == NULL ? "NULL" : "not a live moe_context_t");
+    MOE_ARG(cfg != NULL, "cfg is NULL");
+    MOE_CHECK(validate_config(cfg, ctx->backend));
+    MOE_ARG(cfg->num_experts % ctx->world == 0,
+            "cfg->num_experts %lld is not divisible by the %d ranks of the communicator",
+            (long long)cfg->num_experts, ctx->world);
+
+    moe_layer_t *L = (moe_layer_t *)calloc(1, sizeof *L);
+    if (!L) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "layer handle");
+    L->ctx = ctx;
+    moe_layer_state_t *s = &L->s;
+    s->cfg = *cfg;
+    s->D = cfg->d_model;
+    s->F = cfg->d_ff;
+    s->F2 = cfg->activation == MOE_ACTIVATION_SWIGLU ? 2 * cfg->d_ff : cfg->d_ff;
+    s->E = cfg->num_experts;
+    s->K = cfg->top_k;
+    s->K1 = s->K < s->E ? s->K + 1 : s->E;
+    s->E_local = s->E / ctx->world;
+    s->expert_begin = (int64_t)ctx->rank * s->E_local;
+    s->rank = ctx->rank;
+    s->capacity = -1;
+
+    size_t E = (size_t)s->E;
+    s->offsets_h = (int64_t *)calloc(E + 1, sizeof(int64_t));
+    s->counts_h = (int64_t *)calloc(E, sizeof(int64_t));
+    s->dropped_h = (int64_t *)calloc(E, sizeof(int64_t));
+    s->prob_sum_h = (double *)calloc(E, sizeof(double));
+    s->importance_h = (double *)calloc(E, sizeof(double));
+    s->load_h = (double *)calloc(E, sizeof(double));
+    s->coefs.switch_f = (float *)calloc(E, sizeof(float));
+    s->coefs.imp = (float *)calloc(E, sizeof(float));
+    s->coefs.load = (float *)calloc(E, sizeof(float));
+    if (!s->offsets_h || !s->counts_h || !s->dropped_h || !s->prob_sum_h || !s->importance_h ||
+        !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load) {
+        free_host_arrays(s);
+        free(L);
+        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "per-expert host arrays for %zu experts", E);
+    }
+    moe_status_t st = alloc_params(L);
+    if (st != MOE_STATUS_SUCCESS) {
+        free_host_arrays(s);
+        free(L);
+        return st;
+    }
+    L->magic = MOE_LAYER_MAGIC;
+    ctx->num_layers++;
+    *layer = L;
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_destroy(moe_layer_t *layer) {
+    if (!layer) return MOE_STATUS_SUCCESS;
+    MOE_LAYER_ARG(layer);
+    free_buffers(layer);
+    free_params(layer);
+    free_host_arrays(&layer->s);
+    layer->ctx->num_layers--;
+    layer->magic = 0;
+    free(layer);
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_get_config(const moe_layer_t *layer, moe_layer_config_t *cfg) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(cfg != NULL, "cfg is NULL");
+    *cfg = layer->s.cfg;
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void **value, void **grad,
+                             int64_t *numel) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(which >= MOE_PARAM_ROUTER_WEIGHT && which < MOE_PARAM_COUNT,
+            "which %d is not a moe_param_t", (int)which);
+    if (value) *value = layer->s.param[which];
+    if (grad) *grad = layer->s.grad[which];
+    if (numel) *numel = layer->s.numel[which];
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
+                               int training, void *stream) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(x != NULL, "x is NULL");
+    MOE_ARG(y != NULL, "y is NULL");
+    MOE_ARG(num_tokens >= 1, "num_tokens %lld must be >= 1", (long long)num_tokens);
+    MOE_ARG(num_tokens <= INT32_MAX / layer->s.K,
+            "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
+            (long long)num_tokens, (long long)layer->s.K);
+    return moe__scheduler_forward(layer, x, y, num_tokens, training, stream);
+}
+
+moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(dy != NULL, "dy is NULL");
+    MOE_ARG(dx != NULL, "dx is NULL");
+    MOE_ARG(layer->s.have_forward, "no successful forward to differentiate: call "
+                                   "moe_layer_forward first");
+    return moe__scheduler_backward(layer, dy, dx, stream);
+}
+
+moe_status_t moe_layer_zero_grad(moe_layer_t *layer, void *stream) {
+    MOE_LAYER_ARG(layer);
+    size_t esz = moe_dtype_size(layer->s.cfg.dtype);
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p)
+        if (layer->s.grad[p])
+            MOE_CHECK(layer->ctx->ops->memset_zero(layer->ctx, layer->s.grad[p],
+                                                   (size_t)layer->s.numel[p] * esz, stream));
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_stats(moe_layer_t *layer, moe_routing_stats_t *stats,
+                             int64_t *tokens_per_expert, int64_t *dropped_per_expert) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(layer->s.have_forward, "no successful forward yet");
+    if (stats) *stats = layer->s.stats;
+    size_t bytes = (size_t)layer->s.E * sizeof(int64_t);
+    if (tokens_per_expert) memcpy(tokens_per_expert, layer->s.counts_h, bytes);
+    if (dropped_per_expert) memcpy(dropped_per_expert, layer->s.dropped_h, bytes);
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float *gate,
+                               int32_t *kept) {
+    MOE_LAYER_ARG(layer);
+    moe_layer_state_t *s = &layer->s;
+    MOE_ARG(s->have_forward, "no successful forward yet");
+    moe_context_t *ctx = layer->ctx;
+    const int64_t T = s->T, K = s->K;
+    int32_t *idx1 = (int32_t *)malloc((size_t)(T * s->K1) * sizeof(int32_t));
+    int32_t *rows = (int32_t *)malloc((size_t)(T * K) * sizeof(int32_t));
+    if (!idx1 || !rows) {
+        free(idx1), free(rows);
+        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "routing staging for %lld tokens", (long long)T);
+    }
+    moe_status_t st;
+    MOE_CHECK_GOTO(ctx->ops->copy(ctx, idx1, s->idx, (size_t)(T * s->K1) * sizeof(int32_t),
+                                  MOE_COPY_D2H, NULL),
+                   st, done);
+    MOE_CHECK_GOTO(ctx->ops->copy(ctx, rows, s->row, (size_t)(T * K) * sizeof(int32_t),
+                                  MOE_COPY_D2H, NULL),
+                   st, done);
+    if (gate)
+        MOE_CHECK_GOTO(ctx->ops->copy(ctx, gate, s->gate, (size_t)(T * K) * sizeof(float),
+                                      MOE_COPY_D2H, NULL),
+                       st, done);
+    MOE_CHECK_GOTO(ctx->ops->sync(ctx, NULL), st, done);
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < K; ++j) {
+            if (expert_index) expert_index[t * K + j] = idx1[t * s->K1 + j];
+            if (kept) kept[t * K + j] = rows[t * K + j] >= 0;
+        }
+done:
+    free(idx1), free(rows);
+    return st;
+}

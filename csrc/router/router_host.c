@@ -1,0 +1,120 @@
+/* router_host.c - capacity, slot assignment and aux-loss finalisation (see router_host.h). */
+#include "router/router_host.h"
+
+#include "core/status.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+int64_t moe_router_capacity(double capacity_factor, int64_t T, int64_t K, int64_t E) {
+    if (!(capacity_factor > 0.0)) return -1;
+    return (int64_t)ceil(capacity_factor * (double)T * (double)K / (double)E);
+}
+
+double moe_router_cv2(const double *v, int64_t n, double *grad) {
+    double mean = 0.0;
+    for (int64_t i = 0; i < n; ++i) mean += v[i];
+    mean /= (double)n;
+    double var = 0.0;
+    for (int64_t i = 0; i < n; ++i) var += (v[i] - mean) * (v[i] - mean);
+    var /= (double)n;
+    double den = mean * mean + 1e-10;
+    if (grad) {
+        /* d var / dv_i = 2 (v_i - mean) / n;  d den / dv_i = 2 mean / n */
+        for (int64_t i = 0; i < n; ++i)
+            grad[i] = 2.0 * (v[i] - mean) / ((double)n * den) -
+                      var * 2.0 * mean / ((double)n * den * den);
+    }
+    return var / den;
+}
+
+moe_status_t moe_router_finalize(moe_layer_state_t *s) {
+    const moe_layer_config_t *c = &s->cfg;
+    int64_t E = s->E, T = s->T, K = s->K;
+    double *grad = (double *)malloc((size_t)E * sizeof(double));
+    if (!grad) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "%lld doubles", (long long)E);
+    double sw = 0.0, maxc = 0.0, sumc = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+        double f = (double)s->counts_h[e] / ((double)T * (double)K);
+        double P = s->prob_sum_h[e] / (double)T;
+        sw += f * P;
+        s->coefs.switch_f[e] = (float)(c->switch_loss_coef * (double)E / (double)T * f);
+        maxc = fmax(maxc, (double)s->counts_h[e]);
+        sumc += (double)s->counts_h[e];
+    }
+    s->stats.switch_loss = (double)E * sw;
+
+    s->stats.importance_loss = moe_router_cv2(s->importance_h, E, grad);
+    for (int64_t e = 0; e < E; ++e) s->coefs.imp[e] = (float)(c->importance_loss_coef * grad[e]);
+    s->stats.load_loss = moe_router_cv2(s->load_h, E, grad);
+    for (int64_t e = 0; e < E; ++e)
+        s->coefs.load[e] = s->noisy_now ? (float)(c->load_loss_coef * grad[e]) : 0.0f;
+    free(grad);
+
+    s->stats.z_loss = s->z_sum / (double)T;
+    s->coefs.z_scale = (float)(c->z_loss_coef * 2.0 / (double)T);
+    s->coefs.any_logit = c->switch_loss_coef != 0.0 || c->z_loss_coef != 0.0;
+
+    s->stats.num_tokens = T;
+    s->stats.num_assignments = T * K;
+    s->stats.aux_loss = c->switch_loss_coef * s->stats.switch_loss +
+                        c->importance_loss_coef * s->stats.importance_loss +
+                        c->load_loss_coef * s->stats.load_loss + c->z_loss_coef * s->stats.z_loss;
+    s->stats.imbalance = sumc > 0.0 ? maxc / (sumc / (double)E) : 0.0;
+    return MOE_STATUS_SUCCESS;
+}
+
+/* SCORE order: gate weight descending, ties by position (j * T + t) ascending */
+typedef struct {
+    const float *gate;
+    int64_t T, K;
+} moe__score_ctx;
+
+static _Thread_local moe__score_ctx moe__sc;
+
+static int moe__cmp_score(const void *a, const void *b) {
+    int64_t pa = *(const int64_t *)a, pb = *(const int64_t *)b;
+    /* position p = j * T + t  ->  gate[t * K + j] */
+    float ga = moe__sc.gate[(pa % moe__sc.T) * moe__sc.K + pa / moe__sc.T];
+    float gb = moe__sc.gate[(pb % moe__sc.T) * moe__sc.K + pb / moe__sc.T];
+    if (ga > gb) return -1;
+    if (ga < gb) return 1;
+    return pa < pb ? -1 : (pa > pb ? 1 : 0);
+}
+
+int64_t moe_router_assign_slots(const int32_t *idx, int64_t ldi, const float *gate, int64_t T,
+                                int64_t K, int64_t E, int64_t capacity, int priority,
+                                int32_t *row, int64_t *offsets, int64_t *dropped,
+                                int64_t *order) {
+    int64_t n = T * K;
+    /* slots: offsets[e + 1] counts claims on e while walking the priority order */
+    memset(offsets, 0, (size_t)(E + 1) * sizeof(int64_t));
+    if (priority == MOE_PRIORITY_SCORE && capacity >= 0) {
+        for (int64_t p = 0; p < n; ++p) order[p] = p;
+        moe__sc.gate = gate;
+        moe__sc.T = T;
+        moe__sc.K = K;
+        qsort(order, (size_t)n, sizeof(int64_t), moe__cmp_score);
+    }
+    for (int64_t q = 0; q < n; ++q) {
+        int64_t p = (priority == MOE_PRIORITY_SCORE && capacity >= 0) ? order[q] : q;
+        int64_t t = p % T, j = p / T;
+        int32_t e = idx[t * ldi + j];
+        row[t * K + j] = (int32_t)offsets[e + 1]++;
+    }
+    for (int64_t e = 0; e < E; ++e) {
+        int64_t claimed = offsets[e + 1];
+        int64_t kept = capacity >= 0 && claimed > capacity ? capacity : claimed;
+        dropped[e] = claimed - kept;
+        offsets[e + 1] = offsets[e] + kept;
+    }
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < K; ++j) {
+            int32_t e = idx[t * ldi + j];
+            int32_t slot = row[t * K + j];
+            row[t * K + j] =
+                (capacity >= 0 && slot >= capacity) ? -1 : (int32_t)(offsets[e] + slot);
+        }
+    return offsets[E];
+}
