@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# deps.sh - make sure the Debian packages a step needs are installed.
+# usage: source scripts/deps.sh; moe_need_packages pkg...
+# As root, missing packages are installed with apt-get; otherwise the exact install line is
+# printed and the caller stops.
+moe_need_packages() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+            missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages: ${missing[*]}" >&2
+        echo "install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+        return 1
+    fi
+    echo "installing: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 || return 1
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 || return 1
+}
+
+# what building libmoe and its tests needs
+MOE_BUILD_PACKAGES=(cmake ninja-build g++ make libopenblas-dev libgtest-dev)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# test.sh - build libmoe (CUDA kernels included when nvcc is present) and run every test.
+# usage: scripts/test.sh          Release build in build/, the whole suite through ctest
+#        scripts/test.sh --asan   AddressSanitizer + UBSan build in build-asan/, the CPU suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+moe_need_packages "${MOE_BUILD_PACKAGES[@]}"
+
+dir=build
+args=(-DCMAKE_BUILD_TYPE=Release)
+if [ "${1:-}" = "--asan" ]; then
+    dir=build-asan
+    # the sanitizer build checks the host code; CUDA kernels are checked by compute-sanitizer
+    args=(-DCMAKE_BUILD_TYPE=Debug -DMOE_ENABLE_SANITIZERS=ON -DMOE_ENABLE_CUDA=OFF)
+fi
+cmake -S . -B "$dir" -G Ninja "${args[@]}" >/dev/null
+cmake --build "$dir" -j "$(nproc)"
+cd "$dir"
+ctest --output-on-failure -j "$(nproc)"
