@@ -2,6 +2,7 @@
 #include <stdlib.h>
 
 #include "backend/backend.h"
+#include "comm/comm.h"
 #include "core/status.h"
 
 moe_status_t moe_context_create(moe_context_t **ctx, moe_backend_t backend, int device,
@@ -23,9 +24,16 @@ moe_status_t moe_context_create(moe_context_t **ctx, moe_backend_t backend, int 
                             (int)backend);
     }
     MOE_ARG(device >= 0, "device %d is negative", device);
-    if (comm != NULL)
-        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
-                       "comm: expert parallelism is not in this build yet; pass NULL for one rank");
+    if (comm != NULL) {
+        MOE_ARG(comm->magic == MOE_COMM_MAGIC, "comm is not a live moe_comm_t");
+        if (comm->kind == MOE_COMM_KIND_MPI && backend != MOE_BACKEND_CPU)
+            return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                           "an MPI communicator moves host buffers: use MOE_BACKEND_CPU (NCCL "
+                           "for CUDA)");
+        if (comm->kind == MOE_COMM_KIND_NCCL && backend != MOE_BACKEND_CUDA)
+            return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                           "an NCCL communicator needs MOE_BACKEND_CUDA");
+    }
     moe_context_t *c = (moe_context_t *)calloc(1, sizeof *c);
     if (!c) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "context");
     c->magic = MOE_CONTEXT_MAGIC;
@@ -33,13 +41,14 @@ moe_status_t moe_context_create(moe_context_t **ctx, moe_backend_t backend, int 
     c->device = device;
     c->ops = ops;
     c->comm = comm;
-    c->rank = 0;
-    c->world = 1;
+    c->rank = comm ? comm->rank : 0;
+    c->world = comm ? comm->size : 1;
     moe_status_t st = ops->context_init(c);
     if (st != MOE_STATUS_SUCCESS) {
         free(c);
         return st;
     }
+    if (comm) comm->num_contexts++;
     *ctx = c;
     return MOE_STATUS_SUCCESS;
 }
@@ -50,6 +59,7 @@ moe_status_t moe_context_destroy(moe_context_t *ctx) {
     MOE_ARG(ctx->num_layers == 0, "ctx still has %lld layers: destroy them first",
             (long long)ctx->num_layers);
     ctx->ops->context_fini(ctx);
+    if (ctx->comm) ctx->comm->num_contexts--;
     ctx->magic = 0;
     free(ctx);
     return MOE_STATUS_SUCCESS;

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "comm/comm.h"
 #include "core/dtype.h"
 #include "core/philox.h"
 #include "core/status.h"
@@ -186,50 +187,85 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     MOE_BUF(yp, K * D * f);
     MOE_BUF(dyp, K * D * f);
     MOE_BUF(dxp, K * D * f);
-    MOE_BUF(hpre, K * F2 * f);
-    MOE_BUF(dhpre, K * F2 * f);
-    MOE_BUF(act, K * F * f);
-    MOE_BUF(dact, K * F * f);
+#undef MOE_BUF
+    (void)F, (void)F2;
+    return n;
+}
+
+/* expert-side buffers, per row the local experts process */
+static int list_row_buffers(moe_layer_t *L, moe__buf_t *b) {
+    moe_layer_state_t *s = &L->s;
+    const int64_t D = s->D, F = s->F, F2 = s->F2, f = sizeof(float);
+    const int ep = L->ctx->world > 1;
+    int n = 0;
+#define MOE_BUF(ptr, bytes) (b[n].slot = (void **)&(ptr), b[n].per_token = (bytes), ++n)
+    MOE_BUF(s->hpre, F2 * f);
+    MOE_BUF(s->dhpre, F2 * f);
+    MOE_BUF(s->act, F * f);
+    MOE_BUF(s->dact, F * f);
+    MOE_BUF(L->ex_x, ep ? D * f : 0);
+    MOE_BUF(L->ex_y, ep ? D * f : 0);
+    MOE_BUF(L->ex_dy, ep ? D * f : 0);
+    MOE_BUF(L->ex_dx, ep ? D * f : 0);
 #undef MOE_BUF
     return n;
 }
 
 #define MOE_MAX_BUFS 32
 
-static void free_buffers(moe_layer_t *L) {
-    moe__buf_t b[MOE_MAX_BUFS];
-    int n = list_buffers(&L->s, b);
+static void free_list(moe_layer_t *L, moe__buf_t *b, int n) {
     for (int i = 0; i < n; ++i) {
         L->ctx->ops->free(L->ctx, *b[i].slot);
         *b[i].slot = NULL;
     }
+}
+
+static void free_buffers(moe_layer_t *L) {
+    moe__buf_t b[MOE_MAX_BUFS];
+    free_list(L, b, list_buffers(&L->s, b));
     L->s.cap_tokens = 0;
+    free_list(L, b, list_row_buffers(L, b));
+    L->cap_rows = 0;
+}
+
+/* allocates every buffer of the list for `count` tokens or rows, all or nothing */
+static moe_status_t grow_list(moe_layer_t *L, moe__buf_t *b, int n, int64_t count,
+                              int64_t have, const char *what) {
+    void *fresh[MOE_MAX_BUFS] = {0};
+    for (int i = 0; i < n; ++i) {
+        if (b[i].per_token == 0) continue;
+        moe_status_t st = MOE_STATUS_SUCCESS;
+        if (b[i].per_token > INT64_MAX / count)
+            st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "%lld %s is too many", (long long)count,
+                         what);
+        else
+            st = L->ctx->ops->alloc(L->ctx, &fresh[i], (size_t)(b[i].per_token * count));
+        if (st != MOE_STATUS_SUCCESS) {
+            for (int k = 0; k < i; ++k) L->ctx->ops->free(L->ctx, fresh[k]);
+            if (st == MOE_STATUS_INVALID_ARGUMENT) return st;
+            return MOE_ERR(MOE_STATUS_ALLOC_FAILED,
+                           "buffers for %lld %s: %s (the layer keeps its buffers for %lld)",
+                           (long long)count, what, moe_status_string(st), (long long)have);
+        }
+    }
+    free_list(L, b, n);
+    for (int i = 0; i < n; ++i) *b[i].slot = fresh[i];
+    return MOE_STATUS_SUCCESS;
 }
 
 moe_status_t moe__layer_reserve(moe_layer_t *L, int64_t T) {
-    moe_layer_state_t *s = &L->s;
-    if (T <= s->cap_tokens) return MOE_STATUS_SUCCESS;
+    if (T <= L->s.cap_tokens) return MOE_STATUS_SUCCESS;
     moe__buf_t b[MOE_MAX_BUFS];
-    void *fresh[MOE_MAX_BUFS] = {0};
-    int n = list_buffers(s, b);
-    for (int i = 0; i < n; ++i) {
-        if (b[i].per_token == 0) continue;
-        if (b[i].per_token > INT64_MAX / T) {
-            for (int k = 0; k < i; ++k) L->ctx->ops->free(L->ctx, fresh[k]);
-            return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "num_tokens %lld is too large",
-                           (long long)T);
-        }
-        moe_status_t st = L->ctx->ops->alloc(L->ctx, &fresh[i], (size_t)(b[i].per_token * T));
-        if (st != MOE_STATUS_SUCCESS) {
-            for (int k = 0; k < i; ++k) L->ctx->ops->free(L->ctx, fresh[k]);
-            return MOE_ERR(MOE_STATUS_ALLOC_FAILED,
-                           "buffers for %lld tokens: %s (the layer keeps its %lld-token buffers)",
-                           (long long)T, moe_status_string(st), (long long)s->cap_tokens);
-        }
-    }
-    free_buffers(L);
-    for (int i = 0; i < n; ++i) *b[i].slot = fresh[i];
-    s->cap_tokens = T;
+    MOE_CHECK(grow_list(L, b, list_buffers(&L->s, b), T, L->s.cap_tokens, "tokens"));
+    L->s.cap_tokens = T;
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe__layer_reserve_rows(moe_layer_t *L, int64_t rows) {
+    if (rows <= L->cap_rows) return MOE_STATUS_SUCCESS;
+    moe__buf_t b[MOE_MAX_BUFS];
+    MOE_CHECK(grow_list(L, b, list_row_buffers(L, b), rows, L->cap_rows, "expert rows"));
+    L->cap_rows = rows;
     return MOE_STATUS_SUCCESS;
 }
 
@@ -241,7 +277,49 @@ moe_status_t moe__layer_reserve(moe_layer_t *L, int64_t T) {
     MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC,                             \
             "layer is %s", (layer) == NULL ? "NULL" : "not a live moe_layer_t")
 
-static void free_host_arrays(moe_layer_state_t *s) {
+/* FNV-1a over the fields that must agree on every rank */
+static uint64_t config_hash(const moe_layer_config_t *c) {
+    uint64_t h = 1469598103934665603ull;
+#define MOE_MIX(v)                                                                            \
+    do {                                                                                      \
+        uint64_t v_ = (uint64_t)(v);                                                          \
+        for (int i_ = 0; i_ < 8; ++i_) h = (h ^ ((v_ >> (8 * i_)) & 0xFF)) * 1099511628211ull; \
+    } while (0)
+    MOE_MIX(c->d_model); MOE_MIX(c->d_ff); MOE_MIX(c->num_experts); MOE_MIX(c->top_k);
+    MOE_MIX(c->activation); MOE_MIX(c->dtype); MOE_MIX(c->gate); MOE_MIX(c->renormalize);
+    MOE_MIX(c->noisy_gating); MOE_MIX(c->priority); MOE_MIX(c->expert_bias); MOE_MIX(c->seed);
+    double d[5] = {c->capacity_factor, c->switch_loss_coef, c->importance_loss_coef,
+                   c->load_loss_coef, c->z_loss_coef};
+    for (int i = 0; i < 5; ++i) {
+        uint64_t bits;
+        memcpy(&bits, &d[i], sizeof bits);
+        MOE_MIX(bits);
+    }
+#undef MOE_MIX
+    return h;
+}
+
+/* collective: every rank of the communicator must create the layer with the same config */
+static moe_status_t check_same_config(moe_context_t *ctx, const moe_layer_config_t *cfg) {
+    if (ctx->world == 1) return MOE_STATUS_SUCCESS;
+    uint64_t *all = (uint64_t *)malloc((size_t)ctx->world * sizeof(uint64_t));
+    if (!all) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "config check");
+    moe_status_t st = moe__comm_allgather_u64(ctx->comm, config_hash(cfg), all);
+    for (int q = 0; q < ctx->world && st == MOE_STATUS_SUCCESS; ++q)
+        if (all[q] != all[ctx->rank])
+            st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
+                         "rank %d: the layer config differs from rank %d's (every rank must "
+                         "pass the same moe_layer_config_t)",
+                         ctx->rank, q);
+    free(all);
+    return st;
+}
+
+static void free_host_arrays(moe_layer_t *L) {
+    moe_layer_state_t *s = &L->s;
+    moe_exchange_t *x = &L->ex;
+    free(x->send_counts), free(x->recv_counts), free(x->send_rows), free(x->send_off);
+    free(x->recv_rows), free(x->recv_off), free(x->ex_offsets);
     free(s->offsets_h), free(s->counts_h), free(s->dropped_h);
     free(s->prob_sum_h), free(s->importance_h), free(s->load_h);
     free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
@@ -285,15 +363,27 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     s->coefs.switch_f = (float *)calloc(E, sizeof(float));
     s->coefs.imp = (float *)calloc(E, sizeof(float));
     s->coefs.load = (float *)calloc(E, sizeof(float));
+    size_t P = (size_t)ctx->world;
+    moe_exchange_t *x = &L->ex;
+    x->send_counts = (int64_t *)calloc(E, sizeof(int64_t));
+    x->recv_counts = (int64_t *)calloc(P * (size_t)s->E_local, sizeof(int64_t));
+    x->send_rows = (int64_t *)calloc(P, sizeof(int64_t));
+    x->send_off = (int64_t *)calloc(P, sizeof(int64_t));
+    x->recv_rows = (int64_t *)calloc(P, sizeof(int64_t));
+    x->recv_off = (int64_t *)calloc(P, sizeof(int64_t));
+    x->ex_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
     if (!s->offsets_h || !s->counts_h || !s->dropped_h || !s->prob_sum_h || !s->importance_h ||
-        !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load) {
-        free_host_arrays(s);
+        !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load ||
+        !x->send_counts || !x->recv_counts || !x->send_rows || !x->send_off || !x->recv_rows ||
+        !x->recv_off || !x->ex_offsets) {
+        free_host_arrays(L);
         free(L);
         return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "per-expert host arrays for %zu experts", E);
     }
-    moe_status_t st = alloc_params(L);
+    moe_status_t st = check_same_config(ctx, cfg);
+    if (st == MOE_STATUS_SUCCESS) st = alloc_params(L);
     if (st != MOE_STATUS_SUCCESS) {
-        free_host_arrays(s);
+        free_host_arrays(L);
         free(L);
         return st;
     }
@@ -308,7 +398,7 @@ moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     MOE_LAYER_ARG(layer);
     free_buffers(layer);
     free_params(layer);
-    free_host_arrays(&layer->s);
+    free_host_arrays(layer);
     layer->ctx->num_layers--;
     layer->magic = 0;
     free(layer);
@@ -336,9 +426,9 @@ moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void **value
 moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
                                int training, void *stream) {
     MOE_LAYER_ARG(layer);
-    MOE_ARG(x != NULL, "x is NULL");
-    MOE_ARG(y != NULL, "y is NULL");
-    MOE_ARG(num_tokens >= 1, "num_tokens %lld must be >= 1", (long long)num_tokens);
+    MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
+    MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
+    MOE_ARG(y != NULL || num_tokens == 0, "y is NULL");
     MOE_ARG(num_tokens <= INT32_MAX / layer->s.K,
             "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
             (long long)num_tokens, (long long)layer->s.K);
@@ -347,8 +437,8 @@ moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64
 
 moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream) {
     MOE_LAYER_ARG(layer);
-    MOE_ARG(dy != NULL, "dy is NULL");
-    MOE_ARG(dx != NULL, "dx is NULL");
+    MOE_ARG(dy != NULL || layer->s.T == 0, "dy is NULL");
+    MOE_ARG(dx != NULL || layer->s.T == 0, "dx is NULL");
     MOE_ARG(layer->s.have_forward, "no successful forward to differentiate: call "
                                    "moe_layer_forward first");
     return moe__scheduler_backward(layer, dy, dx, stream);
@@ -382,6 +472,7 @@ moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float 
     MOE_ARG(s->have_forward, "no successful forward yet");
     moe_context_t *ctx = layer->ctx;
     const int64_t T = s->T, K = s->K;
+    if (T == 0) return MOE_STATUS_SUCCESS;
     int32_t *idx1 = (int32_t *)malloc((size_t)(T * s->K1) * sizeof(int32_t));
     int32_t *rows = (int32_t *)malloc((size_t)(T * K) * sizeof(int32_t));
     if (!idx1 || !rows) {
@@ -408,4 +499,39 @@ moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float 
 done:
     free(idx1), free(rows);
     return st;
+}
+
+moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream) {
+    MOE_LAYER_ARG(layer);
+    moe_context_t *ctx = layer->ctx;
+    if (ctx->world == 1) return MOE_STATUS_SUCCESS;
+    MOE_ARG(layer->s.cfg.dtype == MOE_DTYPE_F32, "router gradient all-reduce needs f32 storage");
+    moe_param_t which[2] = {MOE_PARAM_ROUTER_WEIGHT, MOE_PARAM_NOISE_WEIGHT};
+    for (int i = 0; i < 2; ++i)
+        if (layer->s.grad[which[i]])
+            MOE_CHECK(moe__comm_allreduce_f32(ctx->comm, ctx, (float *)layer->s.grad[which[i]],
+                                              layer->s.numel[which[i]], stream));
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_set_profiling(moe_layer_t *layer, int enable) {
+    MOE_LAYER_ARG(layer);
+    layer->profiling = enable != 0;
+    memset(layer->phase_s, 0, sizeof layer->phase_s);
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_phase_times(const moe_layer_t *layer, double *seconds) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(seconds != NULL, "seconds is NULL");
+    memcpy(seconds, layer->phase_s, sizeof layer->phase_s);
+    return MOE_STATUS_SUCCESS;
+}
+
+const char *moe_phase_name(moe_phase_t phase) {
+    static const char *names[MOE_PHASE_COUNT] = {
+        "gate",         "route",        "permute",     "dispatch",   "experts",
+        "return",       "combine",      "bwd_combine", "bwd_dispatch", "bwd_experts",
+        "bwd_return",   "bwd_unpermute", "bwd_gate"};
+    return phase >= 0 && phase < MOE_PHASE_COUNT ? names[phase] : "unknown";
 }

@@ -8,14 +8,34 @@
 extern "C" {
 #endif
 
+/* the exchange plan of one forward with expert parallelism (host arrays) */
+typedef struct moe_exchange {
+    int64_t *send_counts; /* (E) kept rows this rank sends to each global expert */
+    int64_t *recv_counts; /* (P, E_local) rows each source rank sends to each local expert */
+    int64_t *send_rows, *send_off; /* (P) rows to / start row for each destination rank */
+    int64_t *recv_rows, *recv_off; /* (P) rows from / start row for each source rank */
+    int64_t *ex_offsets;           /* (E + 1) expert-side rows: entries of the local experts */
+    int64_t rows;                  /* rows this rank's experts received */
+} moe_exchange_t;
+
 struct moe_layer {
     uint32_t magic;
     moe_context_t *ctx;
     moe_layer_state_t s;
+
+    /* expert side: rows the local experts process (P > 1: received and regrouped) */
+    int64_t cap_rows;
+    float *ex_x, *ex_y, *ex_dy, *ex_dx; /* (rows, D), only when P > 1 */
+    moe_exchange_t ex;
+
+    int profiling;
+    double phase_s[MOE_PHASE_COUNT];
 };
 
 /* grows the per-token buffers to hold T tokens; on failure the layer is unchanged */
 moe_status_t moe__layer_reserve(moe_layer_t *layer, int64_t T);
+/* grows the expert-side buffers to hold `rows` rows */
+moe_status_t moe__layer_reserve_rows(moe_layer_t *layer, int64_t rows);
 
 /* the plan of one forward / backward call (scheduler.c) */
 moe_status_t moe__scheduler_forward(moe_layer_t *layer, const void *x, void *y, int64_t T,

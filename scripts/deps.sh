@@ -22,4 +22,5 @@ moe_need_packages() {
 }
 
 # what building libmoe and its tests needs
-MOE_BUILD_PACKAGES=(cmake ninja-build g++ make libopenblas-openmp-dev libgtest-dev)
+MOE_BUILD_PACKAGES=(cmake ninja-build g++ make libopenblas-openmp-dev libgtest-dev libopenmpi-dev
+    openmpi-bin)

@@ -29,17 +29,28 @@ double moe_router_cv2(const double *v, int64_t n, double *grad) {
     return var / den;
 }
 
-moe_status_t moe_router_finalize(moe_layer_state_t *s) {
+moe_status_t moe_router_finalize(moe_layer_state_t *s, int64_t T_total) {
     const moe_layer_config_t *c = &s->cfg;
-    int64_t E = s->E, T = s->T, K = s->K;
+    int64_t E = s->E, K = s->K;
+    if (T_total == 0) {
+        /* no token anywhere: every loss and coefficient is 0 */
+        memset(&s->stats, 0, sizeof s->stats);
+        memset(s->coefs.switch_f, 0, (size_t)E * sizeof(float));
+        memset(s->coefs.imp, 0, (size_t)E * sizeof(float));
+        memset(s->coefs.load, 0, (size_t)E * sizeof(float));
+        s->coefs.z_scale = 0.0f;
+        s->coefs.any_logit = 0;
+        return MOE_STATUS_SUCCESS;
+    }
+    const double T = (double)T_total;
     double *grad = (double *)malloc((size_t)E * sizeof(double));
     if (!grad) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "%lld doubles", (long long)E);
     double sw = 0.0, maxc = 0.0, sumc = 0.0;
     for (int64_t e = 0; e < E; ++e) {
-        double f = (double)s->counts_h[e] / ((double)T * (double)K);
-        double P = s->prob_sum_h[e] / (double)T;
+        double f = (double)s->counts_h[e] / (T * (double)K);
+        double P = s->prob_sum_h[e] / T;
         sw += f * P;
-        s->coefs.switch_f[e] = (float)(c->switch_loss_coef * (double)E / (double)T * f);
+        s->coefs.switch_f[e] = (float)(c->switch_loss_coef * (double)E / T * f);
         maxc = fmax(maxc, (double)s->counts_h[e]);
         sumc += (double)s->counts_h[e];
     }
@@ -52,12 +63,12 @@ moe_status_t moe_router_finalize(moe_layer_state_t *s) {
         s->coefs.load[e] = s->noisy_now ? (float)(c->load_loss_coef * grad[e]) : 0.0f;
     free(grad);
 
-    s->stats.z_loss = s->z_sum / (double)T;
-    s->coefs.z_scale = (float)(c->z_loss_coef * 2.0 / (double)T);
+    s->stats.z_loss = s->z_sum / T;
+    s->coefs.z_scale = (float)(c->z_loss_coef * 2.0 / T);
     s->coefs.any_logit = c->switch_loss_coef != 0.0 || c->z_loss_coef != 0.0;
 
-    s->stats.num_tokens = T;
-    s->stats.num_assignments = T * K;
+    s->stats.num_tokens = T_total;
+    s->stats.num_assignments = T_total * K;
     s->stats.aux_loss = c->switch_loss_coef * s->stats.switch_loss +
                         c->importance_loss_coef * s->stats.importance_loss +
                         c->load_loss_coef * s->stats.load_loss + c->z_loss_coef * s->stats.z_loss;

@@ -18,8 +18,9 @@ int64_t moe_router_capacity(double capacity_factor, int64_t T, int64_t K, int64_
 double moe_router_cv2(const double *v, int64_t n, double *grad);
 
 /* From the per-expert sums the gate pass left in s (counts_h, prob_sum_h, importance_h, load_h,
- * z_sum): the loss values into s->stats and the gradient coefficients into s->coefs. */
-moe_status_t moe_router_finalize(moe_layer_state_t *s);
+ * z_sum — summed over ranks with expert parallelism) and the token count over all ranks: the
+ * loss values into s->stats and the gradient coefficients into s->coefs. */
+moe_status_t moe_router_finalize(moe_layer_state_t *s, int64_t T_total);
 
 /* Slot assignment on the host (the rule every backend must reproduce exactly):
  * idx (T, ldi) chosen experts, gate (T, K) weights. Orders the T*K assignments by priority

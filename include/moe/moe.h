@@ -122,11 +122,51 @@ typedef struct moe_layer_config {
 MOE_API moe_layer_config_t moe_layer_config_default(void);
 
 /* ============================================================================================
- * Communicator (expert parallelism). Declared here; constructors arrive with expert parallelism.
- * A NULL communicator everywhere means one rank.
+ * Communicator: expert parallelism over P ranks
+ *
+ * A layer created on a context with a communicator of P ranks owns E/P experts (rank r the
+ * contiguous range [r E/P, (r+1) E/P)); every rank routes its own tokens, rows travel to the
+ * experts' owners and back by all-to-all. Every rank of a communicator must make the same
+ * sequence of collective calls: moe_layer_create, moe_layer_forward, moe_layer_backward,
+ * moe_layer_allreduce_router_grads, moe_comm_barrier, moe_comm_destroy. A collective that waits
+ * longer than the communicator's timeout for a peer returns MOE_STATUS_COMM_ERROR naming the
+ * missing ranks, and the communicator is then unusable (destroy it).
  * ========================================================================================== */
 
 typedef struct moe_comm moe_comm_t;
+
+/* MPI: host buffers, CPU backend, any number of processes and machines. mpi_comm points to an
+ * MPI_Comm (NULL = MPI_COMM_WORLD); the library duplicates it. MPI must be initialised by the
+ * caller. NOT_SUPPORTED when libmoe was built without MPI. */
+MOE_API moe_status_t moe_comm_create_mpi(moe_comm_t **comm, const void *mpi_comm);
+
+/* NCCL: one GPU per rank, CUDA backend. The NCCL unique id is bootstrapped over MPI (mpi_comm
+ * as above). NOT_SUPPORTED when built without NCCL or MPI. */
+MOE_API moe_status_t moe_comm_create_nccl(moe_comm_t **comm, const void *mpi_comm);
+
+/* NCCL from a communicator the caller already has: nccl_comm points to an ncclComm_t, which the
+ * caller keeps owning (destroy it after moe_comm_destroy). */
+MOE_API moe_status_t moe_comm_create_nccl_from(moe_comm_t **comm, const void *nccl_comm);
+
+/* num_ranks ranks as threads of one process: comms[0..num_ranks) receive one communicator per
+ * rank; each rank's thread creates its own context and layer with its communicator. Works with
+ * either backend (CUDA: every rank may use the same GPU). */
+MOE_API moe_status_t moe_comm_create_local(moe_comm_t **comms, int num_ranks);
+
+/* Rank and size (pure queries; -1 for an invalid handle). */
+MOE_API int moe_comm_rank(const moe_comm_t *comm);
+MOE_API int moe_comm_size(const moe_comm_t *comm);
+
+/* Collective wait time before a COMM_ERROR (default 300 s, or MOE_COMM_TIMEOUT_S from the
+ * environment at creation). Local setting of this rank's handle. */
+MOE_API moe_status_t moe_comm_set_timeout(moe_comm_t *comm, double seconds);
+
+/* Collective: waits until every rank has called it. */
+MOE_API moe_status_t moe_comm_barrier(moe_comm_t *comm);
+
+/* Frees this rank's handle (not collective for local and MPI). NULL does nothing. Contexts
+ * using the communicator must be destroyed first. */
+MOE_API moe_status_t moe_comm_destroy(moe_comm_t *comm);
 
 /* ============================================================================================
  * Context: one backend on one device (and, later, one rank of a communicator)
@@ -135,7 +175,8 @@ typedef struct moe_comm moe_comm_t;
 typedef struct moe_context moe_context_t;
 
 /* Creates a context. backend: CPU or CUDA; device: CUDA device ordinal (ignored on CPU);
- * comm: NULL for one rank (the context does not take ownership of comm).
+ * comm: NULL for one rank, or this rank's communicator (not owned; MPI needs the CPU backend,
+ * NCCL the CUDA backend, local either).
  * Returns NOT_SUPPORTED when the backend was not built in or no device is present. */
 MOE_API moe_status_t moe_context_create(moe_context_t **ctx, moe_backend_t backend, int device,
                                         moe_comm_t *comm);
@@ -185,7 +226,9 @@ MOE_API moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void
 
 /* Forward: y = MoE(x). x, y: (num_tokens, D) in the layer's dtype. training != 0 turns on the
  * gating noise (when noisy_gating) and advances the forward-call counter that keys it.
- * num_tokens >= 1; buffers grow as needed (ALLOC_FAILED if they cannot, layer unchanged).
+ * num_tokens >= 0 (0 is valid — with expert parallelism a rank may have no tokens and still
+ * serves its experts; x and y may then be NULL); buffers grow as needed (ALLOC_FAILED if they
+ * cannot, layer unchanged). Collective over the context's communicator.
  * x is copied; the caller may reuse it after the call. NaN/Inf in x: NUMERIC_ERROR, y untouched,
  * nothing routed. Enqueued on stream (CUDA); complete on return (CPU). */
 MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y,
@@ -198,11 +241,17 @@ MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *
 MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx,
                                         void *stream);
 
+/* Sums the router (and noise) weight gradients over the ranks of the context's communicator, in
+ * place, so the replicated router weights stay equal after an optimizer step. Off unless called;
+ * a no-op on one rank. Collective. Expert weights are owned by one rank and need no reduction. */
+MOE_API moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream);
+
 /* Sets every parameter gradient to zero. */
 MOE_API moe_status_t moe_layer_zero_grad(moe_layer_t *layer, void *stream);
 
+/* With expert parallelism every count and loss is global: summed over the ranks' tokens. */
 typedef struct moe_routing_stats {
-    int64_t num_tokens;      /* T of the last forward */
+    int64_t num_tokens;      /* T of the last forward (all ranks) */
     int64_t num_assignments; /* T * K */
     int64_t num_dropped;     /* assignments dropped by capacity */
     double switch_loss;      /* unscaled loss values (before their coefs) */
@@ -211,6 +260,8 @@ typedef struct moe_routing_stats {
     double z_loss;
     double aux_loss;  /* sum of coef * loss: what backward differentiates */
     double imbalance; /* max over mean of tokens_per_expert */
+    int64_t rows_sent;     /* this rank: kept rows sent to experts (own rank included) */
+    int64_t rows_received; /* this rank: rows its experts received from all ranks */
 } moe_routing_stats_t;
 
 /* Routing statistics of the last forward (synchronises the layer's stream on CUDA).
@@ -220,11 +271,45 @@ typedef struct moe_routing_stats {
 MOE_API moe_status_t moe_layer_stats(moe_layer_t *layer, moe_routing_stats_t *stats,
                                      int64_t *tokens_per_expert, int64_t *dropped_per_expert);
 
-/* Routing of the last forward, host arrays (num_tokens, K) in token order: chosen expert in
+/* Routing of this rank's tokens in the last forward, host arrays (num_tokens, K) in token order: chosen expert in
  * rank order of h (best first), its gate weight, and 1/0 whether it was kept (not dropped).
  * Any pointer may be NULL. */
 MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float *gate,
                                        int32_t *kept);
+
+/* ============================================================================================
+ * Phase timing
+ * ========================================================================================== */
+
+typedef enum moe_phase {
+    MOE_PHASE_GATE = 0,       /* router GEMMs, noise, top-k, gates, loss sums */
+    MOE_PHASE_ROUTE,          /* aux-loss reduction, slot assignment */
+    MOE_PHASE_PERMUTE,        /* gather into the expert-major buffer */
+    MOE_PHASE_DISPATCH,       /* counts + rows to the experts' ranks, regroup */
+    MOE_PHASE_EXPERTS,        /* expert FFNs */
+    MOE_PHASE_RETURN,         /* rows back to the tokens' ranks */
+    MOE_PHASE_COMBINE,        /* weighted sum into y */
+    MOE_PHASE_BWD_COMBINE,    /* dgate and the per-row dY */
+    MOE_PHASE_BWD_DISPATCH,   /* dY rows to the experts' ranks */
+    MOE_PHASE_BWD_EXPERTS,    /* expert weight gradients and dX rows */
+    MOE_PHASE_BWD_RETURN,     /* dX rows back */
+    MOE_PHASE_BWD_UNPERMUTE,  /* dx from the dX rows */
+    MOE_PHASE_BWD_GATE,       /* gate, aux-loss and noise-network backward, router GEMMs */
+    MOE_PHASE_COUNT
+} moe_phase_t;
+
+/* Turns per-phase timing on or off (off by default). When on, the scheduler waits for the
+ * stream at the end of every phase so that wall-clock times are exact on both backends (this
+ * costs overlap on CUDA: use it to see where time goes, not for peak throughput). */
+MOE_API moe_status_t moe_layer_set_profiling(moe_layer_t *layer, int enable);
+
+/* Seconds spent in each phase by the last forward (forward phases) and the last backward
+ * (backward phases); seconds has MOE_PHASE_COUNT entries. Zero for phases not measured
+ * (profiling off, or the phase did not run). */
+MOE_API moe_status_t moe_layer_phase_times(const moe_layer_t *layer, double *seconds);
+
+/* Name of a phase ("gate", "dispatch", "bwd_experts", ...); "unknown" for others. */
+MOE_API const char *moe_phase_name(moe_phase_t phase);
 
 #ifdef __cplusplus
 }

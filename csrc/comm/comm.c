@@ -1,0 +1,131 @@
+/* comm.c - moe_comm_*: the public communicator calls and the checked collective wrappers. */
+#include "comm/comm.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "core/status.h"
+
+moe_status_t moe__comm_alloc(moe_comm_t **out, moe_comm_kind_t kind, int rank, int size,
+                             const moe_comm_ops_t *ops, void *impl) {
+    moe_comm_t *c = (moe_comm_t *)calloc(1, sizeof *c);
+    if (!c) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "communicator handle");
+    c->magic = MOE_COMM_MAGIC;
+    c->kind = kind;
+    c->rank = rank;
+    c->size = size;
+    c->ops = ops;
+    c->impl = impl;
+    c->timeout_s = 300.0;
+    const char *env = getenv("MOE_COMM_TIMEOUT_S");
+    if (env) {
+        double v = atof(env);
+        if (v > 0.0) c->timeout_s = v;
+    }
+    *out = c;
+    return MOE_STATUS_SUCCESS;
+}
+
+#define MOE_COMM_ARG(c)                                                                        \
+    MOE_ARG((c) != NULL && (c)->magic == MOE_COMM_MAGIC, "comm is %s",                         \
+            (c) == NULL ? "NULL" : "not a live moe_comm_t")
+
+int moe_comm_rank(const moe_comm_t *comm) {
+    return comm && comm->magic == MOE_COMM_MAGIC ? comm->rank : -1;
+}
+
+int moe_comm_size(const moe_comm_t *comm) {
+    return comm && comm->magic == MOE_COMM_MAGIC ? comm->size : -1;
+}
+
+moe_status_t moe_comm_set_timeout(moe_comm_t *comm, double seconds) {
+    MOE_COMM_ARG(comm);
+    MOE_ARG(seconds > 0.0 && isfinite(seconds), "seconds %g must be finite and > 0", seconds);
+    comm->timeout_s = seconds;
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t broken(const moe_comm_t *c) {
+    return MOE_ERR(MOE_STATUS_COMM_ERROR,
+                   "rank %d: the communicator failed in an earlier collective; destroy it",
+                   c->rank);
+}
+
+moe_status_t moe_comm_barrier(moe_comm_t *comm) {
+    MOE_COMM_ARG(comm);
+    if (comm->broken) return broken(comm);
+    moe_status_t st = comm->ops->barrier(comm);
+    if (st != MOE_STATUS_SUCCESS) comm->broken = 1;
+    return st;
+}
+
+moe_status_t moe_comm_destroy(moe_comm_t *comm) {
+    if (!comm) return MOE_STATUS_SUCCESS;
+    MOE_COMM_ARG(comm);
+    MOE_ARG(comm->num_contexts == 0, "comm is still used by %d contexts: destroy them first",
+            comm->num_contexts);
+    comm->magic = 0;
+    comm->ops->destroy(comm);
+    free(comm);
+    return MOE_STATUS_SUCCESS;
+}
+
+/* the checked wrappers the scheduler and layer call */
+#define MOE_COMM_CALL(c, call)                                                                 \
+    do {                                                                                       \
+        if ((c)->broken) return broken(c);                                                     \
+        moe_status_t st_ = (call);                                                             \
+        if (st_ != MOE_STATUS_SUCCESS) (c)->broken = 1;                                        \
+        return st_;                                                                            \
+    } while (0)
+
+moe_status_t moe__comm_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv,
+                                    int64_t n) {
+    MOE_COMM_CALL(c, c->ops->alltoall_i64(c, send, recv, n));
+}
+
+moe_status_t moe__comm_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
+    MOE_COMM_CALL(c, c->ops->allreduce_f64(c, buf, n));
+}
+
+moe_status_t moe__comm_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) {
+    MOE_COMM_CALL(c, c->ops->allgather_u64(c, v, all));
+}
+
+moe_status_t moe__comm_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                      const int64_t *send_rows, const int64_t *send_off,
+                                      void *recv, const int64_t *recv_rows,
+                                      const int64_t *recv_off, size_t row_bytes, void *stream) {
+    MOE_COMM_CALL(c, c->ops->alltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows,
+                                            recv_off, row_bytes, stream));
+}
+
+moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+                                     void *stream) {
+    MOE_COMM_CALL(c, c->ops->allreduce_f32(c, ctx, buf, n, stream));
+}
+
+#ifndef MOE_WITH_MPI
+moe_status_t moe_comm_create_mpi(moe_comm_t **comm, const void *mpi_comm) {
+    (void)mpi_comm;
+    if (comm) *comm = NULL;
+    return MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "this libmoe was built without MPI");
+}
+#endif
+
+#if !defined(MOE_WITH_NCCL) || !defined(MOE_WITH_MPI)
+moe_status_t moe_comm_create_nccl(moe_comm_t **comm, const void *mpi_comm) {
+    (void)mpi_comm;
+    if (comm) *comm = NULL;
+    return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                   "this libmoe was built without NCCL and MPI (both are needed to bootstrap)");
+}
+#endif
+
+#ifndef MOE_WITH_NCCL
+moe_status_t moe_comm_create_nccl_from(moe_comm_t **comm, const void *nccl_comm) {
+    (void)nccl_comm;
+    if (comm) *comm = NULL;
+    return MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "this libmoe was built without NCCL");
+}
+#endif

@@ -1,0 +1,77 @@
+/* comm.h - the communicator interface: what the scheduler needs to move rows between ranks.
+ *
+ * Host-side collectives (counts, stats, config check) take host arrays. Row collectives take
+ * buffers in the memory of the context's backend and enqueue on `stream` where the transport
+ * can (NCCL); the CPU transports complete before returning. */
+#ifndef MOE_COMM_COMM_H
+#define MOE_COMM_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_COMM_MAGIC 0x4D4F434Du /* "MOCM" */
+
+typedef enum moe_comm_kind {
+    MOE_COMM_KIND_LOCAL = 0,
+    MOE_COMM_KIND_MPI = 1,
+    MOE_COMM_KIND_NCCL = 2
+} moe_comm_kind_t;
+
+typedef struct moe_comm_ops {
+    const char *name;
+    /* recv[src * n + i] = send_of_src[rank * n + i] for i < n (host int64) */
+    moe_status_t (*alltoall_i64)(moe_comm_t *c, const int64_t *send, int64_t *recv, int64_t n);
+    /* in-place sum over ranks of n host doubles */
+    moe_status_t (*allreduce_f64)(moe_comm_t *c, double *buf, int64_t n);
+    /* all[q] = v of rank q */
+    moe_status_t (*allgather_u64)(moe_comm_t *c, uint64_t v, uint64_t *all);
+    /* rows: send rows [send_off[q], send_off[q] + send_rows[q]) go to rank q and arrive at
+     * recv row recv_off[src] there; row_bytes per row; backend memory */
+    moe_status_t (*alltoallv_rows)(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                   const int64_t *send_rows, const int64_t *send_off, void *recv,
+                                   const int64_t *recv_rows, const int64_t *recv_off,
+                                   size_t row_bytes, void *stream);
+    /* in-place sum over ranks of n f32 in backend memory */
+    moe_status_t (*allreduce_f32)(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+                                  void *stream);
+    moe_status_t (*barrier)(moe_comm_t *c);
+    void (*destroy)(moe_comm_t *c);
+} moe_comm_ops_t;
+
+struct moe_comm {
+    uint32_t magic;
+    moe_comm_kind_t kind;
+    int rank, size;
+    double timeout_s;
+    int broken; /* a collective failed: every later call refuses */
+    int num_contexts;
+    const moe_comm_ops_t *ops;
+    void *impl;
+};
+
+/* allocates a handle with the common fields set (timeout from MOE_COMM_TIMEOUT_S or 300 s) */
+moe_status_t moe__comm_alloc(moe_comm_t **out, moe_comm_kind_t kind, int rank, int size,
+                             const moe_comm_ops_t *ops, void *impl);
+
+/* collectives as the scheduler calls them: check the handle, mark it broken on failure */
+moe_status_t moe__comm_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv, int64_t n);
+moe_status_t moe__comm_allreduce_f64(moe_comm_t *c, double *buf, int64_t n);
+moe_status_t moe__comm_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all);
+moe_status_t moe__comm_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                      const int64_t *send_rows, const int64_t *send_off,
+                                      void *recv, const int64_t *recv_rows,
+                                      const int64_t *recv_off, size_t row_bytes, void *stream);
+moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+                                     void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

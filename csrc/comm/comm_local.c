@@ -1,0 +1,244 @@
+/* comm_local.c - R ranks as threads of one process: for tests, and for P ranks on one GPU where
+ * NCCL cannot run two ranks on a device.
+ *
+ * Every collective is: publish this rank's pointers in its slot, wait at a barrier, read the
+ * peers' slots, wait at a second barrier (so no peer reuses a buffer still being read). The
+ * barrier waits at most the communicator's timeout and then names the ranks that never came. */
+#define _POSIX_C_SOURCE 200809L
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "comm/comm.h"
+#include "core/status.h"
+
+typedef struct {
+    const void *send;
+    const int64_t *send_rows, *send_off;
+    const int64_t *i64;
+    double *f64;
+    float *f32;
+    uint64_t u64;
+} local_slot_t;
+
+typedef struct {
+    int size;
+    int refs;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t generation;
+    int arrived;
+    int aborted;
+    int *here; /* (size) rank arrived in the current generation */
+    local_slot_t *slot;
+    double *scratch_f64; /* shared reduction buffer */
+    int64_t scratch_n;
+} local_shared_t;
+
+static moe_status_t local_barrier(moe_comm_t *c) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    pthread_mutex_lock(&sh->mu);
+    if (sh->aborted) {
+        pthread_mutex_unlock(&sh->mu);
+        return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: a peer gave up waiting earlier", c->rank);
+    }
+    uint64_t gen = sh->generation;
+    sh->here[c->rank] = 1;
+    if (++sh->arrived == sh->size) {
+        sh->arrived = 0;
+        memset(sh->here, 0, (size_t)sh->size * sizeof(int));
+        sh->generation++;
+        pthread_cond_broadcast(&sh->cv);
+        pthread_mutex_unlock(&sh->mu);
+        return MOE_STATUS_SUCCESS;
+    }
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    double whole = (double)(time_t)c->timeout_s;
+    dl.tv_sec += (time_t)whole;
+    dl.tv_nsec += (long)((c->timeout_s - whole) * 1e9);
+    if (dl.tv_nsec >= 1000000000L) dl.tv_sec += 1, dl.tv_nsec -= 1000000000L;
+    int rc = 0;
+    while (sh->generation == gen && !sh->aborted && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&sh->cv, &sh->mu, &dl);
+    if (sh->generation != gen) {
+        pthread_mutex_unlock(&sh->mu);
+        return MOE_STATUS_SUCCESS;
+    }
+    char missing[256] = "";
+    size_t used = 0;
+    for (int q = 0; q < sh->size && used + 12 < sizeof missing; ++q)
+        if (!sh->here[q]) used += (size_t)snprintf(missing + used, sizeof missing - used, " %d", q);
+    int was_aborted = sh->aborted;
+    sh->aborted = 1;
+    pthread_cond_broadcast(&sh->cv);
+    pthread_mutex_unlock(&sh->mu);
+    if (was_aborted)
+        return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: a peer gave up waiting", c->rank);
+    return MOE_ERR(MOE_STATUS_COMM_ERROR,
+                   "rank %d waited %.1f s in a collective; ranks that never arrived:%s",
+                   c->rank, c->timeout_s, missing);
+}
+
+static moe_status_t local_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv,
+                                       int64_t n) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    sh->slot[c->rank].i64 = send;
+    MOE_CHECK(local_barrier(c));
+    for (int q = 0; q < sh->size; ++q)
+        memcpy(recv + (int64_t)q * n, sh->slot[q].i64 + (int64_t)c->rank * n,
+               (size_t)n * sizeof(int64_t));
+    return local_barrier(c);
+}
+
+static moe_status_t local_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    sh->slot[c->rank].f64 = buf;
+    MOE_CHECK(local_barrier(c));
+    /* rank 0 sums in rank order into the shared scratch; everyone copies it out */
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    if (c->rank == 0) {
+        if (sh->scratch_n < n) {
+            free(sh->scratch_f64);
+            sh->scratch_f64 = (double *)malloc((size_t)n * sizeof(double));
+            sh->scratch_n = sh->scratch_f64 ? n : 0;
+        }
+        if (!sh->scratch_f64 && n > 0) {
+            st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "reduction scratch");
+        } else {
+            for (int64_t i = 0; i < n; ++i) {
+                double acc = 0.0;
+                for (int q = 0; q < sh->size; ++q) acc += sh->slot[q].f64[i];
+                sh->scratch_f64[i] = acc;
+            }
+        }
+    }
+    MOE_CHECK(local_barrier(c));
+    if (sh->scratch_n >= n) memcpy(buf, sh->scratch_f64, (size_t)n * sizeof(double));
+    MOE_CHECK(local_barrier(c));
+    if (sh->scratch_n < n)
+        return st != MOE_STATUS_SUCCESS ? st : MOE_ERR(MOE_STATUS_ALLOC_FAILED, "reduction scratch");
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t local_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    sh->slot[c->rank].u64 = v;
+    MOE_CHECK(local_barrier(c));
+    for (int q = 0; q < sh->size; ++q) all[q] = sh->slot[q].u64;
+    return local_barrier(c);
+}
+
+static moe_status_t local_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                         const int64_t *send_rows, const int64_t *send_off,
+                                         void *recv, const int64_t *recv_rows,
+                                         const int64_t *recv_off, size_t row_bytes,
+                                         void *stream) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    const int me = c->rank;
+    /* the send buffer must be complete before a peer reads it */
+    MOE_CHECK(ctx->ops->sync(ctx, stream));
+    sh->slot[me].send = send;
+    sh->slot[me].send_rows = send_rows;
+    sh->slot[me].send_off = send_off;
+    MOE_CHECK(local_barrier(c));
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    for (int q = 0; q < sh->size && st == MOE_STATUS_SUCCESS; ++q) {
+        int64_t rows = sh->slot[q].send_rows[me];
+        if (rows != recv_rows[q]) {
+            st = MOE_ERR(MOE_STATUS_INTERNAL_ERROR,
+                         "rank %d expected %lld rows from rank %d, which sends %lld", me,
+                         (long long)recv_rows[q], q, (long long)rows);
+            break;
+        }
+        if (rows == 0) continue;
+        const char *src = (const char *)sh->slot[q].send + sh->slot[q].send_off[me] * row_bytes;
+        char *dst = (char *)recv + recv_off[q] * row_bytes;
+        st = ctx->ops->copy(ctx, dst, src, (size_t)rows * row_bytes, MOE_COPY_D2D, stream);
+    }
+    /* our reads of the peers' buffers must be done before they move on */
+    moe_status_t st2 = ctx->ops->sync(ctx, stream);
+    MOE_CHECK(local_barrier(c));
+    return st != MOE_STATUS_SUCCESS ? st : st2;
+}
+
+static moe_status_t local_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+                                        void *stream) {
+    /* through host doubles: summed in rank order, the same on every rank */
+    double *h = (double *)malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
+    float *f = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    if (!h || !f) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "allreduce staging of %lld", (long long)n);
+    if (st == MOE_STATUS_SUCCESS)
+        st = ctx->ops->copy(ctx, f, buf, (size_t)n * sizeof(float), MOE_COPY_D2H, stream);
+    if (st == MOE_STATUS_SUCCESS) st = ctx->ops->sync(ctx, stream);
+    if (st == MOE_STATUS_SUCCESS)
+        for (int64_t i = 0; i < n; ++i) h[i] = f[i];
+    /* every rank takes part in the collective even after a local failure */
+    moe_status_t cs = local_allreduce_f64(c, h, n);
+    if (st == MOE_STATUS_SUCCESS) st = cs;
+    if (st == MOE_STATUS_SUCCESS) {
+        for (int64_t i = 0; i < n; ++i) f[i] = (float)h[i];
+        st = ctx->ops->copy(ctx, buf, f, (size_t)n * sizeof(float), MOE_COPY_H2D, stream);
+        if (st == MOE_STATUS_SUCCESS) st = ctx->ops->sync(ctx, stream);
+    }
+    free(h), free(f);
+    return st;
+}
+
+static void local_destroy(moe_comm_t *c) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    pthread_mutex_lock(&sh->mu);
+    int last = --sh->refs == 0;
+    pthread_mutex_unlock(&sh->mu);
+    if (!last) return;
+    pthread_mutex_destroy(&sh->mu);
+    pthread_cond_destroy(&sh->cv);
+    free(sh->here), free(sh->slot), free(sh->scratch_f64);
+    free(sh);
+}
+
+static const moe_comm_ops_t local_ops = {
+    .name = "local",
+    .alltoall_i64 = local_alltoall_i64,
+    .allreduce_f64 = local_allreduce_f64,
+    .allgather_u64 = local_allgather_u64,
+    .alltoallv_rows = local_alltoallv_rows,
+    .allreduce_f32 = local_allreduce_f32,
+    .barrier = local_barrier,
+    .destroy = local_destroy,
+};
+
+moe_status_t moe_comm_create_local(moe_comm_t **comms, int num_ranks) {
+    MOE_ARG(comms != NULL, "comms is NULL");
+    MOE_ARG(num_ranks >= 1 && num_ranks <= 1024, "num_ranks %d is not in [1, 1024]", num_ranks);
+    for (int r = 0; r < num_ranks; ++r) comms[r] = NULL;
+    local_shared_t *sh = (local_shared_t *)calloc(1, sizeof *sh);
+    if (!sh) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "local communicator");
+    sh->size = num_ranks;
+    sh->here = (int *)calloc((size_t)num_ranks, sizeof(int));
+    sh->slot = (local_slot_t *)calloc((size_t)num_ranks, sizeof(local_slot_t));
+    if (!sh->here || !sh->slot) {
+        free(sh->here), free(sh->slot), free(sh);
+        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "local communicator slots");
+    }
+    pthread_mutex_init(&sh->mu, NULL);
+    pthread_cond_init(&sh->cv, NULL);
+    for (int r = 0; r < num_ranks; ++r) {
+        moe_status_t st = moe__comm_alloc(&comms[r], MOE_COMM_KIND_LOCAL, r, num_ranks,
+                                          &local_ops, sh);
+        if (st != MOE_STATUS_SUCCESS) {
+            for (int k = 0; k < r; ++k) free(comms[k]), comms[k] = NULL;
+            pthread_mutex_destroy(&sh->mu);
+            pthread_cond_destroy(&sh->cv);
+            free(sh->here), free(sh->slot), free(sh);
+            return st;
+        }
+        sh->refs++;
+    }
+    return MOE_STATUS_SUCCESS;
+}

@@ -1,0 +1,171 @@
+/* comm_mpi.c - MPI transport for the CPU backend (host buffers), any number of processes.
+ *
+ * Every collective is the non-blocking MPI-3 form polled with MPI_Test until the communicator's
+ * timeout, so a peer that never joins ends in MOE_STATUS_COMM_ERROR instead of a silent hang
+ * (a peer that dies is reported by the MPI runtime, which names its rank). */
+#define _POSIX_C_SOURCE 200809L
+
+#include <mpi.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "comm/comm.h"
+#include "core/status.h"
+
+typedef struct {
+    MPI_Comm comm; /* our duplicate, errors returned instead of fatal */
+} mpi_impl_t;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static moe_status_t mpi_fail(const moe_comm_t *c, const char *what, int rc) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) len = 0;
+    msg[len] = '\0';
+    return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: %s failed: %s", c->rank, what, msg);
+}
+
+/* waits for req, at most the communicator's timeout */
+static moe_status_t mpi_wait(const moe_comm_t *c, MPI_Request *req, const char *what) {
+    double t0 = now_s();
+    struct timespec nap = {0, 20000}; /* 20 us between polls */
+    for (long spins = 0;; ++spins) {
+        int done = 0;
+        int rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) return mpi_fail(c, what, rc);
+        if (done) return MOE_STATUS_SUCCESS;
+        if (spins > 1000) nanosleep(&nap, NULL);
+        if (now_s() - t0 > c->timeout_s) {
+            /* the request stays pending: the communicator is unusable from here on */
+            return MOE_ERR(MOE_STATUS_COMM_ERROR,
+                           "rank %d waited %.1f s in %s: a peer rank never joined (mismatched "
+                           "calls or a hung process)",
+                           c->rank, c->timeout_s, what);
+        }
+    }
+}
+
+#define MPI_COMM_OF(c) (((mpi_impl_t *)(c)->impl)->comm)
+
+static moe_status_t mpi_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv,
+                                     int64_t n) {
+    MPI_Request req;
+    int rc = MPI_Ialltoall(send, (int)n, MPI_INT64_T, recv, (int)n, MPI_INT64_T, MPI_COMM_OF(c),
+                           &req);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Ialltoall", rc);
+    return mpi_wait(c, &req, "MPI_Ialltoall");
+}
+
+static moe_status_t mpi_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
+    MPI_Request req;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_OF(c), &req);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Iallreduce", rc);
+    return mpi_wait(c, &req, "MPI_Iallreduce");
+}
+
+static moe_status_t mpi_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) {
+    MPI_Request req;
+    int rc = MPI_Iallgather(&v, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, MPI_COMM_OF(c), &req);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Iallgather", rc);
+    return mpi_wait(c, &req, "MPI_Iallgather");
+}
+
+static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                       const int64_t *send_rows, const int64_t *send_off,
+                                       void *recv, const int64_t *recv_rows,
+                                       const int64_t *recv_off, size_t row_bytes, void *stream) {
+    (void)ctx, (void)stream;
+    int P = c->size;
+    int *buf = (int *)malloc((size_t)(4 * P) * sizeof(int));
+    if (!buf) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "alltoallv counts");
+    int *sc = buf, *sd = buf + P, *rcn = buf + 2 * P, *rd = buf + 3 * P;
+    for (int q = 0; q < P; ++q) {
+        sc[q] = (int)send_rows[q];
+        sd[q] = (int)send_off[q];
+        rcn[q] = (int)recv_rows[q];
+        rd[q] = (int)recv_off[q];
+    }
+    MPI_Datatype row;
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    int rc = MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &row);
+    if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&row);
+    if (rc != MPI_SUCCESS) {
+        free(buf);
+        return mpi_fail(c, "MPI_Type_contiguous", rc);
+    }
+    MPI_Request req;
+    rc = MPI_Ialltoallv(send, sc, sd, row, recv, rcn, rd, row, MPI_COMM_OF(c), &req);
+    if (rc != MPI_SUCCESS)
+        st = mpi_fail(c, "MPI_Ialltoallv", rc);
+    else
+        st = mpi_wait(c, &req, "MPI_Ialltoallv");
+    MPI_Type_free(&row);
+    free(buf);
+    return st;
+}
+
+static moe_status_t mpi_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+                                      void *stream) {
+    (void)ctx, (void)stream;
+    MPI_Request req;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_OF(c), &req);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Iallreduce", rc);
+    return mpi_wait(c, &req, "MPI_Iallreduce");
+}
+
+static moe_status_t mpi_barrier(moe_comm_t *c) {
+    MPI_Request req;
+    int rc = MPI_Ibarrier(MPI_COMM_OF(c), &req);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Ibarrier", rc);
+    return mpi_wait(c, &req, "MPI_Ibarrier");
+}
+
+static void mpi_destroy(moe_comm_t *c) {
+    mpi_impl_t *m = (mpi_impl_t *)c->impl;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized && !c->broken) MPI_Comm_free(&m->comm);
+    free(m);
+}
+
+static const moe_comm_ops_t mpi_ops = {
+    .name = "mpi",
+    .alltoall_i64 = mpi_alltoall_i64,
+    .allreduce_f64 = mpi_allreduce_f64,
+    .allgather_u64 = mpi_allgather_u64,
+    .alltoallv_rows = mpi_alltoallv_rows,
+    .allreduce_f32 = mpi_allreduce_f32,
+    .barrier = mpi_barrier,
+    .destroy = mpi_destroy,
+};
+
+moe_status_t moe_comm_create_mpi(moe_comm_t **comm, const void *mpi_comm) {
+    MOE_ARG(comm != NULL, "comm is NULL");
+    *comm = NULL;
+    int inited = 0;
+    MPI_Initialized(&inited);
+    MOE_ARG(inited, "MPI is not initialised: call MPI_Init first");
+    MPI_Comm base = mpi_comm ? *(const MPI_Comm *)mpi_comm : MPI_COMM_WORLD;
+    mpi_impl_t *m = (mpi_impl_t *)calloc(1, sizeof *m);
+    if (!m) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "MPI communicator");
+    int rc = MPI_Comm_dup(base, &m->comm);
+    if (rc != MPI_SUCCESS) {
+        free(m);
+        return MOE_ERR(MOE_STATUS_COMM_ERROR, "MPI_Comm_dup failed (%d)", rc);
+    }
+    MPI_Comm_set_errhandler(m->comm, MPI_ERRORS_RETURN);
+    int rank = 0, size = 1;
+    MPI_Comm_rank(m->comm, &rank);
+    MPI_Comm_size(m->comm, &size);
+    moe_status_t st = moe__comm_alloc(comm, MOE_COMM_KIND_MPI, rank, size, &mpi_ops, m);
+    if (st != MOE_STATUS_SUCCESS) {
+        MPI_Comm_free(&m->comm);
+        free(m);
+    }
+    return st;
+}
