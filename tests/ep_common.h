@@ -36,7 +36,7 @@ inline std::vector<int64_t> split(int64_t T, int P, int zero_rank = -1) {
     std::vector<int64_t> begin(P + 1, 0);
     for (int r = 0; r < P; ++r) begin[r + 1] = begin[r] + (sum ? T * w[r] / sum : 0);
     begin[P] = T;
-    if (zero_rank == P - 1) begin[P - 1] = T;  // keep the last rank empty
+    if (zero_rank >= 1 && zero_rank == P - 1) begin[(size_t)zero_rank] = T;  // last rank empty
     return begin;
 }
 
