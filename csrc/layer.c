@@ -56,6 +56,8 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
     MOE_ARG(c->priority == MOE_PRIORITY_POSITION || c->priority == MOE_PRIORITY_SCORE,
             "cfg->priority %d is not a moe_priority_t", (int)c->priority);
     MOE_ARG(isfinite(c->capacity_factor), "cfg->capacity_factor is not finite");
+    MOE_ARG(c->num_chunks >= 0 && c->num_chunks <= MOE_MAX_CHUNKS,
+            "cfg->num_chunks %lld is not in [0, %d]", (long long)c->num_chunks, MOE_MAX_CHUNKS);
     MOE_ARG(isfinite(c->switch_loss_coef) && c->switch_loss_coef >= 0.0,
             "cfg->switch_loss_coef must be finite and >= 0");
     MOE_ARG(isfinite(c->importance_loss_coef) && c->importance_loss_coef >= 0.0,
@@ -288,6 +290,7 @@ static uint64_t config_hash(const moe_layer_config_t *c) {
     MOE_MIX(c->d_model); MOE_MIX(c->d_ff); MOE_MIX(c->num_experts); MOE_MIX(c->top_k);
     MOE_MIX(c->activation); MOE_MIX(c->dtype); MOE_MIX(c->gate); MOE_MIX(c->renormalize);
     MOE_MIX(c->noisy_gating); MOE_MIX(c->priority); MOE_MIX(c->expert_bias); MOE_MIX(c->seed);
+    MOE_MIX(c->num_chunks);
     double d[5] = {c->capacity_factor, c->switch_loss_coef, c->importance_loss_coef,
                    c->load_loss_coef, c->z_loss_coef};
     for (int i = 0; i < 5; ++i) {
@@ -318,8 +321,8 @@ static moe_status_t check_same_config(moe_context_t *ctx, const moe_layer_config
 static void free_host_arrays(moe_layer_t *L) {
     moe_layer_state_t *s = &L->s;
     moe_exchange_t *x = &L->ex;
-    free(x->send_counts), free(x->recv_counts), free(x->send_rows), free(x->send_off);
-    free(x->recv_rows), free(x->recv_off), free(x->ex_offsets);
+    free(x->send_counts), free(x->recv_counts), free(x->ex_offsets);
+    free(x->chunk_offsets), free(x->chunk_plan);
     free(s->offsets_h), free(s->counts_h), free(s->dropped_h);
     free(s->prob_sum_h), free(s->importance_h), free(s->load_h);
     free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
@@ -367,15 +370,15 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     moe_exchange_t *x = &L->ex;
     x->send_counts = (int64_t *)calloc(E, sizeof(int64_t));
     x->recv_counts = (int64_t *)calloc(P * (size_t)s->E_local, sizeof(int64_t));
-    x->send_rows = (int64_t *)calloc(P, sizeof(int64_t));
-    x->send_off = (int64_t *)calloc(P, sizeof(int64_t));
-    x->recv_rows = (int64_t *)calloc(P, sizeof(int64_t));
-    x->recv_off = (int64_t *)calloc(P, sizeof(int64_t));
     x->ex_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
+    x->chunk_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
+    x->chunk_plan = (int64_t *)calloc(4 * P * MOE_MAX_CHUNKS, sizeof(int64_t));
+    int64_t chunks = cfg->num_chunks ? cfg->num_chunks : MOE_DEFAULT_CHUNKS;
+    x->num_chunks = chunks < s->E_local ? chunks : s->E_local;
     if (!s->offsets_h || !s->counts_h || !s->dropped_h || !s->prob_sum_h || !s->importance_h ||
         !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load ||
-        !x->send_counts || !x->recv_counts || !x->send_rows || !x->send_off || !x->recv_rows ||
-        !x->recv_off || !x->ex_offsets) {
+        !x->send_counts || !x->recv_counts || !x->ex_offsets || !x->chunk_offsets ||
+        !x->chunk_plan) {
         free_host_arrays(L);
         free(L);
         return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "per-expert host arrays for %zu experts", E);

@@ -12,10 +12,11 @@ extern "C" {
 typedef struct moe_exchange {
     int64_t *send_counts; /* (E) kept rows this rank sends to each global expert */
     int64_t *recv_counts; /* (P, E_local) rows each source rank sends to each local expert */
-    int64_t *send_rows, *send_off; /* (P) rows to / start row for each destination rank */
-    int64_t *recv_rows, *recv_off; /* (P) rows from / start row for each source rank */
     int64_t *ex_offsets;           /* (E + 1) expert-side rows: entries of the local experts */
     int64_t rows;                  /* rows this rank's experts received */
+    int64_t num_chunks;            /* pipeline chunks of local experts */
+    int64_t *chunk_plan;           /* (MOE_MAX_CHUNKS, 4, P) send rows/off, recv rows/off */
+    int64_t *chunk_offsets;        /* (E + 1) expert-side offsets of one chunk's experts */
 } moe_exchange_t;
 
 struct moe_layer {

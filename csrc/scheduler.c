@@ -29,12 +29,12 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* with profiling on: wait for the stream, charge the time since *t0 to phase, restart */
+/* with profiling on: wait for the stream, add the time since *t0 to phase, restart */
 static moe_status_t mark(moe_layer_t *L, moe_phase_t phase, double *t0, void *stream) {
     if (!L->profiling) return MOE_STATUS_SUCCESS;
     MOE_CHECK(L->ctx->ops->sync(L->ctx, stream));
     double t = now_s();
-    L->phase_s[phase] = t - *t0;
+    L->phase_s[phase] += t - *t0;
     *t0 = t;
     return MOE_STATUS_SUCCESS;
 }
@@ -74,54 +74,83 @@ static moe_status_t reduce_stats(moe_layer_t *L, int64_t *T_total) {
     return st;
 }
 
-/* the exchange plan from this rank's expert offsets and the peers' counts */
+/* the exchange plan from this rank's expert offsets and the peers' counts: what each source
+ * sends each local expert, and where each local expert's rows start on the expert side */
 static moe_status_t plan_exchange(moe_layer_t *L) {
     moe_layer_state_t *s = &L->s;
     moe_context_t *ctx = L->ctx;
     moe_exchange_t *x = &L->ex;
     const int P = ctx->world;
-    const int64_t El = s->E_local;
+    const int64_t El = s->E_local, b = s->expert_begin;
     for (int64_t e = 0; e < s->E; ++e) x->send_counts[e] = s->offsets_h[e + 1] - s->offsets_h[e];
     MOE_CHECK(moe__comm_alltoall_i64(ctx->comm, x->send_counts, x->recv_counts, El));
-    int64_t off = 0;
-    for (int q = 0; q < P; ++q) {
-        x->send_off[q] = s->offsets_h[q * El];
-        x->send_rows[q] = s->offsets_h[(q + 1) * El] - s->offsets_h[q * El];
-        int64_t rows = 0;
-        for (int64_t le = 0; le < El; ++le) rows += x->recv_counts[q * El + le];
-        x->recv_off[q] = off;
-        x->recv_rows[q] = rows;
-        off += rows;
-    }
-    x->rows = off;
     /* expert side: local expert le owns rows [ex_offsets[b + le], ex_offsets[b + le + 1]) */
-    int64_t b = s->expert_begin, acc = 0;
+    int64_t acc = 0;
     for (int64_t le = 0; le < El; ++le) {
         x->ex_offsets[b + le] = acc;
         for (int q = 0; q < P; ++q) acc += x->recv_counts[q * El + le];
     }
     x->ex_offsets[b + El] = acc;
+    x->rows = acc;
     return MOE_STATUS_SUCCESS;
 }
 
-/* copies rows between [source][expert] (received) and [expert][source] (expert side) order;
- * to_expert selects the direction */
-static moe_status_t regroup(moe_layer_t *L, float *recv_order, float *expert_order,
+/* local experts [lo, hi) of pipeline chunk c */
+static void chunk_range(const moe_layer_t *L, int64_t c, int64_t *lo, int64_t *hi) {
+    int64_t El = L->s.E_local, n = L->ex.num_chunks;
+    *lo = c * El / n;
+    *hi = (c + 1) * El / n;
+}
+
+/* the four (P) arrays of chunk c's exchange: send rows, send offsets, recv rows, recv offsets.
+ * Sources send chunk c's experts, which are contiguous in their expert-major buffer; arrivals
+ * are laid out [chunk][source][expert], so every chunk's rows follow the previous chunk's. */
+static int64_t *chunk_plan(moe_layer_t *L, int64_t c) {
+    return L->ex.chunk_plan + c * 4 * L->ctx->world;
+}
+
+static void plan_chunks(moe_layer_t *L) {
+    moe_layer_state_t *s = &L->s;
+    moe_exchange_t *x = &L->ex;
+    const int P = L->ctx->world;
+    const int64_t El = s->E_local;
+    int64_t base = 0;
+    for (int64_t c = 0; c < x->num_chunks; ++c) {
+        int64_t lo, hi, *sr = chunk_plan(L, c), *so = sr + P, *rr = sr + 2 * P, *ro = sr + 3 * P;
+        chunk_range(L, c, &lo, &hi);
+        for (int q = 0; q < P; ++q) {
+            so[q] = s->offsets_h[q * El + lo];
+            sr[q] = s->offsets_h[q * El + hi] - so[q];
+            rr[q] = 0;
+            for (int64_t le = lo; le < hi; ++le) rr[q] += x->recv_counts[q * El + le];
+            ro[q] = base;
+            base += rr[q];
+        }
+    }
+}
+
+/* copies chunk c's rows between arrival order [source][expert] and expert-side order
+ * [expert][source]; to_expert selects the direction */
+static moe_status_t regroup(moe_layer_t *L, int64_t c, float *arrival, float *expert_side,
                             int to_expert, void *stream) {
     moe_layer_state_t *s = &L->s;
     moe_context_t *ctx = L->ctx;
     moe_exchange_t *x = &L->ex;
+    const int P = ctx->world;
     const int64_t El = s->E_local, D = s->D;
     const size_t row = (size_t)D * sizeof(float);
-    for (int q = 0; q < ctx->world; ++q) {
-        int64_t src = x->recv_off[q];
-        for (int64_t le = 0; le < El; ++le) {
+    int64_t lo, hi;
+    chunk_range(L, c, &lo, &hi);
+    const int64_t *ro = chunk_plan(L, c) + 3 * P;
+    for (int q = 0; q < P; ++q) {
+        int64_t src = ro[q];
+        for (int64_t le = lo; le < hi; ++le) {
             int64_t n = x->recv_counts[q * El + le];
             if (n > 0) {
                 /* expert le's block: sources before q come first */
                 int64_t dst = x->ex_offsets[s->expert_begin + le];
                 for (int p = 0; p < q; ++p) dst += x->recv_counts[p * El + le];
-                float *a = recv_order + src * D, *b = expert_order + dst * D;
+                float *a = arrival + src * D, *b = expert_side + dst * D;
                 MOE_CHECK(ctx->ops->copy(ctx, to_expert ? b : a, to_expert ? a : b,
                                          (size_t)n * row, MOE_COPY_D2D, stream));
             }
@@ -131,28 +160,88 @@ static moe_status_t regroup(moe_layer_t *L, float *recv_order, float *expert_ord
     return MOE_STATUS_SUCCESS;
 }
 
-/* the state as the expert ops see it with P > 1: expert-side rows and offsets */
-static moe_layer_state_t expert_view(moe_layer_t *L) {
+/* the state as the expert ops see it with P > 1: expert-side rows, and only chunk c's experts
+ * non-empty (the other local experts get empty row ranges) */
+static moe_layer_state_t expert_view(moe_layer_t *L, int64_t c) {
     moe_layer_state_t v = L->s;
     if (L->ctx->world > 1) {
+        moe_exchange_t *x = &L->ex;
+        int64_t b = v.expert_begin, lo, hi;
+        chunk_range(L, c, &lo, &hi);
+        int64_t first = x->ex_offsets[b + lo], last = x->ex_offsets[b + hi];
+        for (int64_t le = 0; le <= v.E_local; ++le) {
+            int64_t o = x->ex_offsets[b + le];
+            x->chunk_offsets[b + le] = o < first ? first : (o > last ? last : o);
+        }
         v.xp = L->ex_x;
         v.yp = L->ex_y;
         v.dyp = L->ex_dy;
         v.dxp = L->ex_dx;
-        v.offsets_h = L->ex.ex_offsets;
+        v.offsets_h = x->chunk_offsets;
     }
     return v;
 }
 
-static moe_status_t exchange(moe_layer_t *L, const float *send, float *recv, int back,
-                             void *stream) {
-    moe_exchange_t *x = &L->ex;
-    const size_t row = (size_t)L->s.D * sizeof(float);
-    if (!back)
-        return moe__comm_alltoallv_rows(L->ctx->comm, L->ctx, send, x->send_rows, x->send_off,
-                                        recv, x->recv_rows, x->recv_off, row, stream);
-    return moe__comm_alltoallv_rows(L->ctx->comm, L->ctx, send, x->recv_rows, x->recv_off, recv,
-                                    x->send_rows, x->send_off, row, stream);
+/* Rows to the experts and back, pipelined over chunks of local experts: chunk c + 1's
+ * all-to-all is in flight while chunk c's experts compute. Forward: from the permuted rows
+ * `out` (yp side: `back`) through the expert side; backward the same with the gradients. Each
+ * expert's rows are complete within one chunk, so its GEMMs (and weight gradient) do not depend
+ * on the chunk count. */
+static moe_status_t expert_pipeline(moe_layer_t *L, int backward, void *stream, double *t0) {
+    moe_layer_state_t *s = &L->s;
+    moe_context_t *ctx = L->ctx;
+    const int P = ctx->world;
+    const size_t row = (size_t)s->D * sizeof(float);
+    const int64_t n = L->ex.num_chunks;
+    /* forward: xp -> arrival ex_dy -> ex_x -> ffn -> ex_y -> ex_dy -> yp
+     * backward: dyp -> arrival ex_dx -> ex_dy -> ffn_bwd -> ex_dx -> ex_y -> dxp */
+    const float *out = backward ? s->dyp : s->xp;
+    float *arrival = backward ? L->ex_dx : L->ex_dy;
+    float *in_side = backward ? L->ex_dy : L->ex_x;
+    float *out_side = backward ? L->ex_dx : L->ex_y;
+    float *departure = backward ? L->ex_y : L->ex_dy;
+    float *back = backward ? s->dxp : s->yp;
+    const moe_phase_t ph_disp = backward ? MOE_PHASE_BWD_DISPATCH : MOE_PHASE_DISPATCH;
+    const moe_phase_t ph_exp = backward ? MOE_PHASE_BWD_EXPERTS : MOE_PHASE_EXPERTS;
+    const moe_phase_t ph_ret = backward ? MOE_PHASE_BWD_RETURN : MOE_PHASE_RETURN;
+
+    void *disp[MOE_MAX_CHUNKS] = {0}, *ret[MOE_MAX_CHUNKS] = {0};
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    for (int64_t c = 0; c < n && st == MOE_STATUS_SUCCESS; ++c) {
+        const int64_t *sr = chunk_plan(L, c), *so = sr + P, *rr = sr + 2 * P, *ro = sr + 3 * P;
+        if (c == 0)
+            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, out, sr, so, arrival, rr, ro, row,
+                                           stream, &disp[0]);
+        if (st == MOE_STATUS_SUCCESS) st = moe__comm_wait(ctx->comm, disp[c]);
+        disp[c] = NULL;
+        if (st == MOE_STATUS_SUCCESS && c + 1 < n) {
+            const int64_t *nsr = chunk_plan(L, c + 1);
+            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, out, nsr, nsr + P, arrival, nsr + 2 * P,
+                                           nsr + 3 * P, row, stream, &disp[c + 1]);
+        }
+        if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, arrival, in_side, 1, stream);
+        if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_disp, t0, stream);
+        if (st == MOE_STATUS_SUCCESS) {
+            moe_layer_state_t view = expert_view(L, c);
+            st = backward ? ctx->ops->ffn_bwd(ctx, &view, stream)
+                          : ctx->ops->ffn_fwd(ctx, &view, stream);
+        }
+        if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_exp, t0, stream);
+        if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, departure, out_side, 0, stream);
+        /* back: what arrived from rank q returns to it, into its chunk-c rows */
+        if (st == MOE_STATUS_SUCCESS)
+            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, departure, rr, ro, back, sr, so, row,
+                                           stream, &ret[c]);
+        if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_ret, t0, stream);
+    }
+    /* complete whatever is pending, also after a failure: the buffers must stay quiet */
+    for (int64_t c = 0; c < n; ++c) {
+        moe_status_t w = moe__comm_wait(ctx->comm, disp[c]);
+        moe_status_t r = moe__comm_wait(ctx->comm, ret[c]);
+        if (st == MOE_STATUS_SUCCESS) st = w != MOE_STATUS_SUCCESS ? w : r;
+    }
+    if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_ret, t0, stream);
+    return st;
 }
 
 moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int64_t T,
@@ -211,27 +300,18 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
 
     if (ep) {
         MOE_CHECK(plan_exchange(L));
+        plan_chunks(L);
         MOE_CHECK(moe__layer_reserve_rows(L, L->ex.rows));
-        /* ex_dy is free during the forward: it holds the rows in arrival order */
-        MOE_CHECK(exchange(L, s->xp, L->ex_dy, 0, stream));
-        MOE_CHECK(regroup(L, L->ex_dy, L->ex_x, 1, stream));
         s->stats.rows_sent = s->num_rows;
         s->stats.rows_received = L->ex.rows;
+        MOE_CHECK(expert_pipeline(L, 0, stream, &t0));
     } else {
         MOE_CHECK(moe__layer_reserve_rows(L, s->num_rows));
         s->stats.rows_sent = s->stats.rows_received = s->num_rows;
+        MOE_CHECK(mark(L, MOE_PHASE_DISPATCH, &t0, stream));
+        MOE_CHECK(ops->ffn_fwd(ctx, s, stream));
+        MOE_CHECK(mark(L, MOE_PHASE_EXPERTS, &t0, stream));
     }
-    MOE_CHECK(mark(L, MOE_PHASE_DISPATCH, &t0, stream));
-
-    moe_layer_state_t view = expert_view(L);
-    MOE_CHECK(ops->ffn_fwd(ctx, &view, stream));
-    MOE_CHECK(mark(L, MOE_PHASE_EXPERTS, &t0, stream));
-
-    if (ep) {
-        MOE_CHECK(regroup(L, L->ex_dy, L->ex_y, 0, stream));
-        MOE_CHECK(exchange(L, L->ex_dy, s->yp, 1, stream));
-    }
-    MOE_CHECK(mark(L, MOE_PHASE_RETURN, &t0, stream));
 
     if (T > 0) MOE_CHECK(ops->combine_fwd(ctx, s, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
@@ -253,22 +333,11 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     MOE_CHECK(mark(L, MOE_PHASE_BWD_COMBINE, &t0, stream));
 
     if (ep) {
-        /* ex_dx is free until the expert backward writes it */
-        MOE_CHECK(exchange(L, s->dyp, L->ex_dx, 0, stream));
-        MOE_CHECK(regroup(L, L->ex_dx, L->ex_dy, 1, stream));
+        MOE_CHECK(expert_pipeline(L, 1, stream, &t0));
+    } else {
+        MOE_CHECK(ops->ffn_bwd(ctx, s, stream));
+        MOE_CHECK(mark(L, MOE_PHASE_BWD_EXPERTS, &t0, stream));
     }
-    MOE_CHECK(mark(L, MOE_PHASE_BWD_DISPATCH, &t0, stream));
-
-    moe_layer_state_t view = expert_view(L);
-    MOE_CHECK(ops->ffn_bwd(ctx, &view, stream));
-    MOE_CHECK(mark(L, MOE_PHASE_BWD_EXPERTS, &t0, stream));
-
-    if (ep) {
-        /* ex_y is not read by the backward: it carries the dX rows in arrival order */
-        MOE_CHECK(regroup(L, L->ex_y, L->ex_dx, 0, stream));
-        MOE_CHECK(exchange(L, L->ex_y, s->dxp, 1, stream));
-    }
-    MOE_CHECK(mark(L, MOE_PHASE_BWD_RETURN, &t0, stream));
 
     if (T > 0) MOE_CHECK(ops->unpermute_bwd(ctx, s, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_UNPERMUTE, &t0, stream));

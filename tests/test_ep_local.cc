@@ -60,6 +60,11 @@ std::vector<Result> run_local(const Case &c, const moe_layer_config_t &cfg,
     return out;
 }
 
+void PrintTo(const Case &c, std::ostream *os) {
+    *os << "P" << c.P << "_E" << c.E << "_K" << c.K << "_T" << c.T << "_zero" << c.zero_rank
+        << "_route" << c.route;
+}
+
 class EpLocal : public ::testing::TestWithParam<Case> {};
 
 TEST_P(EpLocal, DroplessMatchesSingleRank) {
@@ -157,6 +162,34 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, 4, 2, 45, -1, 1, 0},  // an expert nobody routes to
                       Case{4, 4, 1, 64, -1, 2, 0},  // every token to expert 0
                       Case{8, 16, 2, 99, 0, 0, 0}, Case{8, 8, 2, 33, 7, 0, 0}));
+
+// Each expert's rows are complete within one pipeline chunk, so the chunk count changes only the
+// overlap, never a number: results are bitwise identical.
+TEST(EpLocalChunks, ChunkCountsGiveIdenticalResults) {
+    const Case c{2, 8, 2, 71, -1, 0, 0};
+    const int64_t D = 12;
+    auto x = tokens(c.T, D, 31), dy = ep::make_tokens(c.T, D, 32);
+    auto begin = ep::split(c.T, c.P);
+    std::vector<Result> first;
+    for (int64_t chunks = 1; chunks <= 4; ++chunks) {
+        moe_layer_config_t cfg = ep::small_config(c.E, c.K);
+        cfg.num_chunks = chunks;
+        cfg.switch_loss_coef = 0.1;
+        auto ranks = run_local(c, cfg, x, dy, begin);
+        for (int r = 0; r < c.P; ++r) ASSERT_EQ(ranks[(size_t)r].status, 0) << ranks[(size_t)r].error;
+        if (chunks == 1) {
+            first = ranks;
+            continue;
+        }
+        for (int r = 0; r < c.P; ++r) {
+            const Result &a = first[(size_t)r], &b = ranks[(size_t)r];
+            EXPECT_EQ(a.y, b.y) << chunks << " chunks, rank " << r;
+            EXPECT_EQ(a.dx, b.dx) << chunks << " chunks, rank " << r;
+            for (int p = 0; p < MOE_PARAM_COUNT; ++p)
+                EXPECT_EQ(a.grad[p], b.grad[p]) << "param " << p << ", " << chunks << " chunks";
+        }
+    }
+}
 
 TEST(EpLocalErrors, ConfigMismatchNamesTheRank) {
     moe_comm_t *comms[2];

@@ -37,6 +37,13 @@ typedef struct moe_comm_ops {
                                    const int64_t *send_rows, const int64_t *send_off, void *recv,
                                    const int64_t *recv_rows, const int64_t *recv_off,
                                    size_t row_bytes, void *stream);
+    /* non-blocking form of alltoallv_rows: *req is waited for with wait(); the count and offset
+     * arrays must stay untouched until then. A transport may complete it at once (req NULL). */
+    moe_status_t (*ialltoallv_rows)(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                    const int64_t *send_rows, const int64_t *send_off, void *recv,
+                                    const int64_t *recv_rows, const int64_t *recv_off,
+                                    size_t row_bytes, void *stream, void **req);
+    moe_status_t (*wait)(moe_comm_t *c, void *req);
     /* in-place sum over ranks of n f32 in backend memory */
     moe_status_t (*allreduce_f32)(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
                                   void *stream);
@@ -67,6 +74,12 @@ moe_status_t moe__comm_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const v
                                       const int64_t *send_rows, const int64_t *send_off,
                                       void *recv, const int64_t *recv_rows,
                                       const int64_t *recv_off, size_t row_bytes, void *stream);
+moe_status_t moe__comm_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                       const int64_t *send_rows, const int64_t *send_off,
+                                       void *recv, const int64_t *recv_rows,
+                                       const int64_t *recv_off, size_t row_bytes, void *stream,
+                                       void **req);
+moe_status_t moe__comm_wait(moe_comm_t *c, void *req);
 moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
                                      void *stream);
 

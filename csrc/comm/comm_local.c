@@ -166,6 +166,22 @@ static moe_status_t local_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, cons
     return st != MOE_STATUS_SUCCESS ? st : st2;
 }
 
+/* threads in one process: the exchange is a copy, done at once */
+static moe_status_t local_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                          const int64_t *send_rows, const int64_t *send_off,
+                                          void *recv, const int64_t *recv_rows,
+                                          const int64_t *recv_off, size_t row_bytes,
+                                          void *stream, void **req) {
+    *req = NULL;
+    return local_alltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows, recv_off,
+                                row_bytes, stream);
+}
+
+static moe_status_t local_wait(moe_comm_t *c, void *req) {
+    (void)c, (void)req;
+    return MOE_STATUS_SUCCESS;
+}
+
 static moe_status_t local_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
                                         void *stream) {
     /* through host doubles: summed in rank order, the same on every rank */
@@ -208,6 +224,8 @@ static const moe_comm_ops_t local_ops = {
     .allreduce_f64 = local_allreduce_f64,
     .allgather_u64 = local_allgather_u64,
     .alltoallv_rows = local_alltoallv_rows,
+    .ialltoallv_rows = local_ialltoallv_rows,
+    .wait = local_wait,
     .allreduce_f32 = local_allreduce_f32,
     .barrier = local_barrier,
     .destroy = local_destroy,

@@ -75,38 +75,65 @@ static moe_status_t mpi_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) 
     return mpi_wait(c, &req, "MPI_Iallgather");
 }
 
-static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
-                                       const int64_t *send_rows, const int64_t *send_off,
-                                       void *recv, const int64_t *recv_rows,
-                                       const int64_t *recv_off, size_t row_bytes, void *stream) {
+/* one pending all-to-allv: the request and what must live until it completes */
+typedef struct {
+    MPI_Request req;
+    MPI_Datatype row;
+    int counts[]; /* send counts, send displs, recv counts, recv displs: 4P ints */
+} mpi_pending_t;
+
+static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                        const int64_t *send_rows, const int64_t *send_off,
+                                        void *recv, const int64_t *recv_rows,
+                                        const int64_t *recv_off, size_t row_bytes, void *stream,
+                                        void **req) {
     (void)ctx, (void)stream;
     int P = c->size;
-    int *buf = (int *)malloc((size_t)(4 * P) * sizeof(int));
-    if (!buf) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "alltoallv counts");
-    int *sc = buf, *sd = buf + P, *rcn = buf + 2 * P, *rd = buf + 3 * P;
+    *req = NULL;
+    mpi_pending_t *p = (mpi_pending_t *)malloc(sizeof *p + (size_t)(4 * P) * sizeof(int));
+    if (!p) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "alltoallv request");
+    int *sc = p->counts, *sd = sc + P, *rcn = sc + 2 * P, *rd = sc + 3 * P;
     for (int q = 0; q < P; ++q) {
         sc[q] = (int)send_rows[q];
         sd[q] = (int)send_off[q];
         rcn[q] = (int)recv_rows[q];
         rd[q] = (int)recv_off[q];
     }
-    MPI_Datatype row;
-    moe_status_t st = MOE_STATUS_SUCCESS;
-    int rc = MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &row);
-    if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&row);
+    int rc = MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &p->row);
+    if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&p->row);
     if (rc != MPI_SUCCESS) {
-        free(buf);
+        free(p);
         return mpi_fail(c, "MPI_Type_contiguous", rc);
     }
-    MPI_Request req;
-    rc = MPI_Ialltoallv(send, sc, sd, row, recv, rcn, rd, row, MPI_COMM_OF(c), &req);
-    if (rc != MPI_SUCCESS)
-        st = mpi_fail(c, "MPI_Ialltoallv", rc);
-    else
-        st = mpi_wait(c, &req, "MPI_Ialltoallv");
-    MPI_Type_free(&row);
-    free(buf);
+    rc = MPI_Ialltoallv(send, sc, sd, p->row, recv, rcn, rd, p->row, MPI_COMM_OF(c), &p->req);
+    if (rc != MPI_SUCCESS) {
+        MPI_Type_free(&p->row);
+        free(p);
+        return mpi_fail(c, "MPI_Ialltoallv", rc);
+    }
+    *req = p;
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t mpi_wait_pending(moe_comm_t *c, void *req) {
+    mpi_pending_t *p = (mpi_pending_t *)req;
+    moe_status_t st = mpi_wait(c, &p->req, "MPI_Ialltoallv");
+    if (st == MOE_STATUS_SUCCESS) {
+        /* a request still pending keeps its buffers: leak it rather than free what MPI uses */
+        MPI_Type_free(&p->row);
+        free(p);
+    }
     return st;
+}
+
+static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+                                       const int64_t *send_rows, const int64_t *send_off,
+                                       void *recv, const int64_t *recv_rows,
+                                       const int64_t *recv_off, size_t row_bytes, void *stream) {
+    void *req = NULL;
+    MOE_CHECK(mpi_ialltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows, recv_off,
+                                  row_bytes, stream, &req));
+    return mpi_wait_pending(c, req);
 }
 
 static moe_status_t mpi_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
@@ -139,6 +166,8 @@ static const moe_comm_ops_t mpi_ops = {
     .allreduce_f64 = mpi_allreduce_f64,
     .allgather_u64 = mpi_allgather_u64,
     .alltoallv_rows = mpi_alltoallv_rows,
+    .ialltoallv_rows = mpi_ialltoallv_rows,
+    .wait = mpi_wait_pending,
     .allreduce_f32 = mpi_allreduce_f32,
     .barrier = mpi_barrier,
     .destroy = mpi_destroy,

@@ -115,7 +115,13 @@ typedef struct moe_layer_config {
     double z_loss_coef;          /* coefficient of the router z-loss */
     int expert_bias;             /* 1: experts have biases b1, b2; 0: no biases */
     uint64_t seed;               /* parameter init and gating noise */
+    int64_t num_chunks; /* expert parallelism: the all-to-alls are pipelined with the expert
+                           GEMMs in this many chunks of local experts (capped at E_local;
+                           0 = the default, MOE_DEFAULT_CHUNKS). Results do not depend on it. */
 } moe_layer_config_t;
+
+#define MOE_DEFAULT_CHUNKS 2
+#define MOE_MAX_CHUNKS 16
 
 /* Defaults: D 512, F 2048, E 8, K 2, GELU, F32, SOFTMAX_OF_TOPK, renormalize 1, noisy 0,
  * dropless (capacity_factor 0), POSITION priority, all loss coefs 0, expert_bias 1, seed 1234. */
