@@ -251,13 +251,25 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     moe_layer_state_t *s = &L->s;
     const int ep = ctx->world > 1;
 
-    MOE_CHECK(moe__layer_reserve(L, T));
+    /* refuse bad input before anything changes: the last forward stays readable */
     int64_t bad = 0;
     if (T > 0) MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
+    if (ep) {
+        /* every rank must take the same way out, or the peers would wait for this one */
+        double any = (double)bad;
+        MOE_CHECK(moe__comm_allreduce_f64(ctx->comm, &any, 1));
+        if (any > 0.0 && !bad)
+            return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
+                           "rank %d: x of another rank holds %.0f NaN/Inf values: nothing was "
+                           "routed",
+                           ctx->rank, any);
+    }
     if (bad)
         return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
                        "x holds %lld NaN/Inf values among %lld tokens: nothing was routed",
                        (long long)bad, (long long)T);
+    /* growing replaces the buffers only once every new one is allocated */
+    MOE_CHECK(moe__layer_reserve(L, T));
 
     /* from here the previous forward's state is overwritten */
     memset(L->phase_s, 0, sizeof L->phase_s);

@@ -46,9 +46,10 @@ static inline MOE_HD moe_philox_out_t moe_philox4x32(uint32_t c0, uint32_t c1, u
     return o;
 }
 
-/* uniform in the open interval (0, 1) from the top 24 bits: exact in float and double */
-static inline MOE_HD float moe_u01(uint32_t u) {
-    return (float)(u >> 8) * (1.0f / 16777216.0f) + (0.5f / 16777216.0f);
+/* uniform in the open interval (0, 1): ((u >> 8) + 0.5) / 2^24, exact in double (a float cannot
+ * hold the half-step above 1/2) */
+static inline MOE_HD double moe_u01(uint32_t u) {
+    return ((double)(u >> 8) + 0.5) * (1.0 / 16777216.0);
 }
 
 /* counter tag of the gating noise stream */
@@ -64,8 +65,8 @@ static inline MOE_HD float moe_gating_noise(uint64_t seed, uint64_t call, uint32
     moe_philox_out_t o = moe_philox4x32((uint32_t)expert, (uint32_t)token,
                                         (uint32_t)call ^ (rank << 24),
                                         MOE_PHILOX_TAG_NOISE ^ (uint32_t)(call >> 32), seed);
-    double u1 = (double)moe_u01(o.v[0]);
-    double u2 = (double)moe_u01(o.v[1]);
+    double u1 = moe_u01(o.v[0]);
+    double u2 = moe_u01(o.v[1]);
     double r = sqrt(-2.0 * log(u1));
     return (float)(r * cos(6.283185307179586 * u2));
 }
@@ -75,7 +76,7 @@ static inline MOE_HD float moe_init_uniform(uint64_t seed, uint32_t param, uint6
                                             float bound) {
     moe_philox_out_t o = moe_philox4x32((uint32_t)index, (uint32_t)(index >> 32), param,
                                         MOE_PHILOX_TAG_INIT, seed);
-    return (2.0f * moe_u01(o.v[0]) - 1.0f) * bound;
+    return (float)((2.0 * moe_u01(o.v[0]) - 1.0) * (double)bound);
 }
 
 #endif
