@@ -399,6 +399,8 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
 moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     if (!layer) return MOE_STATUS_SUCCESS;
     MOE_LAYER_ARG(layer);
+    moe_layer_trace_close(layer);
+    free(layer->forced_idx), free(layer->forced_gate);
     free_buffers(layer);
     free_params(layer);
     free_host_arrays(layer);

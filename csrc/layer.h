@@ -31,7 +31,21 @@ struct moe_layer {
 
     int profiling;
     double phase_s[MOE_PHASE_COUNT];
+
+    /* routing trace (trace.c) */
+    void *trace; /* FILE * */
+    uint32_t trace_layer_id;
+    int64_t trace_step;
+    /* forced routing for the next forward, host (forced_T, K); forced_last: the last forward
+     * used one (its backward gives the router no gradient) */
+    int32_t *forced_idx;
+    float *forced_gate;
+    int64_t forced_T;
+    int forced_last;
 };
+
+moe_status_t moe__trace_write(moe_layer_t *layer);
+moe_status_t moe__apply_forced_routing(moe_layer_t *layer, void *stream);
 
 /* grows the per-token buffers to hold T tokens; on failure the layer is unchanged */
 moe_status_t moe__layer_reserve(moe_layer_t *layer, int64_t T);

@@ -251,6 +251,10 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     moe_layer_state_t *s = &L->s;
     const int ep = ctx->world > 1;
 
+    if (L->forced_idx && L->forced_T != T)
+        return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
+                       "forced routing was given for %lld tokens, this forward has %lld",
+                       (long long)L->forced_T, (long long)T);
     /* refuse bad input before anything changes: the last forward stays readable */
     int64_t bad = 0;
     if (T > 0) MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
@@ -290,6 +294,13 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
         s->z_sum = 0.0;
     }
     if (s->noisy_now) s->call++;
+    L->forced_last = L->forced_idx != NULL;
+    if (L->forced_idx) {
+        moe_status_t fst = T > 0 ? moe__apply_forced_routing(L, stream) : MOE_STATUS_SUCCESS;
+        free(L->forced_idx), free(L->forced_gate);
+        L->forced_idx = NULL, L->forced_gate = NULL;
+        MOE_CHECK(fst);
+    }
     MOE_CHECK(mark(L, MOE_PHASE_GATE, &t0, stream));
 
     if (T > 0) {
@@ -328,6 +339,7 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     if (T > 0) MOE_CHECK(ops->combine_fwd(ctx, s, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
     s->have_forward = 1;
+    if (L->trace) MOE_CHECK(moe__trace_write(L));
     return MOE_STATUS_SUCCESS;
 }
 
@@ -353,7 +365,8 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
 
     if (T > 0) MOE_CHECK(ops->unpermute_bwd(ctx, s, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_UNPERMUTE, &t0, stream));
-    if (T > 0) MOE_CHECK(ops->gate_bwd(ctx, s, dx, stream));
+    /* forced gates are data, not a function of the router: no router gradient */
+    if (T > 0 && !L->forced_last) MOE_CHECK(ops->gate_bwd(ctx, s, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_GATE, &t0, stream));
     return MOE_STATUS_SUCCESS;
 }

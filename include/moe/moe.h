@@ -284,6 +284,30 @@ MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index
                                        int32_t *kept);
 
 /* ============================================================================================
+ * Routing traces and replay (format: docs/trace.md)
+ * ========================================================================================== */
+
+/* Starts writing a routing trace: after every successful forward the layer appends one record
+ * (token count, K, expert indices, gate weights, kept flags, per-expert counts and drops) to the
+ * file at path, which is created or truncated and gets the versioned header. layer_id tags the
+ * records so several layers may share a program (one file per layer and rank). */
+MOE_API moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path,
+                                          uint32_t layer_id);
+
+/* Flushes and closes the trace (also done by moe_layer_destroy). NULL-safe on a layer without
+ * an open trace. */
+MOE_API moe_status_t moe_layer_trace_close(moe_layer_t *layer);
+
+/* Replays recorded routing: the next forward (which must have num_tokens tokens) uses these
+ * expert indices and gate weights, host arrays (num_tokens, K), instead of the router's choice;
+ * capacity and drops then follow the layer's own config. The router still runs (its cost is
+ * part of the layer) and its losses are reported, computed from the forced assignment counts.
+ * One-shot: later forwards route normally. Backward through a forced forward computes the expert
+ * and combine gradients; the router receives no gradient from the forced gates. */
+MOE_API moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
+                                             const float *gate, int64_t num_tokens);
+
+/* ============================================================================================
  * Phase timing
  * ========================================================================================== */
 

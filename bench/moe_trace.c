@@ -1,0 +1,341 @@
+/* moe_trace.c - summarise a routing trace, or replay it: time the recorded routing on any
+ * backend and any number of ranks (local communicator threads), and check that the replayed
+ * routing is the recorded one.
+ *
+ *   moe_trace summary FILE
+ *   moe_trace replay FILE [--ranks P] [--backend cpu|cuda] [--iters N] [--d-model D]
+ *                         [--d-ff F] [--check]
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <getopt.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "moe/moe.h"
+#include "trace_format.h"
+
+typedef struct {
+    moe_trace_record_t r;
+    int32_t *idx;
+    float *gate;
+    uint8_t *kept;
+    int64_t *counts, *dropped;
+} record_t;
+
+typedef struct {
+    moe_trace_header_t h;
+    record_t *rec;
+    int64_t n;
+} trace_t;
+
+static void free_trace(trace_t *t) {
+    for (int64_t i = 0; i < t->n; ++i) {
+        free(t->rec[i].idx), free(t->rec[i].gate), free(t->rec[i].kept);
+        free(t->rec[i].counts), free(t->rec[i].dropped);
+    }
+    free(t->rec);
+}
+
+static int read_trace(const char *path, trace_t *t) {
+    memset(t, 0, sizeof *t);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "moe_trace: cannot open %s\n", path);
+        return 1;
+    }
+    if (fread(&t->h, sizeof t->h, 1, f) != 1 || memcmp(t->h.magic, MOE_TRACE_MAGIC, 8) != 0) {
+        fprintf(stderr, "moe_trace: %s is not a libmoe routing trace\n", path);
+        fclose(f);
+        return 1;
+    }
+    if (t->h.version != MOE_TRACE_VERSION || t->h.header_bytes != sizeof t->h) {
+        fprintf(stderr, "moe_trace: %s has trace version %u; this tool reads version %u\n", path,
+                t->h.version, MOE_TRACE_VERSION);
+        fclose(f);
+        return 1;
+    }
+    const int64_t E = t->h.num_experts;
+    int64_t cap = 0;
+    for (;;) {
+        record_t r;
+        memset(&r, 0, sizeof r);
+        size_t got = fread(&r.r, sizeof r.r, 1, f);
+        if (got != 1) break;
+        if (r.r.magic != MOE_TRACE_RECORD_MAGIC || r.r.num_tokens < 0 || r.r.top_k < 1) {
+            fprintf(stderr, "moe_trace: record %lld of %s is damaged\n", (long long)t->n, path);
+            fclose(f);
+            free_trace(t);
+            return 1;
+        }
+        size_t n = (size_t)(r.r.num_tokens * r.r.top_k);
+        r.idx = malloc((n + 1) * sizeof(int32_t));
+        r.gate = malloc((n + 1) * sizeof(float));
+        r.kept = malloc(n + 1);
+        r.counts = malloc((size_t)E * sizeof(int64_t));
+        r.dropped = malloc((size_t)E * sizeof(int64_t));
+        int ok = r.idx && r.gate && r.kept && r.counts && r.dropped &&
+                 fread(r.idx, sizeof(int32_t), n, f) == n &&
+                 fread(r.gate, sizeof(float), n, f) == n && fread(r.kept, 1, n, f) == n &&
+                 fread(r.counts, sizeof(int64_t), (size_t)E, f) == (size_t)E &&
+                 fread(r.dropped, sizeof(int64_t), (size_t)E, f) == (size_t)E;
+        if (t->n == cap) {
+            cap = cap ? 2 * cap : 16;
+            record_t *grown = realloc(t->rec, (size_t)cap * sizeof(record_t));
+            if (!grown) ok = 0;
+            else t->rec = grown;
+        }
+        if (!ok) {
+            fprintf(stderr, "moe_trace: record %lld of %s is truncated\n", (long long)t->n, path);
+            free(r.idx), free(r.gate), free(r.kept), free(r.counts), free(r.dropped);
+            fclose(f);
+            free_trace(t);
+            return 1;
+        }
+        t->rec[t->n++] = r;
+    }
+    fclose(f);
+    return 0;
+}
+
+static int summary(const trace_t *t) {
+    const int64_t E = t->h.num_experts;
+    printf("# routing trace: E %lld  K %lld  D %lld  F %lld  capacity factor %.2f  written by rank "
+           "%d of %d, layer %u\n",
+           (long long)E, (long long)t->h.top_k, (long long)t->h.d_model, (long long)t->h.d_ff,
+           t->h.capacity_factor, t->h.rank, t->h.world, t->h.layer_id);
+    printf("# %6s %9s %9s %9s %10s\n", "step", "tokens", "dropped", "imbalance", "max_expert");
+    int64_t *tot = calloc((size_t)E, sizeof(int64_t));
+    if (!tot) return 1;
+    int64_t tokens = 0, assignments = 0, dropped = 0;
+    double imb_sum = 0.0;
+    for (int64_t i = 0; i < t->n; ++i) {
+        const record_t *r = &t->rec[i];
+        int64_t sum = 0, mx = 0, arg = 0, dr = 0;
+        for (int64_t e = 0; e < E; ++e) {
+            sum += r->counts[e];
+            dr += r->dropped[e];
+            tot[e] += r->counts[e];
+            if (r->counts[e] > mx) mx = r->counts[e], arg = e;
+        }
+        double imb = sum ? (double)mx / ((double)sum / (double)E) : 0.0;
+        imb_sum += imb;
+        tokens += r->r.num_tokens;
+        assignments += sum;
+        dropped += dr;
+        printf("  %6lld %9lld %9lld %9.3f %10lld\n", (long long)r->r.step,
+               (long long)r->r.num_tokens, (long long)dr, imb, (long long)arg);
+    }
+    printf("# steps %lld, tokens %lld, dropped %.2f%% of assignments, mean imbalance %.3f\n",
+           (long long)t->n, (long long)tokens,
+           assignments ? 100.0 * (double)dropped / (double)assignments : 0.0,
+           t->n ? imb_sum / (double)t->n : 0.0);
+    printf("# assignments per expert over all steps:");
+    for (int64_t e = 0; e < E; ++e) printf(" %lld", (long long)tot[e]);
+    printf("\n");
+    free(tot);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * replay
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const trace_t *t;
+    moe_layer_config_t cfg;
+    moe_backend_t backend;
+    moe_comm_t *comm;
+    int rank, ranks, iters, check;
+    double seconds;   /* timed forward + backward over all steps */
+    int64_t mismatch; /* replayed routing entries that differ from the record */
+    int status;
+    char error[512];
+} replay_arg_t;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+#define RCHECK(call)                                                                          \
+    do {                                                                                      \
+        moe_status_t st_ = (call);                                                            \
+        if (st_ != MOE_STATUS_SUCCESS) {                                                      \
+            snprintf(a->error, sizeof a->error, "%s: %s", #call, moe_last_error());           \
+            a->status = (int)st_;                                                             \
+            goto done;                                                                        \
+        }                                                                                     \
+    } while (0)
+
+static void *replay_rank(void *p) {
+    replay_arg_t *a = (replay_arg_t *)p;
+    const trace_t *t = a->t;
+    const int64_t K = t->h.top_k, D = a->cfg.d_model;
+    moe_context_t *ctx = NULL;
+    moe_layer_t *layer = NULL;
+    float *x = NULL, *y = NULL, *gate = NULL;
+    int32_t *idx = NULL, *kept = NULL;
+    int64_t maxT = 0;
+    for (int64_t i = 0; i < t->n; ++i)
+        if (t->rec[i].r.num_tokens > maxT) maxT = t->rec[i].r.num_tokens;
+    size_t nx = (size_t)(maxT * D + 1), nk = (size_t)(maxT * K + 1);
+    x = malloc(nx * sizeof(float)), y = malloc(nx * sizeof(float));
+    gate = malloc(nk * sizeof(float)), idx = malloc(nk * sizeof(int32_t));
+    kept = malloc(nk * sizeof(int32_t));
+    if (!x || !y || !gate || !idx || !kept) {
+        snprintf(a->error, sizeof a->error, "out of host memory");
+        a->status = MOE_STATUS_ALLOC_FAILED;
+        goto done;
+    }
+    for (size_t i = 0; i < nx; ++i) x[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+    if (a->backend == MOE_BACKEND_CUDA) {
+        snprintf(a->error, sizeof a->error,
+                 "replay on CUDA: host buffers only in this tool version (use moe_bench)");
+        a->status = MOE_STATUS_NOT_SUPPORTED;
+        goto done;
+    }
+    RCHECK(moe_context_create(&ctx, a->backend, 0, a->comm));
+    RCHECK(moe_layer_create(&layer, ctx, &a->cfg));
+    for (int it = 0; it < a->iters + 1; ++it) { /* iteration 0 warms up */
+        for (int64_t i = 0; i < t->n; ++i) {
+            const record_t *r = &t->rec[i];
+            int64_t T = r->r.num_tokens;
+            int64_t b = T * a->rank / a->ranks, Tr = T * (a->rank + 1) / a->ranks - b;
+            RCHECK(moe_layer_force_routing(layer, r->idx + b * K, r->gate + b * K, Tr));
+            double t0 = now_s();
+            RCHECK(moe_layer_forward(layer, x, y, Tr, 1, NULL));
+            RCHECK(moe_layer_backward(layer, y, y, NULL));
+            if (it > 0) a->seconds += now_s() - t0;
+            if (a->check && it == 0) {
+                RCHECK(moe_layer_routing(layer, idx, gate, kept));
+                int same_split = a->ranks == t->h.world;
+                for (int64_t j = 0; j < Tr * K; ++j)
+                    a->mismatch += idx[j] != r->idx[b * K + j] || gate[j] != r->gate[b * K + j] ||
+                                   (same_split && kept[j] != (int32_t)r->kept[b * K + j]);
+            }
+        }
+    }
+done:
+    moe_layer_destroy(layer);
+    moe_context_destroy(ctx);
+    free(x), free(y), free(gate), free(idx), free(kept);
+    return NULL;
+}
+
+static int replay(const trace_t *t, int argc, char **argv) {
+    int ranks = 1, iters = 3, check = 0;
+    int64_t D = t->h.d_model, F = t->h.d_ff;
+    moe_backend_t backend = MOE_BACKEND_CPU;
+    static const struct option opts[] = {{"ranks", required_argument, 0, 'p'},
+                                         {"backend", required_argument, 0, 'b'},
+                                         {"iters", required_argument, 0, 'n'},
+                                         {"d-model", required_argument, 0, 'd'},
+                                         {"d-ff", required_argument, 0, 'f'},
+                                         {"check", no_argument, 0, 'c'},
+                                         {0, 0, 0, 0}};
+    int o;
+    optind = 1;
+    while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (o) {
+        case 'p': ranks = atoi(optarg); break;
+        case 'b': backend = strcmp(optarg, "cuda") == 0 ? MOE_BACKEND_CUDA : MOE_BACKEND_CPU; break;
+        case 'n': iters = atoi(optarg); break;
+        case 'd': D = atoll(optarg); break;
+        case 'f': F = atoll(optarg); break;
+        case 'c': check = 1; break;
+        default: return 2;
+        }
+    }
+    if (ranks < 1 || iters < 1 || D < 1 || F < 1 || t->h.num_experts % ranks) {
+        fprintf(stderr, "moe_trace replay: --ranks must divide E = %lld; sizes must be >= 1\n",
+                (long long)t->h.num_experts);
+        return 2;
+    }
+    moe_layer_config_t cfg = moe_layer_config_default();
+    cfg.d_model = D;
+    cfg.d_ff = F;
+    cfg.num_experts = t->h.num_experts;
+    cfg.top_k = t->h.top_k;
+    cfg.activation = (moe_activation_t)t->h.activation;
+    cfg.gate = (moe_gate_t)t->h.gate;
+    cfg.priority = (moe_priority_t)t->h.priority;
+    cfg.capacity_factor = t->h.capacity_factor;
+
+    moe_comm_t **comms = calloc((size_t)ranks, sizeof *comms);
+    replay_arg_t *args = calloc((size_t)ranks, sizeof *args);
+    pthread_t *th = calloc((size_t)ranks, sizeof *th);
+    if (!comms || !args || !th) return 1;
+    if (ranks > 1 && moe_comm_create_local(comms, ranks) != MOE_STATUS_SUCCESS) {
+        fprintf(stderr, "moe_trace: %s\n", moe_last_error());
+        return 1;
+    }
+    for (int r = 0; r < ranks; ++r) {
+        args[r] = (replay_arg_t){t, cfg, backend, ranks > 1 ? comms[r] : NULL, r, ranks, iters,
+                                 check, 0.0, 0, 0, ""};
+        pthread_create(&th[r], NULL, replay_rank, &args[r]);
+    }
+    int rc = 0;
+    double worst = 0.0;
+    int64_t mismatch = 0, tokens = 0;
+    for (int r = 0; r < ranks; ++r) {
+        pthread_join(th[r], NULL);
+        if (args[r].status) {
+            fprintf(stderr, "moe_trace: rank %d: %s\n", r, args[r].error);
+            rc = 1;
+        }
+        worst = args[r].seconds > worst ? args[r].seconds : worst;
+        mismatch += args[r].mismatch;
+    }
+    for (int r = 0; r < ranks && ranks > 1; ++r) moe_comm_destroy(comms[r]);
+    for (int64_t i = 0; i < t->n; ++i) tokens += t->rec[i].r.num_tokens;
+    if (!rc) {
+        printf("# replay: %lld steps, %lld tokens, E %lld K %lld D %lld F %lld, %d rank%s, %s\n",
+               (long long)t->n, (long long)tokens, (long long)cfg.num_experts,
+               (long long)cfg.top_k, (long long)D, (long long)F, ranks, ranks > 1 ? "s" : "",
+               backend == MOE_BACKEND_CUDA ? "cuda" : "cpu");
+        printf("  forward+backward %.3f ms per step, %.0f tokens/s\n",
+               1e3 * worst / ((double)iters * (double)t->n),
+               (double)tokens * (double)iters / worst);
+        if (check)
+            printf("  check %s: %lld routing entries differ from the record\n",
+                   mismatch ? "FAILED" : "OK", (long long)mismatch);
+        if (check && mismatch) rc = 1;
+    }
+    free(comms), free(args), free(th);
+    return rc;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: moe_trace summary FILE\n"
+            "       moe_trace replay FILE [--ranks P] [--backend cpu|cuda] [--iters N]\n"
+            "                             [--d-model D] [--d-ff F] [--check]\n"
+            "Record a trace with moe_layer_trace_open(); replay times the recorded routing on P\n"
+            "ranks (threads of this process) and --check verifies the replayed routing.\n"
+            "example: moe_trace replay run.trace --ranks 4 --check\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        usage();
+        return 2;
+    }
+    trace_t t;
+    if (read_trace(argv[2], &t)) return 1;
+    int rc;
+    if (strcmp(argv[1], "summary") == 0)
+        rc = summary(&t);
+    else if (strcmp(argv[1], "replay") == 0)
+        rc = replay(&t, argc - 2, argv + 2);
+    else {
+        usage();
+        rc = 2;
+    }
+    free_trace(&t);
+    return rc;
+}

@@ -1,0 +1,156 @@
+/* trace.c - routing traces: the writer behind moe_layer_trace_open, and forced routing for
+ * replay (moe_layer_force_routing). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/status.h"
+#include "layer.h"
+#include "router/router.h"
+#include "trace_format.h"
+
+#define MOE_LAYER_ARG(layer)                                                                  \
+    MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC, "layer is %s",              \
+            (layer) == NULL ? "NULL" : "not a live moe_layer_t")
+
+moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t layer_id) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(path != NULL, "path is NULL");
+    MOE_CHECK(moe_layer_trace_close(layer));
+    FILE *f = fopen(path, "wb");
+    if (!f) return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "cannot open trace file '%s'", path);
+    const moe_layer_config_t *c = &layer->s.cfg;
+    moe_trace_header_t h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, MOE_TRACE_MAGIC, 8);
+    h.version = MOE_TRACE_VERSION;
+    h.header_bytes = (uint32_t)sizeof h;
+    h.num_experts = c->num_experts;
+    h.top_k = c->top_k;
+    h.d_model = c->d_model;
+    h.d_ff = c->d_ff;
+    h.activation = (int32_t)c->activation;
+    h.gate = (int32_t)c->gate;
+    h.priority = (int32_t)c->priority;
+    h.world = layer->ctx->world;
+    h.rank = layer->ctx->rank;
+    h.layer_id = layer_id;
+    h.capacity_factor = c->capacity_factor;
+    if (fwrite(&h, sizeof h, 1, f) != 1) {
+        fclose(f);
+        return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "cannot write trace header to '%s'", path);
+    }
+    layer->trace = f;
+    layer->trace_layer_id = layer_id;
+    layer->trace_step = 0;
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_trace_close(moe_layer_t *layer) {
+    MOE_LAYER_ARG(layer);
+    if (!layer->trace) return MOE_STATUS_SUCCESS;
+    int bad = fclose(layer->trace) != 0;
+    layer->trace = NULL;
+    if (bad) return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "closing the trace file failed");
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe__trace_write(moe_layer_t *L) {
+    moe_layer_state_t *s = &L->s;
+    const int64_t T = s->T, K = s->K, E = s->E;
+    moe_trace_record_t r = {MOE_TRACE_RECORD_MAGIC, L->trace_layer_id, L->trace_step, T, K};
+    int32_t *idx = (int32_t *)malloc((size_t)(T * K + 1) * sizeof(int32_t));
+    float *gate = (float *)malloc((size_t)(T * K + 1) * sizeof(float));
+    int32_t *kept = (int32_t *)malloc((size_t)(T * K + 1) * sizeof(int32_t));
+    uint8_t *kept8 = (uint8_t *)malloc((size_t)(T * K + 1));
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    if (!idx || !gate || !kept || !kept8) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "trace staging");
+    if (st == MOE_STATUS_SUCCESS) st = moe_layer_routing(L, idx, gate, kept);
+    if (st == MOE_STATUS_SUCCESS) {
+        for (int64_t i = 0; i < T * K; ++i) kept8[i] = (uint8_t)kept[i];
+        FILE *f = L->trace;
+        size_t n = (size_t)(T * K);
+        if (fwrite(&r, sizeof r, 1, f) != 1 || fwrite(idx, sizeof(int32_t), n, f) != n ||
+            fwrite(gate, sizeof(float), n, f) != n || fwrite(kept8, 1, n, f) != n ||
+            fwrite(s->counts_h, sizeof(int64_t), (size_t)E, f) != (size_t)E ||
+            fwrite(s->dropped_h, sizeof(int64_t), (size_t)E, f) != (size_t)E)
+            st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "writing trace record %lld failed",
+                         (long long)L->trace_step);
+    }
+    free(idx), free(gate), free(kept), free(kept8);
+    L->trace_step++;
+    return st;
+}
+
+moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
+                                     const float *gate, int64_t num_tokens) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
+    MOE_ARG(num_tokens == 0 || (expert_index != NULL && gate != NULL),
+            "expert_index and gate must not be NULL");
+    const int64_t K = layer->s.K, E = layer->s.E, n = num_tokens * K;
+    for (int64_t t = 0; t < num_tokens; ++t)
+        for (int64_t j = 0; j < K; ++j) {
+            int32_t e = expert_index[t * K + j];
+            MOE_ARG(e >= 0 && e < E, "expert_index[%lld][%lld] = %d is not in [0, %lld)",
+                    (long long)t, (long long)j, e, (long long)E);
+            for (int64_t i = 0; i < j; ++i)
+                MOE_ARG(expert_index[t * K + i] != e, "token %lld names expert %d twice",
+                        (long long)t, e);
+            MOE_ARG(isfinite(gate[t * K + j]), "gate[%lld][%lld] is not finite", (long long)t,
+                    (long long)j);
+        }
+    int32_t *idx = (int32_t *)malloc((size_t)(n + 1) * sizeof(int32_t));
+    float *g = (float *)malloc((size_t)(n + 1) * sizeof(float));
+    if (!idx || !g) {
+        free(idx), free(g);
+        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "forced routing of %lld tokens",
+                       (long long)num_tokens);
+    }
+    if (n) {
+        memcpy(idx, expert_index, (size_t)n * sizeof(int32_t));
+        memcpy(g, gate, (size_t)n * sizeof(float));
+    }
+    free(layer->forced_idx), free(layer->forced_gate);
+    layer->forced_idx = idx;
+    layer->forced_gate = g;
+    layer->forced_T = num_tokens;
+    return MOE_STATUS_SUCCESS;
+}
+
+/* Puts the forced routing into the state in place of the router's choice (after the gate
+ * pass, before slot assignment), with the per-expert sums that follow from it. */
+moe_status_t moe__apply_forced_routing(moe_layer_t *L, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    moe_context_t *ctx = L->ctx;
+    const int64_t T = s->T, K = s->K, K1 = s->K1, E = s->E;
+    int32_t *idx1 = (int32_t *)malloc((size_t)(T * K1 + 1) * sizeof(int32_t));
+    if (!idx1) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "forced routing staging");
+    for (int64_t e = 0; e < E; ++e) {
+        s->counts_h[e] = 0;
+        s->importance_h[e] = 0.0;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        const int32_t *src = L->forced_idx + t * K;
+        for (int64_t j = 0; j < K; ++j) {
+            idx1[t * K1 + j] = src[j];
+            s->counts_h[src[j]]++;
+            s->importance_h[src[j]] += L->forced_gate[t * K + j];
+        }
+        if (K1 > K) { /* the load estimator's threshold slot: the first expert not chosen */
+            int32_t e = 0;
+            while (moe_router_selected(src, (int)K, e)) ++e;
+            idx1[t * K1 + K] = e;
+        }
+    }
+    for (int64_t e = 0; e < E; ++e) s->load_h[e] = (double)s->counts_h[e];
+    moe_status_t st = ctx->ops->copy(ctx, s->idx, idx1, (size_t)(T * K1) * sizeof(int32_t),
+                                     MOE_COPY_H2D, stream);
+    if (st == MOE_STATUS_SUCCESS)
+        st = ctx->ops->copy(ctx, s->gate, L->forced_gate, (size_t)(T * K) * sizeof(float),
+                            MOE_COPY_H2D, stream);
+    if (st == MOE_STATUS_SUCCESS) st = ctx->ops->sync(ctx, stream);
+    free(idx1);
+    return st;
+}
