@@ -297,6 +297,15 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         free(L);
         return st;
     }
+    if (ctx->ops->layer_init) {
+        st = ctx->ops->layer_init(ctx, s);
+        if (st != MOE_STATUS_SUCCESS) {
+            free_params(L);
+            free_host_arrays(s);
+            free(L);
+            return st;
+        }
+    }
     L->magic = MOE_LAYER_MAGIC;
     ctx->num_layers++;
     *layer = L;
@@ -306,6 +315,7 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
 moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     if (!layer) return MOE_STATUS_SUCCESS;
     MOE_LAYER_ARG(layer);
+    if (layer->ctx->ops->layer_fini) layer->ctx->ops->layer_fini(layer->ctx, &layer->s);
     free_buffers(layer);
     free_params(layer);
     free_host_arrays(&layer->s);
