@@ -102,8 +102,10 @@ static void bench_rows() {
     const int64_t T = 16384, D = 4096, K = 2, E = 8, N = T * K;
     const size_t es = 2; // bf16
     void *x = dalloc(T * D * es), *xp = dalloc(N * D * es), *y = dalloc(T * D * es);
-    void *big = dalloc(N * D * es * 2);
-    float *gate = (float *)dalloc(N * 4);
+    // scratch for the copy ceilings and combine_bwd's dyp: the largest byte count below
+    const size_t big_bytes = (size_t)(T * D + 2 * N * D) * es;
+    void *big = dalloc(big_bytes);
+    float *gate = (float *)dalloc(N * 4), *dg = (float *)dalloc(N * 4);
     int32_t *row = (int32_t *)dalloc(N * 4);
     fill(x, T * D, 1, 1), fill(xp, N * D, 1, 2), fill(gate, N, 0, 3);
     // balanced routing: token t's j-th choice goes to expert (t + j) % E; rows expert-major
@@ -133,10 +135,10 @@ static void bench_rows() {
     double bbytes = (double)(T * D + 2 * N * D) * es;
     double ceil_b = copy_bw((size_t)(bbytes / 2), big, (char *)big + (size_t)(bbytes / 2));
     t = time_it([&] {
-        CK(moe_k_combine_bwd(y, xp, row, gate, T, K, D, 1, big, gate, g_stream));
+        CK(moe_k_combine_bwd(y, xp, row, gate, T, K, D, 1, big, dg, g_stream));
     }, 5);
     g_rows.push_back({"combine_bwd", shape, "GB/s", t * 1e6, bbytes / t / 1e9, ceil_b, 0.0});
-    cudaFree(x), cudaFree(xp), cudaFree(y), cudaFree(big), cudaFree(gate), cudaFree(row);
+    cudaFree(x), cudaFree(xp), cudaFree(y), cudaFree(big), cudaFree(gate), cudaFree(dg), cudaFree(row);
 }
 
 static void bench_gate(int noisy) {
