@@ -168,12 +168,16 @@ typedef struct {
     int64_t per_token; /* bytes per token */
 } moe__buf_t;
 
+/* Rows that are GEMM operands or the user's rows (x, xp, act, yp and their gradients) are
+ * stored in the layer's dtype; the routing state and the GEMM outputs that only feed elementwise
+ * kernels (hpre, dact) stay f32. With f32 storage every buffer is f32. */
 static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
-    const int64_t D = s->D, E = s->E, K = s->K, F = s->F, F2 = s->F2, f = sizeof(float);
+    const int64_t D = s->D, E = s->E, K = s->K, f = sizeof(float);
+    const int64_t v = (int64_t)moe_dtype_size(s->cfg.dtype);
     const int noisy = s->cfg.noisy_gating;
     int n = 0;
 #define MOE_BUF(ptr, bytes) (b[n].slot = (void **)&s->ptr, b[n].per_token = (bytes), ++n)
-    MOE_BUF(x, D * f);
+    MOE_BUF(x, D * v);
     MOE_BUF(logits, E * f);
     MOE_BUF(noise_raw, noisy ? E * f : 0);
     MOE_BUF(eps, noisy ? E * f : 0);
@@ -185,12 +189,11 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     MOE_BUF(gate, K * f);
     MOE_BUF(dg, K * f);
     MOE_BUF(dlogits, E * f);
-    MOE_BUF(xp, K * D * f);
-    MOE_BUF(yp, K * D * f);
-    MOE_BUF(dyp, K * D * f);
-    MOE_BUF(dxp, K * D * f);
+    MOE_BUF(xp, K * D * v);
+    MOE_BUF(yp, K * D * v);
+    MOE_BUF(dyp, K * D * v);
+    MOE_BUF(dxp, K * D * v);
 #undef MOE_BUF
-    (void)F, (void)F2;
     return n;
 }
 
@@ -198,17 +201,18 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
 static int list_row_buffers(moe_layer_t *L, moe__buf_t *b) {
     moe_layer_state_t *s = &L->s;
     const int64_t D = s->D, F = s->F, F2 = s->F2, f = sizeof(float);
+    const int64_t v = (int64_t)moe_dtype_size(s->cfg.dtype);
     const int ep = L->ctx->world > 1;
     int n = 0;
 #define MOE_BUF(ptr, bytes) (b[n].slot = (void **)&(ptr), b[n].per_token = (bytes), ++n)
     MOE_BUF(s->hpre, F2 * f);
-    MOE_BUF(s->dhpre, F2 * f);
-    MOE_BUF(s->act, F * f);
+    MOE_BUF(s->dhpre, F2 * v);
+    MOE_BUF(s->act, F * v);
     MOE_BUF(s->dact, F * f);
-    MOE_BUF(L->ex_x, ep ? D * f : 0);
-    MOE_BUF(L->ex_y, ep ? D * f : 0);
-    MOE_BUF(L->ex_dy, ep ? D * f : 0);
-    MOE_BUF(L->ex_dx, ep ? D * f : 0);
+    MOE_BUF(L->ex_x, ep ? D * v : 0);
+    MOE_BUF(L->ex_y, ep ? D * v : 0);
+    MOE_BUF(L->ex_dy, ep ? D * v : 0);
+    MOE_BUF(L->ex_dx, ep ? D * v : 0);
 #undef MOE_BUF
     return n;
 }
@@ -390,6 +394,15 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         free(L);
         return st;
     }
+    if (ctx->ops->layer_init) {
+        st = ctx->ops->layer_init(ctx, s);
+        if (st != MOE_STATUS_SUCCESS) {
+            free_params(L);
+            free_host_arrays(L);
+            free(L);
+            return st;
+        }
+    }
     L->magic = MOE_LAYER_MAGIC;
     ctx->num_layers++;
     *layer = L;
@@ -401,6 +414,7 @@ moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     MOE_LAYER_ARG(layer);
     moe_layer_trace_close(layer);
     free(layer->forced_idx), free(layer->forced_gate);
+    if (layer->ctx->ops->layer_fini) layer->ctx->ops->layer_fini(layer->ctx, &layer->s);
     free_buffers(layer);
     free_params(layer);
     free_host_arrays(layer);

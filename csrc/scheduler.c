@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "comm/comm.h"
+#include "core/dtype.h"
 #include "core/status.h"
 #include "layer.h"
 #include "router/router_host.h"
@@ -138,7 +139,7 @@ static moe_status_t regroup(moe_layer_t *L, int64_t c, float *arrival, float *ex
     moe_exchange_t *x = &L->ex;
     const int P = ctx->world;
     const int64_t El = s->E_local, D = s->D;
-    const size_t row = (size_t)D * sizeof(float);
+    const size_t row = (size_t)D * moe_dtype_size(s->cfg.dtype);
     int64_t lo, hi;
     chunk_range(L, c, &lo, &hi);
     const int64_t *ro = chunk_plan(L, c) + 3 * P;
@@ -150,7 +151,8 @@ static moe_status_t regroup(moe_layer_t *L, int64_t c, float *arrival, float *ex
                 /* expert le's block: sources before q come first */
                 int64_t dst = x->ex_offsets[s->expert_begin + le];
                 for (int p = 0; p < q; ++p) dst += x->recv_counts[p * El + le];
-                float *a = arrival + src * D, *b = expert_side + dst * D;
+                char *a = (char *)arrival + (size_t)src * row;
+                char *b = (char *)expert_side + (size_t)dst * row;
                 MOE_CHECK(ctx->ops->copy(ctx, to_expert ? b : a, to_expert ? a : b,
                                          (size_t)n * row, MOE_COPY_D2D, stream));
             }
@@ -178,6 +180,7 @@ static moe_layer_state_t expert_view(moe_layer_t *L, int64_t c) {
         v.dyp = L->ex_dy;
         v.dxp = L->ex_dx;
         v.offsets_h = x->chunk_offsets;
+        v.num_rows = x->rows;
     }
     return v;
 }
@@ -191,7 +194,7 @@ static moe_status_t expert_pipeline(moe_layer_t *L, int backward, void *stream, 
     moe_layer_state_t *s = &L->s;
     moe_context_t *ctx = L->ctx;
     const int P = ctx->world;
-    const size_t row = (size_t)s->D * sizeof(float);
+    const size_t row = (size_t)s->D * moe_dtype_size(s->cfg.dtype);
     const int64_t n = L->ex.num_chunks;
     /* forward: xp -> arrival ex_dy -> ex_x -> ffn -> ex_y -> ex_dy -> yp
      * backward: dyp -> arrival ex_dx -> ex_dy -> ffn_bwd -> ex_dx -> ex_y -> dxp */
@@ -283,7 +286,8 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     s->noisy_now = s->cfg.noisy_gating && training;
     s->capacity = moe_router_capacity(s->cfg.capacity_factor, T, s->K, s->E);
     if (T > 0) {
-        MOE_CHECK(ops->copy(ctx, s->x, x, (size_t)(T * s->D) * sizeof(float), MOE_COPY_D2D,
+        MOE_CHECK(ops->copy(ctx, s->x, x, (size_t)(T * s->D) * moe_dtype_size(s->cfg.dtype),
+                            MOE_COPY_D2D,
                             stream));
         MOE_CHECK(ops->gate_fwd(ctx, s, stream));
     } else {

@@ -86,6 +86,8 @@ typedef struct moe_layer_state {
     double z_sum;             /* sum_t lse_t^2 */
     moe_aux_coefs_t coefs;
     moe_routing_stats_t stats;
+
+    void *impl; /* the backend's own per-layer state (NULL for the CPU backend) */
 } moe_layer_state_t;
 
 struct moe_backend_ops {
@@ -99,6 +101,12 @@ struct moe_backend_ops {
     moe_status_t (*copy)(moe_context_t *ctx, void *dst, const void *src, size_t bytes,
                          moe_copy_kind_t kind, void *stream);
     moe_status_t (*sync)(moe_context_t *ctx, void *stream);
+
+    /* optional (NULL: nothing to do): the backend's per-layer state in s->impl, made once the
+     * layer's config, parameters and host arrays exist, and released before the layer is freed.
+     * layer_init may refuse a config the backend cannot serve (NOT_SUPPORTED). */
+    moe_status_t (*layer_init)(moe_context_t *ctx, moe_layer_state_t *s);
+    void (*layer_fini)(moe_context_t *ctx, moe_layer_state_t *s);
 
     /* *num_bad = count of NaN/Inf among n floats of x (host value on return) */
     moe_status_t (*count_nonfinite)(moe_context_t *ctx, const void *x, int64_t n,

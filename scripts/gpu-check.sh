@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# gpu-check.sh - the whole GPU check in one command, for a machine with an NVIDIA GPU:
+#   configure + build (Release, -Werror), the test suite (CPU and GPU tests), the kernel
+#   benchmarks, then compute-sanitizer memcheck over the GPU tests and racecheck over a reduced
+#   set. Writes logs and a markdown summary to the folder given as $1 (default: $OUT, else ./out).
+#
+# Works offline. What it needs beyond the CUDA toolkit, cmake and ninja:
+#   - GoogleTest: an installed package, or sources in .gtest-src/ (scripts/gpu-deps.sh copies them)
+#   - OpenBLAS (the CPU backend links it): the system's, or .gpu-deps/openblas.tar.xz (made by
+#     scripts/gpu-deps.sh from Debian's packages) unpacked into the build folder.
+# The benchmarks run before the sanitizers so that a slow sanitizer cannot starve them.
+# Environment: MOE_CUDA_ARCH (default 90a), MOE_GPU_BUILD (build folder, default build-gpu),
+# MOE_GPU_CHECK_BUDGET (seconds for the whole script, default 540).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUTDIR=${1:-${OUT:-$ROOT/out}}
+BUILD=${MOE_GPU_BUILD:-$ROOT/build-gpu}
+ARCH=${MOE_CUDA_ARCH:-90a}
+BUDGET=${MOE_GPU_CHECK_BUDGET:-540}
+T0=$(date +%s)
+mkdir -p "$OUTDIR" "$BUILD"
+SUMMARY="$OUTDIR/summary.md"
+rows=()
+overall=0
+
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+
+# step NAME LOGFILE CAP_SECONDS CMD...: runs CMD under a time limit, records the result
+step() {
+    local name=$1 log=$2 cap=$3
+    shift 3
+    local lim
+    lim=$(left)
+    [ "$lim" -gt "$cap" ] && lim=$cap
+    if [ "$lim" -le 10 ]; then
+        rows+=("| $name | not run (time budget spent) | 0 s |")
+        overall=1
+        return 1
+    fi
+    local s=$(date +%s)
+    echo "== $name (limit ${lim}s): $*" | tee -a "$OUTDIR/$log"
+    timeout --signal=INT --kill-after=10 "$lim" "$@" >>"$OUTDIR/$log" 2>&1
+    local rc=$?
+    local d=$(($(date +%s) - s))
+    local res="ok"
+    [ $rc -ne 0 ] && res="FAILED (rc $rc)" && overall=1
+    [ $rc -eq 124 ] && res="TIMED OUT after ${lim}s"
+    rows+=("| $name | $res | $d s |")
+    echo "== $name: $res in ${d}s"
+    return $rc
+}
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    [ -f "$ROOT/COMMIT" ] && echo "commit: $(cat "$ROOT/COMMIT")"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    nvcc --version | tail -2
+    cmake --version | head -1
+    echo "cores: $(nproc)"
+} >"$OUTDIR/build.log" 2>&1
+DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+
+# ---- dependencies: OpenBLAS, GoogleTest --------------------------------------------------------
+cmake_extra=()
+have_sys_blas=0
+if ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so ' && \
+   ls /usr/include/cblas.h /usr/include/*/cblas.h /usr/include/*/*/cblas.h >/dev/null 2>&1; then
+    have_sys_blas=1
+fi
+if [ $have_sys_blas -eq 0 ]; then
+    if [ -f "$ROOT/.gpu-deps/openblas.tar.xz" ]; then
+        mkdir -p "$BUILD/deps"
+        tar -C "$BUILD/deps" -xJf "$ROOT/.gpu-deps/openblas.tar.xz"
+        export LD_LIBRARY_PATH="$BUILD/deps/openblas/lib:${LD_LIBRARY_PATH:-}"
+        cmake_extra+=("-DCMAKE_PREFIX_PATH=$BUILD/deps/openblas")
+        echo "OpenBLAS: carried .gpu-deps/openblas.tar.xz" >>"$OUTDIR/build.log"
+    else
+        echo "OpenBLAS: none on this machine and no .gpu-deps/openblas.tar.xz (run scripts/gpu-deps.sh)" \
+            | tee -a "$OUTDIR/build.log"
+        exit 1
+    fi
+else
+    echo "OpenBLAS: the system's" >>"$OUTDIR/build.log"
+fi
+[ -d "$ROOT/.gtest-src" ] && cmake_extra+=("-DMOE_GTEST_SOURCE_DIR=$ROOT/.gtest-src")
+
+# ---- build, tests, benchmarks, sanitizers -----------------------------------------------------
+TB="$BUILD/tests/cuda/test_cuda_layer"
+if step "configure" build.log 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DMOE_ENABLE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" "${cmake_extra[@]}" &&
+   step "build (-Werror, arch $ARCH)" build.log 300 cmake --build "$BUILD" -j "$(nproc)"; then
+    step "test suite (ctest)" ctest.log 200 ctest --test-dir "$BUILD" -j 8 --output-on-failure
+    step "kernel benchmarks" bench.log 150 "$BUILD/moe_kernel_bench"
+    # the benchmark's table is the tail of its log
+    sed -n '/^## libmoe kernel benchmark/,$p' "$OUTDIR/bench.log" >"$OUTDIR/bench.md"
+    step "compute-sanitizer memcheck (GPU tests)" memcheck.log 200 \
+        compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
+        "$TB" --gtest_brief=1
+    step "compute-sanitizer racecheck (reduced set)" racecheck.log 120 \
+        compute-sanitizer --tool racecheck --error-exitcode 1 \
+        "$TB" --gtest_brief=1 '--gtest_filter=*K2_E16_gelu*:*T1_K2_E4*:*T64_K8_E64*:CudaLayerDeterminism*'
+fi
+
+# ---- summary ----------------------------------------------------------------------------------
+{
+    echo "# gpu-check on ${DEVICE:-unknown device}"
+    echo
+    echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)${ROOT:+, tree $( [ -f "$ROOT/COMMIT" ] && cat "$ROOT/COMMIT" || echo 'without COMMIT file')}"
+    echo
+    echo "| step | result | time |"
+    echo "|---|---|---:|"
+    printf '%s\n' "${rows[@]}"
+    echo
+    if [ -f "$OUTDIR/ctest.log" ]; then
+        echo '```'
+        grep -E "tests passed|tests failed|Skipped|\*\*\*Failed|Not Run" "$OUTDIR/ctest.log" | head -40
+        echo '```'
+    fi
+    for t in memcheck racecheck; do
+        [ -f "$OUTDIR/$t.log" ] && echo "$t: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUTDIR/$t.log" | tail -1)"
+    done
+    echo
+    [ -s "$OUTDIR/bench.md" ] && cat "$OUTDIR/bench.md"
+} >"$SUMMARY"
+cat "$SUMMARY"
+exit $overall
