@@ -1,0 +1,252 @@
+// test_cuda_ep.cc - expert parallelism through the CUDA backend: P ranks as threads on one GPU
+// (the local communicator; NCCL refuses two ranks on a device) and one NCCL rank, each against
+// the single-rank CPU layer on the same tokens and parameters.
+//
+// x and the router weights are small dyadic numbers, so the logits are exact on both backends
+// and the routing agrees bit for bit; outputs and gradients are compared by max-norm relative
+// error against 1e-5 (f32; sums of a few hundred terms in another order).
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+#ifdef MOE_TEST_NCCL
+#include <nccl.h>
+#endif
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "moe/moe.h"
+
+namespace {
+
+constexpr double kTol = 1e-5;
+
+bool gpu_present(std::string *why) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        *why = std::string("no GPU: cudaGetDeviceCount returned ") + cudaGetErrorName(e) +
+               ", count " + std::to_string(n);
+        (void)cudaGetLastError();
+        return false;
+    }
+    return true;
+}
+
+#define REQUIRE_GPU()                                                                          \
+    do {                                                                                       \
+        std::string why_;                                                                      \
+        if (!gpu_present(&why_)) GTEST_SKIP() << why_;                                        \
+    } while (0)
+
+double rel_err(const float *a, const float *b, size_t n) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+        if (!std::isfinite(a[i])) return INFINITY;
+        num = std::fmax(num, std::fabs((double)a[i] - (double)b[i]));
+        den = std::fmax(den, std::fabs((double)b[i]));
+    }
+    return den > 0.0 ? num / den : num;
+}
+
+float dyadic(uint32_t i, uint32_t salt) {
+    uint32_t h = i * 2654435761u ^ salt * 97u;
+    h ^= h >> 13;
+    return (float)((int)(h % 33u) - 16) / 16.0f;
+}
+
+moe_layer_config_t config(int64_t E, int64_t K) {
+    moe_layer_config_t c = moe_layer_config_default();
+    c.d_model = 24;
+    c.d_ff = 40;
+    c.num_experts = E;
+    c.top_k = K;
+    c.activation = MOE_ACTIVATION_SWIGLU;
+    c.switch_loss_coef = 0.1;
+    c.seed = 5;
+    return c;
+}
+
+struct Reference {
+    std::vector<float> y, dx, grad[MOE_PARAM_COUNT], param[MOE_PARAM_COUNT];
+};
+
+// the single-rank CPU layer on all tokens; its parameters are what every GPU rank gets
+Reference reference(const moe_layer_config_t &cfg, const std::vector<float> &x,
+                    const std::vector<float> &dy, int64_t T) {
+    Reference r;
+    moe_context_t *ctx = nullptr;
+    moe_layer_t *layer = nullptr;
+    EXPECT_EQ(moe_context_create(&ctx, MOE_BACKEND_CPU, 0, nullptr), 0);
+    EXPECT_EQ(moe_layer_create(&layer, ctx, &cfg), 0) << moe_last_error();
+    float *wg = nullptr;
+    int64_t n = 0;
+    moe_layer_param(layer, MOE_PARAM_ROUTER_WEIGHT, (void **)&wg, nullptr, &n);
+    for (int64_t i = 0; i < n; ++i) wg[i] = dyadic((uint32_t)i, 3) / 4.0f;
+    r.y.resize(x.size());
+    r.dx.resize(x.size());
+    EXPECT_EQ(moe_layer_forward(layer, x.data(), r.y.data(), T, 1, nullptr), 0);
+    EXPECT_EQ(moe_layer_backward(layer, dy.data(), r.dx.data(), nullptr), 0);
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        void *v = nullptr, *g = nullptr;
+        moe_layer_param(layer, (moe_param_t)p, &v, &g, &n);
+        r.param[p].assign((float *)v, (float *)v + n);
+        r.grad[p].assign((float *)g, (float *)g + n);
+    }
+    moe_layer_destroy(layer);
+    moe_context_destroy(ctx);
+    return r;
+}
+
+struct RankOut {
+    std::string error;
+    std::vector<float> y, dx, grad[MOE_PARAM_COUNT];
+};
+
+#define RK(call)                                                                               \
+    do {                                                                                       \
+        moe_status_t st_ = (call);                                                             \
+        if (st_ != MOE_STATUS_SUCCESS) {                                                       \
+            out.error = std::string(#call) + ": " + moe_last_error();                         \
+            goto done;                                                                         \
+        }                                                                                      \
+    } while (0)
+
+// one rank on the GPU: its experts' parameters from the reference, its tokens [b, b + Tr)
+void gpu_rank(moe_comm_t *comm, const moe_layer_config_t &cfg, const Reference &ref,
+              const std::vector<float> &x, const std::vector<float> &dy, int64_t b, int64_t Tr,
+              int rank, int P, RankOut &out) {
+    const int64_t D = cfg.d_model;
+    moe_context_t *ctx = nullptr;
+    moe_layer_t *layer = nullptr;
+    float *dxb = nullptr, *dyb = nullptr, *dbuf = nullptr, *ddx = nullptr;
+    size_t bytes = (size_t)(Tr * D) * sizeof(float);
+    cudaSetDevice(0);
+    RK(moe_context_create(&ctx, MOE_BACKEND_CUDA, 0, comm));
+    RK(moe_layer_create(&layer, ctx, &cfg));
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        void *v = nullptr;
+        int64_t n = 0;
+        RK(moe_layer_param(layer, (moe_param_t)p, &v, nullptr, &n));
+        if (n == 0) continue;
+        bool replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT;
+        const float *src = ref.param[p].data() + (replicated ? 0 : (size_t)rank * (size_t)n);
+        if ((size_t)n * (replicated ? 1 : (size_t)P) != ref.param[p].size()) {
+            out.error = "parameter sizes disagree";
+            goto done;
+        }
+        cudaMemcpy(v, src, (size_t)n * sizeof(float), cudaMemcpyHostToDevice);
+    }
+    cudaMalloc(&dxb, bytes + 4), cudaMalloc(&dyb, bytes + 4);
+    cudaMalloc(&dbuf, bytes + 4), cudaMalloc(&ddx, bytes + 4);
+    cudaMemcpy(dxb, x.data() + b * D, bytes, cudaMemcpyHostToDevice);
+    cudaMemcpy(dyb, dy.data() + b * D, bytes, cudaMemcpyHostToDevice);
+    RK(moe_layer_forward(layer, dxb, dbuf, Tr, 1, nullptr));
+    RK(moe_layer_backward(layer, dyb, ddx, nullptr));
+    cudaDeviceSynchronize();
+    out.y.resize((size_t)(Tr * D));
+    out.dx.resize((size_t)(Tr * D));
+    cudaMemcpy(out.y.data(), dbuf, bytes, cudaMemcpyDeviceToHost);
+    cudaMemcpy(out.dx.data(), ddx, bytes, cudaMemcpyDeviceToHost);
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        void *g = nullptr;
+        int64_t n = 0;
+        RK(moe_layer_param(layer, (moe_param_t)p, nullptr, &g, &n));
+        out.grad[p].resize((size_t)n);
+        if (n) cudaMemcpy(out.grad[p].data(), g, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost);
+    }
+done:
+    moe_layer_destroy(layer);
+    moe_context_destroy(ctx);
+    cudaFree(dxb), cudaFree(dyb), cudaFree(dbuf), cudaFree(ddx);
+}
+
+void compare(const moe_layer_config_t &cfg, const Reference &ref, const RankOut &o, int64_t b,
+             int64_t Tr, int rank, int P) {
+    ASSERT_TRUE(o.error.empty()) << "rank " << rank << ": " << o.error;
+    const size_t D = (size_t)cfg.d_model;
+    if (Tr > 0) {
+        EXPECT_LE(rel_err(o.y.data(), ref.y.data() + (size_t)b * D, (size_t)Tr * D), kTol)
+            << "y, rank " << rank;
+        EXPECT_LE(rel_err(o.dx.data(), ref.dx.data() + (size_t)b * D, (size_t)Tr * D), kTol)
+            << "dx, rank " << rank;
+    }
+    for (int p = MOE_PARAM_W1; p < MOE_PARAM_COUNT; ++p) {
+        size_t n = o.grad[p].size();
+        if (n == 0) continue;
+        ASSERT_EQ(n * (size_t)P, ref.grad[p].size());
+        EXPECT_LE(rel_err(o.grad[p].data(), ref.grad[p].data() + (size_t)rank * n, n), kTol)
+            << "grad of param " << p << ", rank " << rank;
+    }
+}
+
+std::vector<float> tokens(int64_t T, int64_t D, uint32_t salt) {
+    std::vector<float> x((size_t)(T * D));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = dyadic((uint32_t)i, salt);
+    return x;
+}
+
+class CudaEpLocal : public ::testing::TestWithParam<int> {};
+
+TEST_P(CudaEpLocal, RanksOnOneGpuMatchSingleRankCpu) {
+    REQUIRE_GPU();
+    const int P = GetParam();
+    const int64_t T = 157, E = 8;
+    moe_layer_config_t cfg = config(E, 2);
+    auto x = tokens(T, cfg.d_model, 1), dy = tokens(T, cfg.d_model, 2);
+    Reference ref = reference(cfg, x, dy, T);
+    std::vector<moe_comm_t *> comms((size_t)P);
+    ASSERT_EQ(moe_comm_create_local(comms.data(), P), 0);
+    std::vector<RankOut> out((size_t)P);
+    std::vector<int64_t> begin((size_t)P + 1);
+    for (int r = 0; r <= P; ++r) begin[(size_t)r] = T * r / P;
+    begin[1] = begin[0];  // rank 0 has no tokens: it still serves its experts
+    std::vector<std::thread> th;
+    for (int r = 0; r < P; ++r)
+        th.emplace_back([&, r] {
+            gpu_rank(comms[(size_t)r], cfg, ref, x, dy, begin[(size_t)r],
+                     begin[(size_t)r + 1] - begin[(size_t)r], r, P, out[(size_t)r]);
+        });
+    for (auto &t : th) t.join();
+    for (int r = 0; r < P; ++r)
+        compare(cfg, ref, out[(size_t)r], begin[(size_t)r], begin[(size_t)r + 1] - begin[(size_t)r],
+                r, P);
+    for (auto *c : comms) EXPECT_EQ(moe_comm_destroy(c), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, CudaEpLocal, ::testing::Values(2, 4, 8));
+
+#ifdef MOE_TEST_NCCL
+TEST(CudaEpNccl, OneRankThroughNccl) {
+    REQUIRE_GPU();
+    const int64_t T = 64;
+    moe_layer_config_t cfg = config(4, 2);
+    auto x = tokens(T, cfg.d_model, 7), dy = tokens(T, cfg.d_model, 8);
+    Reference ref = reference(cfg, x, dy, T);
+    ncclComm_t nc;
+    int dev = 0;
+    ASSERT_EQ(ncclCommInitAll(&nc, 1, &dev), ncclSuccess);
+    moe_comm_t *comm = nullptr;
+    ASSERT_EQ(moe_comm_create_nccl_from(&comm, &nc), MOE_STATUS_SUCCESS) << moe_last_error();
+    EXPECT_EQ(moe_comm_size(comm), 1);
+    RankOut out;
+    gpu_rank(comm, cfg, ref, x, dy, 0, T, 0, 1, out);
+    compare(cfg, ref, out, 0, T, 0, 1);
+    EXPECT_EQ(moe_comm_barrier(comm), MOE_STATUS_SUCCESS) << moe_last_error();
+    EXPECT_EQ(moe_comm_destroy(comm), MOE_STATUS_SUCCESS);
+    ncclCommDestroy(nc);
+}
+#endif
+
+TEST(CudaEpNccl, NullCommunicatorIsRefused) {
+    // no GPU needed: refused before anything touches a device
+    moe_comm_t *comm = nullptr;
+    moe_status_t st = moe_comm_create_nccl_from(&comm, nullptr);
+    EXPECT_TRUE(st == MOE_STATUS_INVALID_ARGUMENT || st == MOE_STATUS_NOT_SUPPORTED) << st;
+    EXPECT_EQ(comm, nullptr);
+}
+
+}  // namespace
