@@ -111,63 +111,6 @@ TEST(LayerGrid, AxesAreCovered) {
 
 class LayerVsReference : public ::testing::TestWithParam<LayerCase> {};
 
-// Tolerances (f32 library vs f64 reference), relative error by max-norm over a tensor:
-//  - y, dx and parameter gradients: 1e-4. Each value is a chain of f32 dot products of at most
-//    D + 2F <= 120 terms (GEMM, gate softmax, activation), rounding ~n u = 120 x 6e-8 ~ 7e-6 of
-//    the magnitudes involved; the aux-loss terms add CV^2 and 1/sigma factors that can amplify
-//    cancellation a few times. 1e-4 is ~10x the worst we expect and far below any real bug
-//    (a wrong term is O(1e-2..1) relative).
-//  - gate weights: 1e-5 absolute (values in [0, 1], f32 softmax over <= 16 scores).
-//  - losses: 1e-5 relative to max(1, |value|): double sums of f32 per-token terms.
-//  - routing indices, kept flags, counts, drops: exact.
-constexpr double kTolTensor = 1e-4, kTolGate = 1e-5, kTolLoss = 1e-5;
-
-struct LibRun {
-    std::vector<float> y, gate;
-    std::vector<int32_t> idx, kept;
-    std::vector<int64_t> counts, dropped;
-    moe_routing_stats_t st{};
-};
-
-void library_forward(moe_layer_t *l, const std::vector<float> &x, int64_t T, int training,
-                     int64_t D, int64_t E, int64_t K, LibRun *r) {
-    r->y.assign(T * D, NAN);
-    ASSERT_EQ(moe_layer_forward(l, x.data(), r->y.data(), T, training, nullptr),
-              MOE_STATUS_SUCCESS)
-        << moe_last_error();
-    r->idx.assign(T * K, -1);
-    r->kept.assign(T * K, -1);
-    r->gate.assign(T * K, NAN);
-    r->counts.assign(E, -1);
-    r->dropped.assign(E, -1);
-    ASSERT_EQ(moe_layer_routing(l, r->idx.data(), r->gate.data(), r->kept.data()),
-              MOE_STATUS_SUCCESS);
-    ASSERT_EQ(moe_layer_stats(l, &r->st, r->counts.data(), r->dropped.data()),
-              MOE_STATUS_SUCCESS);
-}
-
-void compare_forward(const LibRun &r, const Forward &f, int64_t K, const moe_layer_config_t &cfg) {
-    EXPECT_EQ(r.idx, f.idx) << "expert indices";
-    EXPECT_EQ(r.kept, f.kept) << "kept flags";
-    double gerr = 0;
-    for (size_t i = 0; i < f.gate.size(); ++i)
-        gerr = std::max(gerr, std::fabs((double)r.gate[i] - f.gate[i]));
-    EXPECT_LE(gerr, kTolGate) << "gate weights";
-    EXPECT_LE(moetest::rel_err(r.y, f.y), kTolTensor) << "y";
-    EXPECT_EQ(r.counts, f.counts) << "tokens_per_expert";
-    EXPECT_EQ(r.dropped, f.dropped) << "dropped_per_expert";
-    EXPECT_EQ(r.st.num_tokens, f.T);
-    EXPECT_EQ(r.st.num_assignments, f.T * K);
-    EXPECT_EQ(r.st.num_dropped, f.num_dropped);
-    EXPECT_LE(moetest::scalar_err(r.st.switch_loss, f.switch_loss), kTolLoss) << "switch";
-    EXPECT_LE(moetest::scalar_err(r.st.importance_loss, f.importance_loss), kTolLoss) << "imp";
-    EXPECT_LE(moetest::scalar_err(r.st.load_loss, f.load_loss), kTolLoss) << "load";
-    EXPECT_LE(moetest::scalar_err(r.st.z_loss, f.z_loss), kTolLoss) << "z";
-    EXPECT_LE(moetest::scalar_err(r.st.aux_loss, f.aux_loss), kTolLoss) << "aux";
-    EXPECT_NEAR(r.st.imbalance, f.imbalance, 1e-12) << "imbalance";
-    (void)cfg;
-}
-
 TEST_P(LayerVsReference, ForwardBackwardMatch) {
     const LayerCase &c = GetParam();
     moe_layer_config_t cfg = moetest::small_config(c.D, c.F, c.E, c.K);
@@ -214,20 +157,20 @@ TEST_P(LayerVsReference, ForwardBackwardMatch) {
         EXPECT_GT(f.num_dropped, 0) << "capacity < 1 should drop";
     }
 
-    LibRun r;
-    library_forward(L, x, T, 1, D, E, K, &r);
-    compare_forward(r, f, K, cfg);
+    moetest::LibRun r;
+    moetest::library_forward(L, x, T, 1, D, E, K, &r);
+    moetest::compare_forward(r, f, K, cfg);
 
     // backward, with gradients starting from zero
     std::vector<float> dy = moetest::uniform(T * D, 77 + c.id), dx(T * D, NAN);
     ASSERT_EQ(moe_layer_backward(L, dy.data(), dx.data(), nullptr), MOE_STATUS_SUCCESS)
         << moe_last_error();
     moeref::Grads g = m.backward(f, moetest::to_double(x), moetest::to_double(dy));
-    EXPECT_LE(moetest::rel_err(dx, g.dx), kTolTensor) << "dx";
+    EXPECT_LE(moetest::rel_err(dx, g.dx), moetest::kTolTensor) << "dx";
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
         std::vector<float> lg = moetest::param_grad(L, (moe_param_t)p);
         ASSERT_EQ(lg.size(), g.param[p].size()) << moetest::param_name(p);
-        EXPECT_LE(moetest::rel_err(lg, g.param[p]), kTolTensor) << "d" << moetest::param_name(p);
+        EXPECT_LE(moetest::rel_err(lg, g.param[p]), moetest::kTolTensor) << "d" << moetest::param_name(p);
     }
 
     // noisy: the second training forward draws the noise of call 1; an inference forward draws
@@ -236,13 +179,13 @@ TEST_P(LayerVsReference, ForwardBackwardMatch) {
         Forward f1 = m.forward(moetest::to_double(x), T, true, 1);
         Forward fi = m.forward(moetest::to_double(x), T, false, 0);
         Forward f2 = m.forward(moetest::to_double(x), T, true, 2);
-        LibRun r1, ri, r2;
-        library_forward(L, x, T, 1, D, E, K, &r1);
-        library_forward(L, x, T, 0, D, E, K, &ri);
-        library_forward(L, x, T, 1, D, E, K, &r2);
-        if (f1.num_fragile == 0) compare_forward(r1, f1, K, cfg);
-        if (fi.num_fragile == 0) compare_forward(ri, fi, K, cfg);
-        if (f2.num_fragile == 0) compare_forward(r2, f2, K, cfg);
+        moetest::LibRun r1, ri, r2;
+        moetest::library_forward(L, x, T, 1, D, E, K, &r1);
+        moetest::library_forward(L, x, T, 0, D, E, K, &ri);
+        moetest::library_forward(L, x, T, 1, D, E, K, &r2);
+        if (f1.num_fragile == 0) moetest::compare_forward(r1, f1, K, cfg);
+        if (fi.num_fragile == 0) moetest::compare_forward(ri, fi, K, cfg);
+        if (f2.num_fragile == 0) moetest::compare_forward(r2, f2, K, cfg);
         EXPECT_LE((int)(f1.num_fragile > 0) + (fi.num_fragile > 0) + (f2.num_fragile > 0), 1);
     }
 }

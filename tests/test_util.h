@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "moe/moe.h"
+#include "reference/reference.h"
 
 namespace moetest {
 
@@ -95,6 +96,89 @@ inline double scalar_err(double a, double b) { return std::fabs(a - b) / std::ma
 inline const char *param_name(int p) {
     static const char *n[] = {"Wg", "Wn", "W1", "b1", "W2", "b2"};
     return n[p];
+}
+
+// Tolerances (f32 library vs f64 reference), relative error by max-norm over a tensor:
+//  - y, dx and parameter gradients: 1e-4. Each value is a chain of f32 dot products of at most
+//    D + 2F <= 120 terms (GEMM, gate softmax, activation), rounding ~n u = 120 x 6e-8 ~ 7e-6 of
+//    the magnitudes involved; the aux-loss terms add CV^2 and 1/sigma factors that can amplify
+//    cancellation a few times. 1e-4 is ~10x the worst we expect and far below any real bug
+//    (a wrong term is O(1e-2..1) relative).
+//  - gate weights: 1e-5 absolute (values in [0, 1], f32 softmax over <= 16 scores).
+//  - losses: 1e-5 relative to max(1, |value|): double sums of f32 per-token terms.
+//  - routing indices, kept flags, counts, drops: exact.
+constexpr double kTolTensor = 1e-4, kTolGate = 1e-5, kTolLoss = 1e-5;
+
+struct LibRun {
+    std::vector<float> y, gate;
+    std::vector<int32_t> idx, kept;
+    std::vector<int64_t> counts, dropped;
+    moe_routing_stats_t st{};
+};
+
+inline void library_forward(moe_layer_t *l, const std::vector<float> &x, int64_t T, int training,
+                     int64_t D, int64_t E, int64_t K, LibRun *r) {
+    r->y.assign(T * D, NAN);
+    ASSERT_EQ(moe_layer_forward(l, x.data(), r->y.data(), T, training, nullptr),
+              MOE_STATUS_SUCCESS)
+        << moe_last_error();
+    r->idx.assign(T * K, -1);
+    r->kept.assign(T * K, -1);
+    r->gate.assign(T * K, NAN);
+    r->counts.assign(E, -1);
+    r->dropped.assign(E, -1);
+    ASSERT_EQ(moe_layer_routing(l, r->idx.data(), r->gate.data(), r->kept.data()),
+              MOE_STATUS_SUCCESS);
+    ASSERT_EQ(moe_layer_stats(l, &r->st, r->counts.data(), r->dropped.data()),
+              MOE_STATUS_SUCCESS);
+}
+
+inline void compare_forward(const LibRun &r, const moeref::Forward &f, int64_t K, const moe_layer_config_t &cfg) {
+    EXPECT_EQ(r.idx, f.idx) << "expert indices";
+    EXPECT_EQ(r.kept, f.kept) << "kept flags";
+    double gerr = 0;
+    for (size_t i = 0; i < f.gate.size(); ++i)
+        gerr = std::max(gerr, std::fabs((double)r.gate[i] - f.gate[i]));
+    EXPECT_LE(gerr, kTolGate) << "gate weights";
+    EXPECT_LE(moetest::rel_err(r.y, f.y), kTolTensor) << "y";
+    EXPECT_EQ(r.counts, f.counts) << "tokens_per_expert";
+    EXPECT_EQ(r.dropped, f.dropped) << "dropped_per_expert";
+    EXPECT_EQ(r.st.num_tokens, f.T);
+    EXPECT_EQ(r.st.num_assignments, f.T * K);
+    EXPECT_EQ(r.st.num_dropped, f.num_dropped);
+    EXPECT_LE(moetest::scalar_err(r.st.switch_loss, f.switch_loss), kTolLoss) << "switch";
+    EXPECT_LE(moetest::scalar_err(r.st.importance_loss, f.importance_loss), kTolLoss) << "imp";
+    EXPECT_LE(moetest::scalar_err(r.st.load_loss, f.load_loss), kTolLoss) << "load";
+    EXPECT_LE(moetest::scalar_err(r.st.z_loss, f.z_loss), kTolLoss) << "z";
+    EXPECT_LE(moetest::scalar_err(r.st.aux_loss, f.aux_loss), kTolLoss) << "aux";
+    EXPECT_NEAR(r.st.imbalance, f.imbalance, 1e-12) << "imbalance";
+    (void)cfg;
+}
+
+
+// Forward (training) + backward of a library layer from zero gradients against the reference
+// with noise counter `call`; every output, stat and gradient compared. Returns the reference
+// forward (for further checks by the caller). The input must have no near-tie.
+inline moeref::Forward check_against_reference(moe_layer_t *l, const std::vector<float> &x,
+                                               int64_t T, int training, uint64_t call,
+                                               uint64_t dy_seed = 5) {
+    moeref::Model m = moeref::Model::from_layer(l);
+    const int64_t D = m.D, E = m.E, K = m.K;
+    moeref::Forward f = m.forward(to_double(x), T, training != 0, call);
+    EXPECT_EQ(f.num_fragile, 0) << "input has a routing near-tie: pick another";
+    LibRun r;
+    library_forward(l, x, T, training, D, E, K, &r);
+    compare_forward(r, f, K, m.cfg);
+    EXPECT_EQ(moe_layer_zero_grad(l, nullptr), MOE_STATUS_SUCCESS);
+    std::vector<float> dy = uniform(T * D, dy_seed), dx(T * D, NAN);
+    EXPECT_EQ(moe_layer_backward(l, dy.data(), dx.data(), nullptr), MOE_STATUS_SUCCESS)
+        << moe_last_error();
+    moeref::Grads g = m.backward(f, to_double(x), to_double(dy));
+    EXPECT_LE(rel_err(dx, g.dx), kTolTensor) << "dx";
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p)
+        EXPECT_LE(rel_err(param_grad(l, (moe_param_t)p), g.param[p]), kTolTensor)
+            << "d" << param_name(p);
+    return f;
 }
 
 }  // namespace moetest
