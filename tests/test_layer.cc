@@ -249,3 +249,56 @@ TEST(LayerNoise, CounterCountsNoisyTrainingForwardsOnly) {
 }
 
 }  // namespace
+
+namespace {
+
+// The gating noise follows the formula of docs/semantics.md (Box-Muller on the first two words
+// of the Philox block keyed by seed and (e, t, lo32(call) ^ rank << 24, NOIS ^ hi32(call))), and
+// is standard normal. The reference takes eps from moe_gating_noise, so this pins that function.
+TEST(LayerNoise, FormulaAndDistribution) {
+    const uint64_t seed = 0xfeedbeef12345ull;
+    double sum = 0, sum2 = 0;
+    int n = 0;
+    for (uint64_t call : {0ull, 1ull, 7ull, (1ull << 32) + 3}) {
+        for (uint32_t rank : {0u, 3u})
+            for (int64_t t = 0; t < 64; ++t)
+                for (int64_t e = 0; e < 16; ++e) {
+                    moe_philox_out_t o = moe_philox4x32(
+                        (uint32_t)e, (uint32_t)t, (uint32_t)call ^ (rank << 24),
+                        0x4E4F4953u ^ (uint32_t)(call >> 32), seed);
+                    // the uniforms as the library maps them (UniformsAreExactAsSpecified checks
+                    // that mapping against the spec separately)
+                    double u1 = (double)moe_u01(o.v[0]), u2 = (double)moe_u01(o.v[1]);
+                    double want = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+                    float got = moe_gating_noise(seed, call, rank, t, e);
+                    // f32 rounding of the double value: half an ulp, ~6e-8 relative
+                    ASSERT_NEAR(got, want, 1.2e-7 * std::max(1.0, std::fabs(want)));
+                    sum += got;
+                    sum2 += (double)got * got;
+                    ++n;
+                }
+    }
+    // 8192 samples: mean within ~5 sigma (5 / sqrt(n) ~ 0.055), variance within ~0.08
+    EXPECT_NEAR(sum / n, 0.0, 0.055);
+    EXPECT_NEAR(sum2 / n, 1.0, 0.08);
+}
+
+// docs/semantics.md: u = ((r >> 8) + 0.5) / 2^24, and philox.h says moe_u01 is "exact in float
+// and double". It is not for u >= 1/2: k / 2^24 + 2^-25 needs 25 significant bits there, so the
+// f32 sum rounds (to even) and u is off by 2^-25 for half of all draws. This moves every gating
+// noise value (and init value) away from the spec formula by up to a few 1e-7.
+TEST(LayerNoise, UniformsAreExactAsSpecified) {
+    int wrong = 0, first = -1;
+    for (uint32_t k = 0; k < (1u << 24); k += 4097) {
+        uint32_t r = (k << 8) | 0x5Au;
+        double want = ((double)(r >> 8) + 0.5) / 16777216.0;
+        if ((double)moe_u01(r) != want) {
+            if (first < 0) first = (int)k;
+            ++wrong;
+        }
+    }
+    EXPECT_EQ(wrong, 0) << "moe_u01 differs from ((r >> 8) + 0.5) / 2^24, first at r >> 8 = "
+                        << first;
+}
+
+}  // namespace
