@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <cstring>
+#include <thread>
 
 #include "test_util.h"
 
@@ -97,6 +98,18 @@ TEST(Determinism, SameOutputForOneAndTwoOpenMPThreads) {
     EXPECT_TRUE(Outcome::same_bytes(one.dx, two.dx)) << "dx";
     for (int p = 0; p < MOE_PARAM_COUNT; ++p)
         EXPECT_TRUE(Outcome::same_bytes(one.grad[p], two.grad[p])) << param_name(p);
+}
+
+// Distinct handles may be used from distinct threads at once (moe.h): two layers driven from two
+// threads give what each gives alone.
+TEST(Determinism, TwoLayersOnTwoThreads) {
+    Outcome serial = run_once(300);
+    Outcome a, b;
+    std::thread ta([&] { a = run_once(300); }), tb([&] { b = run_once(300); });
+    ta.join();
+    tb.join();
+    EXPECT_TRUE(a == b);
+    EXPECT_TRUE(a == serial);
 }
 
 }  // namespace

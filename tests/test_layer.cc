@@ -2,6 +2,7 @@
 // outputs, routing, stats, every loss, dx and every parameter gradient.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <set>
 #include <sstream>
 
@@ -173,27 +174,49 @@ TEST_P(LayerVsReference, ForwardBackwardMatch) {
         EXPECT_LE(moetest::rel_err(lg, g.param[p]), moetest::kTolTensor) << "d" << moetest::param_name(p);
     }
 
-    // noisy: the second training forward draws the noise of call 1; an inference forward draws
-    // none and does not advance the counter, so the next training forward is call 2
+    // an inference forward (no noise, no counter step) with its backward; for noisy layers the
+    // training forwards around it draw the noise of calls 1 and 2
+    // (fresh noise can put a token on a near-tie: such a call is skipped, at most one of three)
+    int skipped = 0;
     if (c.noisy) {
-        Forward f1 = m.forward(moetest::to_double(x), T, true, 1);
-        Forward fi = m.forward(moetest::to_double(x), T, false, 0);
-        Forward f2 = m.forward(moetest::to_double(x), T, true, 2);
-        moetest::LibRun r1, ri, r2;
-        moetest::library_forward(L, x, T, 1, D, E, K, &r1);
-        moetest::library_forward(L, x, T, 0, D, E, K, &ri);
-        moetest::library_forward(L, x, T, 1, D, E, K, &r2);
-        if (f1.num_fragile == 0) moetest::compare_forward(r1, f1, K, cfg);
-        if (fi.num_fragile == 0) moetest::compare_forward(ri, fi, K, cfg);
-        if (f2.num_fragile == 0) moetest::compare_forward(r2, f2, K, cfg);
-        EXPECT_LE((int)(f1.num_fragile > 0) + (fi.num_fragile > 0) + (f2.num_fragile > 0), 1);
+        SCOPED_TRACE("training call 1");
+        moetest::check_against_reference(L, x, T, 1, 1, &skipped);
     }
+    {
+        SCOPED_TRACE("inference");
+        moetest::check_against_reference(L, x, T, 0, 0, &skipped);
+    }
+    if (c.noisy) {
+        SCOPED_TRACE("training call 2");
+        moetest::check_against_reference(L, x, T, 1, 2, &skipped);
+    }
+    EXPECT_LE(skipped, 1);
+    if (skipped) std::printf("note: %d of the follow-up calls skipped for a near-tie\n", skipped);
 }
 
 INSTANTIATE_TEST_SUITE_P(Grid, LayerVsReference, ::testing::ValuesIn(cases()),
                          [](const ::testing::TestParamInfo<LayerCase> &i) {
                              return case_name(i.param);
                          });
+
+// More than one 256-token reduction block, wider layers: the block-wise sums and bigger GEMMs.
+TEST(LayerLarge, ManyBlocksMatchReference) {
+    moe_layer_config_t cfg = moetest::small_config(48, 96, 8, 2);
+    cfg.activation = MOE_ACTIVATION_SWIGLU;
+    cfg.noisy_gating = 1;
+    cfg.capacity_factor = 1.0;
+    cfg.priority = MOE_PRIORITY_SCORE;
+    cfg.switch_loss_coef = cfg.importance_loss_coef = cfg.load_loss_coef = 0.02;
+    cfg.z_loss_coef = 0.001;
+    moetest::Layer L(cfg);
+    ASSERT_EQ(L.status, MOE_STATUS_SUCCESS);
+    const float a = 6.0f / std::sqrt(48.0f);
+    moetest::set_param(L, MOE_PARAM_ROUTER_WEIGHT, moetest::uniform(48 * 8, 31, -a, a));
+    moetest::set_param(L, MOE_PARAM_NOISE_WEIGHT, moetest::uniform(48 * 8, 32, -0.2f, 0.2f));
+    const int64_t T = 777;
+    moeref::Forward f = moetest::check_against_reference(L, moetest::uniform(T * 48, 33), T, 1, 0);
+    EXPECT_GT(f.num_dropped, 0);
+}
 
 // The initial parameters follow the rule of docs/semantics.md element by element.
 TEST(LayerInit, ParametersFollowTheSpecRule) {
