@@ -63,6 +63,28 @@ TEST(ApiStatus, StringsAndVersion) {
     moe_get_version(&ma, nullptr, nullptr);
 }
 
+TEST(ApiConfig, DefaultsAreAsDocumented) {
+    moe_layer_config_t c = moe_layer_config_default();
+    EXPECT_EQ(c.struct_size, sizeof(moe_layer_config_t));
+    EXPECT_EQ(c.d_model, 512);
+    EXPECT_EQ(c.d_ff, 2048);
+    EXPECT_EQ(c.num_experts, 8);
+    EXPECT_EQ(c.top_k, 2);
+    EXPECT_EQ(c.activation, MOE_ACTIVATION_GELU);
+    EXPECT_EQ(c.dtype, MOE_DTYPE_F32);
+    EXPECT_EQ(c.gate, MOE_GATE_SOFTMAX_OF_TOPK);
+    EXPECT_EQ(c.renormalize, 1);
+    EXPECT_EQ(c.noisy_gating, 0);
+    EXPECT_EQ(c.capacity_factor, 0.0);
+    EXPECT_EQ(c.priority, MOE_PRIORITY_POSITION);
+    EXPECT_EQ(c.switch_loss_coef, 0.0);
+    EXPECT_EQ(c.importance_loss_coef, 0.0);
+    EXPECT_EQ(c.load_loss_coef, 0.0);
+    EXPECT_EQ(c.z_loss_coef, 0.0);
+    EXPECT_EQ(c.expert_bias, 1);
+    EXPECT_EQ(c.seed, 1234u);
+}
+
 TEST(ApiStatus, LastErrorIsThreadLocal) {
     moe_context_t *ctx = nullptr;
     ASSERT_EQ(moe_context_create(nullptr, MOE_BACKEND_CPU, 0, nullptr),
@@ -355,6 +377,9 @@ TEST(ApiAlloc, HugeBatchFailsCleanlyAndKeepsLayer) {
     const int64_t T0 = 2;
     std::vector<float> x0 = uniform(T0 * D, 1), y0(T0 * D), dx0(T0 * D);
     ASSERT_EQ(moe_layer_forward(L, x0.data(), y0.data(), T0, 1, nullptr), MOE_STATUS_SUCCESS);
+    std::vector<int32_t> idx0(T0 * 16), idx1(T0 * 16);
+    std::vector<float> g0(T0 * 16), g1(T0 * 16);
+    ASSERT_EQ(moe_layer_routing(L, idx0.data(), g0.data(), nullptr), MOE_STATUS_SUCCESS);
     const int64_t T = 4096;
     float *xb = (float *)calloc((size_t)(T * D), sizeof(float));
     float *yb = (float *)calloc((size_t)(T * D), sizeof(float));
@@ -371,6 +396,9 @@ TEST(ApiAlloc, HugeBatchFailsCleanlyAndKeepsLayer) {
     moe_routing_stats_t s;
     ASSERT_EQ(moe_layer_stats(L, &s, nullptr, nullptr), MOE_STATUS_SUCCESS);
     EXPECT_EQ(s.num_tokens, T0);
+    ASSERT_EQ(moe_layer_routing(L, idx1.data(), g1.data(), nullptr), MOE_STATUS_SUCCESS);
+    EXPECT_EQ(idx0, idx1);
+    EXPECT_EQ(g0, g1);
     ASSERT_EQ(moe_layer_backward(L, y0.data(), dx0.data(), nullptr), MOE_STATUS_SUCCESS);
     ASSERT_EQ(moe_layer_forward(L, x0.data(), y0.data(), T0, 1, nullptr), MOE_STATUS_SUCCESS);
 }
