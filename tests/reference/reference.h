@@ -1,1 +1,71 @@
-// placeholder replaced below
+// reference.h - a naive float64 model of one MoE layer, transcribed from docs/semantics.md.
+//
+// Independent of the library's implementation: plain loops per token and per choice, every sum in
+// double. Only the gating noise eps is taken from core/philox.h (the same f32 values the library
+// draws), because the spec defines it as a bit-exact stream. Used by every comparison test and
+// checked itself by finite differences (test_gradcheck.cc).
+#ifndef MOE_TESTS_REFERENCE_H
+#define MOE_TESTS_REFERENCE_H
+
+#include <cstdint>
+#include <vector>
+
+#include "moe/moe.h"
+
+namespace moeref {
+
+// Result of one forward: outputs, routing, stats and the intermediates backward needs.
+struct Forward {
+    int64_t T = 0;
+    bool noisy = false;                 // noise on for this call (noisy_gating && training)
+    std::vector<double> y;              // (T, D)
+    std::vector<int32_t> idx;           // (T, K) chosen experts, best first
+    std::vector<double> gate;           // (T, K)
+    std::vector<int32_t> kept;          // (T, K) 1 kept, 0 dropped
+    std::vector<int64_t> counts;        // (E) assignments before dropping
+    std::vector<int64_t> dropped;       // (E)
+    int64_t num_dropped = 0;
+    int64_t capacity = -1;              // -1 dropless
+    double switch_loss = 0, importance_loss = 0, load_loss = 0, z_loss = 0, aux_loss = 0;
+    double imbalance = 0;
+    // decisions that a f32 evaluation could take differently (near-ties): top-k order or set,
+    // SCORE order at a capacity boundary. The comparison tests retry another input if any.
+    int64_t num_fragile = 0;
+    // intermediates
+    std::vector<double> logits, raw, sigma, eps, h;  // (T, E); raw/sigma/eps only when noisy
+    std::vector<double> p;                           // (T, E) softmax of the clean logits
+    std::vector<double> lse;                         // (T)
+    std::vector<double> importance, load;            // (E)
+    std::vector<int32_t> order;                      // (T, E) experts sorted by h, best first
+};
+
+struct Grads {
+    std::vector<double> param[MOE_PARAM_COUNT];  // same shapes as the parameters (empty if off)
+    std::vector<double> dx;                      // (T, D)
+};
+
+// The layer's config and a double copy of its parameters.
+struct Model {
+    moe_layer_config_t cfg{};
+    int64_t D = 0, F = 0, F2 = 0, E = 0, K = 0;
+    std::vector<double> param[MOE_PARAM_COUNT];
+
+    // Copies config and parameters out of a (CPU) library layer.
+    static Model from_layer(moe_layer_t *layer);
+    // Loss the backward differentiates: sum(dy * y) + aux_loss.
+    static double total_loss(const Forward &f, const std::vector<double> &dy);
+
+    // call: the noise counter (the number of earlier noisy training forwards of the layer).
+    // tol: half-width of the near-tie band used for num_fragile (absolute, on h and on gates).
+    Forward forward(const std::vector<double> &x, int64_t T, bool training, uint64_t call,
+                    double tol = 2e-5) const;
+    Grads backward(const Forward &f, const std::vector<double> &x,
+                   const std::vector<double> &dy) const;
+};
+
+// CV^2 of v (population variance over mean^2 + 1e-10) and its gradient (may be null).
+double cv2(const std::vector<double> &v, std::vector<double> *grad);
+
+}  // namespace moeref
+
+#endif

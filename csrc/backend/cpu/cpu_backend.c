@@ -3,8 +3,9 @@
  * Per-token work (gate, combine, un-permute) runs under OpenMP over tokens; the expert FFNs are
  * one OpenBLAS sgemm per expert and direction over the expert-major buffer. Reductions over
  * tokens go through fixed blocks of MOE_CPU_BLOCK tokens summed in block order, and no float is
- * ever accumulated by two threads, so results are the same run to run and for any thread count
- * (the GEMMs aside, whose blocking OpenBLAS fixes per thread count). */
+ * ever accumulated by two threads: results are the same run to run, and every routing decision
+ * is the same for any thread count (the GEMMs' last bits follow OpenBLAS's per-thread-count
+ * blocking). */
 #define _POSIX_C_SOURCE 200112L
 
 #include <cblas.h>
