@@ -56,6 +56,16 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
     MOE_ARG(c->priority == MOE_PRIORITY_POSITION || c->priority == MOE_PRIORITY_SCORE,
             "cfg->priority %d is not a moe_priority_t", (int)c->priority);
     MOE_ARG(isfinite(c->capacity_factor), "cfg->capacity_factor is not finite");
+    MOE_ARG(c->router == MOE_ROUTER_TOKEN_CHOICE || c->router == MOE_ROUTER_EXPERT_CHOICE,
+            "cfg->router %d is not a moe_router_type_t", (int)c->router);
+    MOE_ARG(isfinite(c->bias_update_rate) && c->bias_update_rate >= 0.0,
+            "cfg->bias_update_rate must be finite and >= 0");
+    MOE_ARG(c->bias_update_rate == 0.0 || c->router == MOE_ROUTER_TOKEN_CHOICE,
+            "cfg->bias_update_rate: loss-free bias balancing applies to token choice, not to "
+            "expert choice (which is balanced by construction)");
+    MOE_ARG(c->bias_update_rate == 0.0 || !c->noisy_gating,
+            "cfg->bias_update_rate with cfg->noisy_gating: Shazeer's load estimator is not "
+            "defined for a biased selection; use one balancing method");
     MOE_ARG(c->num_chunks >= 0 && c->num_chunks <= MOE_MAX_CHUNKS,
             "cfg->num_chunks %lld is not in [0, %d]", (long long)c->num_chunks, MOE_MAX_CHUNKS);
     MOE_ARG(isfinite(c->switch_loss_coef) && c->switch_loss_coef >= 0.0,
@@ -294,7 +304,12 @@ static uint64_t config_hash(const moe_layer_config_t *c) {
     MOE_MIX(c->d_model); MOE_MIX(c->d_ff); MOE_MIX(c->num_experts); MOE_MIX(c->top_k);
     MOE_MIX(c->activation); MOE_MIX(c->dtype); MOE_MIX(c->gate); MOE_MIX(c->renormalize);
     MOE_MIX(c->noisy_gating); MOE_MIX(c->priority); MOE_MIX(c->expert_bias); MOE_MIX(c->seed);
-    MOE_MIX(c->num_chunks);
+    MOE_MIX(c->num_chunks); MOE_MIX(c->router);
+    {
+        uint64_t bits;
+        memcpy(&bits, &c->bias_update_rate, sizeof bits);
+        MOE_MIX(bits);
+    }
     double d[5] = {c->capacity_factor, c->switch_loss_coef, c->importance_loss_coef,
                    c->load_loss_coef, c->z_loss_coef};
     for (int i = 0; i < 5; ++i) {
@@ -326,7 +341,7 @@ static void free_host_arrays(moe_layer_t *L) {
     moe_layer_state_t *s = &L->s;
     moe_exchange_t *x = &L->ex;
     free(x->send_counts), free(x->recv_counts), free(x->ex_offsets);
-    free(x->chunk_offsets), free(x->chunk_plan);
+    free(x->chunk_offsets), free(x->chunk_plan), free(L->score_bias_h);
     free(s->offsets_h), free(s->counts_h), free(s->dropped_h);
     free(s->prob_sum_h), free(s->importance_h), free(s->load_h);
     free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
@@ -354,6 +369,13 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     s->F2 = cfg->activation == MOE_ACTIVATION_SWIGLU ? 2 * cfg->d_ff : cfg->d_ff;
     s->E = cfg->num_experts;
     s->K = cfg->top_k;
+    if (cfg->router == MOE_ROUTER_EXPERT_CHOICE) {
+        /* every (token, expert) pair is a candidate assignment, ranked per expert by score */
+        s->K = cfg->num_experts;
+        s->cfg.gate = MOE_GATE_TOPK_OF_SOFTMAX;
+        s->cfg.renormalize = 0;
+        s->cfg.priority = MOE_PRIORITY_SCORE;
+    }
     s->K1 = s->K < s->E ? s->K + 1 : s->E;
     s->E_local = s->E / ctx->world;
     s->expert_begin = (int64_t)ctx->rank * s->E_local;
@@ -375,6 +397,7 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     x->send_counts = (int64_t *)calloc(E, sizeof(int64_t));
     x->recv_counts = (int64_t *)calloc(P * (size_t)s->E_local, sizeof(int64_t));
     x->ex_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
+    L->score_bias_h = (float *)calloc(E, sizeof(float));
     x->chunk_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
     x->chunk_plan = (int64_t *)calloc(4 * P * MOE_MAX_CHUNKS, sizeof(int64_t));
     int64_t chunks = cfg->num_chunks ? cfg->num_chunks : MOE_DEFAULT_CHUNKS;
@@ -382,13 +405,23 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     if (!s->offsets_h || !s->counts_h || !s->dropped_h || !s->prob_sum_h || !s->importance_h ||
         !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load ||
         !x->send_counts || !x->recv_counts || !x->ex_offsets || !x->chunk_offsets ||
-        !x->chunk_plan) {
+        !x->chunk_plan || !L->score_bias_h) {
         free_host_arrays(L);
         free(L);
         return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "per-expert host arrays for %zu experts", E);
     }
     moe_status_t st = check_same_config(ctx, cfg);
     if (st == MOE_STATUS_SUCCESS) st = alloc_params(L);
+    if (st == MOE_STATUS_SUCCESS && cfg->bias_update_rate > 0.0) {
+        st = ctx->ops->alloc(ctx, (void **)&s->score_bias, E * sizeof(float));
+        if (st == MOE_STATUS_SUCCESS)
+            st = ctx->ops->memset_zero(ctx, s->score_bias, E * sizeof(float), NULL);
+        if (st != MOE_STATUS_SUCCESS) {
+            ctx->ops->free(ctx, s->score_bias);
+            s->score_bias = NULL;
+            free_params(L);
+        }
+    }
     if (st != MOE_STATUS_SUCCESS) {
         free_host_arrays(L);
         free(L);
@@ -417,6 +450,7 @@ moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     if (layer->ctx->ops->layer_fini) layer->ctx->ops->layer_fini(layer->ctx, &layer->s);
     free_buffers(layer);
     free_params(layer);
+    layer->ctx->ops->free(layer->ctx, layer->s.score_bias);
     free_host_arrays(layer);
     layer->ctx->num_layers--;
     layer->magic = 0;
@@ -553,4 +587,29 @@ const char *moe_phase_name(moe_phase_t phase) {
         "return",       "combine",      "bwd_combine", "bwd_dispatch", "bwd_experts",
         "bwd_return",   "bwd_unpermute", "bwd_gate"};
     return phase >= 0 && phase < MOE_PHASE_COUNT ? names[phase] : "unknown";
+}
+
+int64_t moe_layer_routing_width(const moe_layer_t *layer) {
+    return layer && layer->magic == MOE_LAYER_MAGIC ? layer->s.K : 0;
+}
+
+moe_status_t moe_layer_score_bias(const moe_layer_t *layer, float *bias) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(bias != NULL, "bias is NULL");
+    memcpy(bias, layer->score_bias_h, (size_t)layer->s.E * sizeof(float));
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(bias != NULL, "bias is NULL");
+    for (int64_t e = 0; e < layer->s.E; ++e)
+        MOE_ARG(isfinite(bias[e]), "bias[%lld] is not finite", (long long)e);
+    MOE_ARG(layer->s.score_bias != NULL,
+            "the layer has no selection bias: create it with cfg.bias_update_rate > 0");
+    memcpy(layer->score_bias_h, bias, (size_t)layer->s.E * sizeof(float));
+    moe_context_t *ctx = layer->ctx;
+    MOE_CHECK(ctx->ops->copy(ctx, layer->s.score_bias, bias, (size_t)layer->s.E * sizeof(float),
+                             MOE_COPY_H2D, NULL));
+    return ctx->ops->sync(ctx, NULL);
 }

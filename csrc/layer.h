@@ -29,6 +29,8 @@ struct moe_layer {
     float *ex_x, *ex_y, *ex_dy, *ex_dx; /* (rows, D), only when P > 1 */
     moe_exchange_t ex;
 
+    float *score_bias_h; /* (E) host mirror of s.score_bias (loss-free balancing) */
+
     int profiling;
     double phase_s[MOE_PHASE_COUNT];
 

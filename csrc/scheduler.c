@@ -75,6 +75,22 @@ static moe_status_t reduce_stats(moe_layer_t *L, int64_t *T_total) {
     return st;
 }
 
+/* Loss-free balancing: after a training forward, every expert's selection bias moves by the
+ * update rate towards the mean load (global counts, so every rank applies the same update). */
+static moe_status_t update_score_bias(moe_layer_t *L, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    double mean = 0.0;
+    for (int64_t e = 0; e < s->E; ++e) mean += (double)s->counts_h[e];
+    mean /= (double)s->E;
+    const float rate = (float)s->cfg.bias_update_rate;
+    for (int64_t e = 0; e < s->E; ++e) {
+        double c = (double)s->counts_h[e];
+        L->score_bias_h[e] += c < mean ? rate : (c > mean ? -rate : 0.0f);
+    }
+    return L->ctx->ops->copy(L->ctx, s->score_bias, L->score_bias_h,
+                             (size_t)s->E * sizeof(float), MOE_COPY_H2D, stream);
+}
+
 /* the exchange plan from this rank's expert offsets and the peers' counts: what each source
  * sends each local expert, and where each local expert's rows start on the expert side */
 static moe_status_t plan_exchange(moe_layer_t *L) {
@@ -284,7 +300,14 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     s->have_forward = 0;
     s->T = T;
     s->noisy_now = s->cfg.noisy_gating && training;
-    s->capacity = moe_router_capacity(s->cfg.capacity_factor, T, s->K, s->E);
+    if (s->cfg.router == MOE_ROUTER_EXPERT_CHOICE) {
+        /* each expert takes C = ceil(cf T k / E) tokens, at most all of them */
+        double cf = s->cfg.capacity_factor > 0.0 ? s->cfg.capacity_factor : 1.0;
+        int64_t C = moe_router_capacity(cf, T, s->cfg.top_k, s->E);
+        s->capacity = C < T ? C : T;
+    } else {
+        s->capacity = moe_router_capacity(s->cfg.capacity_factor, T, s->K, s->E);
+    }
     if (T > 0) {
         MOE_CHECK(ops->copy(ctx, s->x, x, (size_t)(T * s->D) * moe_dtype_size(s->cfg.dtype),
                             MOE_COPY_D2D,
@@ -317,6 +340,7 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     int64_t T_total = T;
     MOE_CHECK(reduce_stats(L, &T_total));
     MOE_CHECK(moe_router_finalize(s, T_total));
+    if (s->score_bias && training) MOE_CHECK(update_score_bias(L, stream));
     int64_t dropped = 0;
     for (int64_t e = 0; e < s->E; ++e) dropped += s->dropped_h[e];
     s->stats.num_dropped = dropped;

@@ -69,6 +69,7 @@ typedef struct moe_layer_state {
     int have_forward;     /* a forward has succeeded */
     int64_t num_rows;     /* kept assignments = rows of xp */
 
+    float *score_bias; /* (E) selection bias of loss-free balancing, backend memory, or NULL */
     float *x, *logits, *noise_raw, *eps, *h, *lse;
     int32_t *idx, *row;
     float *gate;

@@ -27,11 +27,13 @@ static inline MOE_HD float moe_normal_pdf(float z) {
 
 static inline MOE_HD float moe_normal_cdf(float z) { return 0.5f * erfcf(-z * 0.7071067811865476f); }
 
-/* Top n of h (n <= E), best first, ties to the lower expert index. idx/val hold n entries. */
-static inline MOE_HD void moe_router_topk(const float *h, int E, int n, int32_t *idx, float *val) {
+/* Top n of h + bias (n <= E; bias may be NULL), best first, ties to the lower expert index.
+ * idx/val hold n entries; val gets the biased scores. */
+static inline MOE_HD void moe_router_topk_biased(const float *h, const float *bias, int E, int n,
+                                                 int32_t *idx, float *val) {
     int filled = 0;
     for (int e = 0; e < E; ++e) {
-        float v = h[e];
+        float v = bias ? h[e] + bias[e] : h[e];
         if (filled == n && !(v > val[n - 1])) continue;
         int p = filled < n ? filled++ : n - 1;
         /* strictly greater moves ahead: an equal value keeps the lower index in front */
@@ -45,10 +47,29 @@ static inline MOE_HD void moe_router_topk(const float *h, int E, int n, int32_t 
     }
 }
 
-/* Gate weights g[0..K) of the selected experts idx (best first, so h[idx[0]] is the row max). */
+/* Top n of h, best first, ties to the lower expert index. */
+static inline MOE_HD void moe_router_topk(const float *h, int E, int n, int32_t *idx, float *val) {
+    moe_router_topk_biased(h, (const float *)0, E, n, idx, val);
+}
+
+/* the largest h over the selected experts, or over all E */
+static inline MOE_HD float moe_router_max(const float *h, int E, const int32_t *idx, int K,
+                                          int all) {
+    float m = h[idx[0]];
+    if (all) {
+        for (int e = 0; e < E; ++e) m = h[e] > m ? h[e] : m;
+    } else {
+        for (int j = 1; j < K; ++j) m = h[idx[j]] > m ? h[idx[j]] : m;
+    }
+    return m;
+}
+
+/* Gate weights g[0..K) of the selected experts idx (without a selection bias idx[0] holds the
+ * row max; with one, the max is searched). */
 static inline MOE_HD void moe_router_gates(const float *h, int E, const int32_t *idx, int K,
                                            int gate, int renormalize, float *g) {
-    float m = h[idx[0]];
+    const int all = gate == MOE_ROUTER_TOPK_OF_SOFTMAX && !renormalize;
+    float m = moe_router_max(h, E, idx, K, all);
     float sel = 0.0f;
     for (int j = 0; j < K; ++j) {
         g[j] = expf(h[idx[j]] - m);
@@ -76,7 +97,7 @@ static inline MOE_HD void moe_router_gates_bwd(const float *h, int E, const int3
         return;
     }
     /* g_j = p_{idx_j}, p = softmax over E: dh_e = p_e (dp_e - sum_i p_i dp_i) */
-    float m = h[idx[0]], z = 0.0f;
+    float m = moe_router_max(h, E, idx, K, 1), z = 0.0f;
     for (int e = 0; e < E; ++e) z += expf(h[e] - m);
     float inv = 1.0f / z;
     for (int e = 0; e < E; ++e) dh[e] = -expf(h[e] - m) * inv * s;

@@ -92,6 +92,12 @@ typedef enum moe_priority {
     MOE_PRIORITY_SCORE = 1     /* highest gate weight first, ties by position order */
 } moe_priority_t;
 
+/* Who chooses. */
+typedef enum moe_router_type {
+    MOE_ROUTER_TOKEN_CHOICE = 0, /* each token picks its top_k experts */
+    MOE_ROUTER_EXPERT_CHOICE = 1 /* each expert picks its top C tokens (Zhou et al. 2022) */
+} moe_router_type_t;
+
 /* ============================================================================================
  * Layer configuration
  * ========================================================================================== */
@@ -115,6 +121,15 @@ typedef struct moe_layer_config {
     double z_loss_coef;          /* coefficient of the router z-loss */
     int expert_bias;             /* 1: experts have biases b1, b2; 0: no biases */
     uint64_t seed;               /* parameter init and gating noise */
+    moe_router_type_t router; /* EXPERT_CHOICE: scores p = softmax(h) over E; expert e keeps the
+                                 C = ceil(cf * T * top_k / E) tokens with the largest p[t, e]
+                                 (cf = capacity_factor, or 1 when <= 0) with gate p[t, e]; a token
+                                 gets 0..E experts. Implies gate TOPK_OF_SOFTMAX, renormalize 0,
+                                 priority SCORE; routing arrays are (num_tokens, E) wide. */
+    double bias_update_rate; /* > 0: auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3):
+                                a per-expert bias b is added to h for the top-k selection only
+                                (gates use h), and after every training forward
+                                b_e += rate * sign(mean_e' load - load_e). Token choice, no noise. */
     int64_t num_chunks; /* expert parallelism: the all-to-alls are pipelined with the expert
                            GEMMs in this many chunks of local experts (capped at E_local;
                            0 = the default, MOE_DEFAULT_CHUNKS). Results do not depend on it. */
@@ -246,6 +261,16 @@ MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *
  * more than once per forward (gradients accumulate again). */
 MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx,
                                         void *stream);
+
+/* Width of the routing arrays (moe_layer_routing, moe_layer_force_routing, traces): top_k for
+ * token choice, num_experts for expert choice. Pure query; 0 for an invalid handle. */
+MOE_API int64_t moe_layer_routing_width(const moe_layer_t *layer);
+
+/* The per-expert selection bias of auxiliary-loss-free balancing (E floats, host), read or
+ * replaced (e.g. to restore a checkpoint). Zero at creation; only used when
+ * bias_update_rate > 0. */
+MOE_API moe_status_t moe_layer_score_bias(const moe_layer_t *layer, float *bias);
+MOE_API moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias);
 
 /* Sums the router (and noise) weight gradients over the ranks of the context's communicator, in
  * place, so the replicated router weights stay equal after an optimizer step. Off unless called;

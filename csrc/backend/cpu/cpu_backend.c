@@ -139,7 +139,7 @@ static moe_status_t cpu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void 
                 for (int64_t e = 0; e < E; ++e) pp[e] += p[e];
                 int32_t *idx = s->idx + t * K1;
                 float *g = s->gate + t * K;
-                moe_router_topk(h, (int)E, (int)K1, idx, val);
+                moe_router_topk_biased(h, s->score_bias, (int)E, (int)K1, idx, val);
                 moe_router_gates(h, (int)E, idx, (int)K, gate_mode, renorm, g);
                 for (int64_t j = 0; j < K; ++j) {
                     pi[idx[j]] += g[j];
