@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(MOE_K_GATE_BLOCK) gate_fwd_kernel(moe_k_gate_a
         a.lse[t] = lse;
         zs[threadIdx.x] = (double)lse * (double)lse;
         int32_t *idx = a.idx + t * a.K1;
-        moe_router_topk(h, E, K1, idx, val);
+        moe_router_topk_biased(h, a.score_bias, E, K1, idx, val);
         moe_router_gates(h, E, idx, K, a.gate_mode, a.renormalize, a.gate + t * a.K);
         if (a.noisy) moe_router_load_fwd(lg, h, sigma, idx, K, E, phi);
     }

@@ -76,7 +76,8 @@ struct Reference {
 
 // the single-rank CPU layer on all tokens; its parameters are what every GPU rank gets
 Reference reference(const moe_layer_config_t &cfg, const std::vector<float> &x,
-                    const std::vector<float> &dy, int64_t T) {
+                    const std::vector<float> &dy, int64_t T,
+                    const std::vector<float> &bias = {}) {
     Reference r;
     moe_context_t *ctx = nullptr;
     moe_layer_t *layer = nullptr;
@@ -86,6 +87,9 @@ Reference reference(const moe_layer_config_t &cfg, const std::vector<float> &x,
     int64_t n = 0;
     moe_layer_param(layer, MOE_PARAM_ROUTER_WEIGHT, (void **)&wg, nullptr, &n);
     for (int64_t i = 0; i < n; ++i) wg[i] = dyadic((uint32_t)i, 3) / 4.0f;
+    if (!bias.empty()) {
+        EXPECT_EQ(moe_layer_set_score_bias(layer, bias.data()), 0) << moe_last_error();
+    }
     r.y.resize(x.size());
     r.dx.resize(x.size());
     EXPECT_EQ(moe_layer_forward(layer, x.data(), r.y.data(), T, 1, nullptr), 0);
@@ -118,7 +122,7 @@ struct RankOut {
 // one rank on the GPU: its experts' parameters from the reference, its tokens [b, b + Tr)
 void gpu_rank(moe_comm_t *comm, const moe_layer_config_t &cfg, const Reference &ref,
               const std::vector<float> &x, const std::vector<float> &dy, int64_t b, int64_t Tr,
-              int rank, int P, RankOut &out) {
+              int rank, int P, RankOut &out, const std::vector<float> &bias = {}) {
     const int64_t D = cfg.d_model;
     moe_context_t *ctx = nullptr;
     moe_layer_t *layer = nullptr;
@@ -140,6 +144,7 @@ void gpu_rank(moe_comm_t *comm, const moe_layer_config_t &cfg, const Reference &
         }
         cudaMemcpy(v, src, (size_t)n * sizeof(float), cudaMemcpyHostToDevice);
     }
+    if (!bias.empty()) RK(moe_layer_set_score_bias(layer, bias.data()));
     cudaMalloc(&dxb, bytes + 4), cudaMalloc(&dyb, bytes + 4);
     cudaMalloc(&dbuf, bytes + 4), cudaMalloc(&ddx, bytes + 4);
     cudaMemcpy(dxb, x.data() + b * D, bytes, cudaMemcpyHostToDevice);
@@ -240,6 +245,38 @@ TEST(CudaEpNccl, OneRankThroughNccl) {
     ncclCommDestroy(nc);
 }
 #endif
+
+// balancing strategies on the GPU against the CPU layer (one rank)
+TEST(CudaBalancing, ExpertChoiceMatchesCpu) {
+    REQUIRE_GPU();
+    const int64_t T = 77;
+    moe_layer_config_t cfg = config(8, 2);
+    cfg.router = MOE_ROUTER_EXPERT_CHOICE;
+    cfg.capacity_factor = 1.25;
+    auto x = tokens(T, cfg.d_model, 11), dy = tokens(T, cfg.d_model, 12);
+    Reference ref = reference(cfg, x, dy, T);
+    RankOut out;
+    gpu_rank(nullptr, cfg, ref, x, dy, 0, T, 0, 1, out);
+    compare(cfg, ref, out, 0, T, 0, 1);
+    ASSERT_EQ(out.grad[MOE_PARAM_ROUTER_WEIGHT].size(), ref.grad[MOE_PARAM_ROUTER_WEIGHT].size());
+    EXPECT_LE(rel_err(out.grad[MOE_PARAM_ROUTER_WEIGHT].data(),
+                      ref.grad[MOE_PARAM_ROUTER_WEIGHT].data(), out.grad[0].size()),
+              kTol);
+}
+
+TEST(CudaBalancing, LossFreeBiasMatchesCpu) {
+    REQUIRE_GPU();
+    const int64_t T = 90;
+    moe_layer_config_t cfg = config(8, 2);
+    cfg.bias_update_rate = 0.01;
+    std::vector<float> bias(8);
+    for (int e = 0; e < 8; ++e) bias[(size_t)e] = (float)(e % 3) * 0.25f - 0.25f;
+    auto x = tokens(T, cfg.d_model, 13), dy = tokens(T, cfg.d_model, 14);
+    Reference ref = reference(cfg, x, dy, T, bias);
+    RankOut out;
+    gpu_rank(nullptr, cfg, ref, x, dy, 0, T, 0, 1, out, bias);
+    compare(cfg, ref, out, 0, T, 0, 1);
+}
 
 TEST(CudaEpNccl, NullCommunicatorIsRefused) {
     // no GPU needed: refused before anything touches a device

@@ -285,6 +285,7 @@ static moe_status_t cu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *
     a.noisy = s->noisy_now, a.gate_mode = (int)s->cfg.gate, a.renormalize = s->cfg.renormalize;
     a.seed = s->cfg.seed, a.call = s->call, a.rank = (uint32_t)s->rank;
     a.logits = s->logits, a.noise_raw = s->noise_raw, a.eps = s->eps, a.h = s->h;
+    a.score_bias = s->score_bias;
     a.lse = s->lse, a.idx = s->idx, a.gate = s->gate;
     a.scr = L->gate_scr, a.part = L->part, a.cnt_part = L->cnt_part;
     a.red = L->red, a.counts = L->counts_d;
