@@ -24,3 +24,21 @@ moe_need_packages() {
 # what building libmoe and its tests needs
 MOE_BUILD_PACKAGES=(cmake ninja-build g++ make libopenblas-openmp-dev libgtest-dev libopenmpi-dev
     openmpi-bin)
+
+# what the Python binding's tests need, for Debian's interpreter (the python3 first on PATH may
+# be another one, without numpy)
+MOE_PYTHON_PACKAGES=(python3-numpy python3-pytest)
+
+# usage: py=$(moe_python module...) - the first interpreter that imports every module:
+# $MOE_PYTHON if set, then Debian's /usr/bin/python3, then python3 on PATH
+moe_python() {
+    local py
+    for py in "${MOE_PYTHON:-}" /usr/bin/python3 python3; do
+        [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 || continue
+        if "$py" -c 'import sys; [__import__(m) for m in sys.argv[1:]]' "$@" 2>/dev/null; then
+            echo "$py"
+            return 0
+        fi
+    done
+    return 1
+}

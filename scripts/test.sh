@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test.sh - build libmoe (CUDA kernels included when nvcc is present) and run every test.
-# usage: scripts/test.sh          Release build in build/, the whole suite through ctest
+# usage: scripts/test.sh          Release build in build/, the whole suite through ctest, then
+#                                 the Python binding's pytest suite
 #        scripts/test.sh --asan   AddressSanitizer + UBSan build in build-asan/, the CPU suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +22,15 @@ cmake -S . -B "$dir" -G Ninja "${args[@]}" >/dev/null
 cmake --build "$dir" -j "$(nproc)"
 cd "$dir"
 ctest --output-on-failure -j "$(nproc)"
+
+# the Python binding (python/tests) against the libmoe.so just built, with an interpreter that
+# has numpy and pytest. Not in the sanitizer build: its libmoe.so needs libasan preloaded.
+if [ "$dir" = build ]; then
+    py=$(moe_python numpy pytest) ||
+        { moe_need_packages "${MOE_PYTHON_PACKAGES[@]}" && py=$(moe_python numpy pytest); } ||
+        { echo "no python3 that imports numpy and pytest" >&2; exit 1; }
+    # set -e: any pytest failure fails the script, including exit 5 (no tests collected)
+    # one OpenMP thread: the layers here are tiny, where a second thread only waits (the
+    # examples' ctest entry does the same)
+    OMP_NUM_THREADS=1 LIBMOE_PATH="$PWD/libmoe.so" "$py" -m pytest -q -p no:cacheprovider ../python/tests
+fi

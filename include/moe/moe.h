@@ -302,8 +302,9 @@ typedef struct moe_routing_stats {
 MOE_API moe_status_t moe_layer_stats(moe_layer_t *layer, moe_routing_stats_t *stats,
                                      int64_t *tokens_per_expert, int64_t *dropped_per_expert);
 
-/* Routing of this rank's tokens in the last forward, host arrays (num_tokens, K) in token order: chosen expert in
- * rank order of h (best first), its gate weight, and 1/0 whether it was kept (not dropped).
+/* Routing of this rank's tokens in the last forward, host arrays (num_tokens, W) in token order,
+ * W = moe_layer_routing_width (top_k; num_experts for expert choice): chosen expert in rank
+ * order of h (best first), its gate weight, and 1/0 whether it was kept (not dropped).
  * Any pointer may be NULL. */
 MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float *gate,
                                        int32_t *kept);
@@ -365,6 +366,73 @@ MOE_API moe_status_t moe_layer_phase_times(const moe_layer_t *layer, double *sec
 
 /* Name of a phase ("gate", "dispatch", "bwd_experts", ...); "unknown" for others. */
 MOE_API const char *moe_phase_name(moe_phase_t phase);
+
+/* ============================================================================================
+ * Optimizer: updates every parameter of one layer from its gradient, on the layer's backend
+ *
+ * Per element, with p a parameter, g its gradient, t the step number (1 for the first step) and
+ * lr, momentum, beta1, beta2, eps, wd the config's fields (math in double for the scalars, f32
+ * per element; moment buffers are f32, zero at creation):
+ *   SGD:    g' = g + wd*p;  with momentum > 0: b = g' on the first step, else
+ *           b = momentum*b + g';  d = nesterov ? g' + momentum*b : b;  without momentum d = g'.
+ *           p -= lr*d                                              (as torch.optim.SGD)
+ *   ADAM:   g' = g + wd*p   (L2 folded into the gradient)          (as torch.optim.Adam)
+ *   ADAMW:  p -= lr*wd*p    (decoupled decay, before the moment update; g' = g)
+ *                                                                  (as torch.optim.AdamW)
+ *   ADAM/ADAMW then:  m = beta1*m + (1-beta1)*g';  v = beta2*v + (1-beta2)*g'^2;
+ *           p -= (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+ * ========================================================================================== */
+
+typedef enum moe_optimizer_kind {
+    MOE_OPTIMIZER_SGD = 0,  /* SGD with optional (Nesterov) momentum and L2 weight decay */
+    MOE_OPTIMIZER_ADAM = 1, /* Adam (Kingma & Ba) with L2 weight decay */
+    MOE_OPTIMIZER_ADAMW = 2 /* Adam with decoupled weight decay (Loshchilov & Hutter) */
+} moe_optimizer_kind_t;
+
+typedef struct moe_optimizer_config {
+    size_t struct_size; /* sizeof(moe_optimizer_config_t): set by moe_optimizer_config_default() */
+    moe_optimizer_kind_t kind;
+    double lr;           /* learning rate, finite and >= 0 */
+    double momentum;     /* SGD only, in [0, 1) */
+    int nesterov;        /* SGD only: Nesterov momentum (needs momentum > 0) */
+    double beta1, beta2; /* ADAM/ADAMW only, each in [0, 1) */
+    double eps;          /* ADAM/ADAMW only, > 0 */
+    double weight_decay; /* >= 0: L2 for SGD and ADAM, decoupled for ADAMW */
+} moe_optimizer_config_t;
+
+/* Defaults for a kind (the values torch.optim uses): SGD lr 1e-2, momentum 0.9, nesterov 0;
+ * ADAM lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-8; ADAMW the same as ADAM. weight_decay 0 for
+ * SGD and ADAM, 1e-2 for ADAMW. A kind that is not a moe_optimizer_kind_t gives the SGD
+ * defaults with that kind stored, which moe_optimizer_create then rejects. */
+MOE_API moe_optimizer_config_t moe_optimizer_config_default(moe_optimizer_kind_t kind);
+
+typedef struct moe_optimizer moe_optimizer_t;
+
+/* Creates an optimizer for every parameter of layer (those the config turns off are skipped).
+ * The config is validated (INVALID_ARGUMENT naming the field); moment buffers are allocated on
+ * the layer's backend (ALLOC_FAILED, nothing leaked) and zeroed. The optimizer keeps a pointer
+ * to layer, not ownership: destroy the optimizer before the layer. Only f32 parameters on the
+ * CPU backend are served for now: the CUDA backend gives NOT_SUPPORTED. */
+MOE_API moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
+                                          const moe_optimizer_config_t *cfg);
+
+/* One update of every parameter from its current gradient (formulas above). The gradients are
+ * read, not zeroed: call moe_layer_zero_grad before the next backward. When any gradient holds
+ * NaN/Inf, NUMERIC_ERROR and nothing is updated (parameters, moments and the step count are
+ * unchanged), so a caller can skip the step. Enqueued on stream (CUDA); complete on return
+ * (CPU). */
+MOE_API moe_status_t moe_optimizer_step(moe_optimizer_t *opt, void *stream);
+
+/* Sets the learning rate of the following steps (finite and >= 0), for schedules. */
+MOE_API moe_status_t moe_optimizer_set_lr(moe_optimizer_t *opt, double lr);
+
+/* Copy of the optimizer's config (with the current lr); *num_steps (may be NULL) is the count of
+ * successful steps so far. */
+MOE_API moe_status_t moe_optimizer_get_config(const moe_optimizer_t *opt,
+                                              moe_optimizer_config_t *cfg, int64_t *num_steps);
+
+/* Destroys an optimizer and frees its moment buffers. NULL is accepted and does nothing. */
+MOE_API moe_status_t moe_optimizer_destroy(moe_optimizer_t *opt);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,363 @@
+"""api.py - Context, Layer, Optimizer and MoeError over the C API (numpy in, numpy out).
+
+CPU backend: arrays are numpy float32, and the parameters and gradients are numpy views of the
+library's own memory (writes go straight into the layer). Other backends: pass device pointers
+as ints (or objects with __cuda_array_interface__, e.g. a torch or cupy tensor) and a stream as
+an int; the *_ptr methods return device pointers.
+"""
+import ctypes
+from ctypes import byref, c_float, c_int, c_int32, c_int64, c_void_p
+
+import numpy as np
+
+from . import _lib
+from ._lib import (ACTIVATIONS, BACKENDS, DTYPES, GATES, OPTIMIZERS, PARAMS, PRIORITIES,
+                   STATUS_NAMES, LayerConfig, OptimizerConfig, RoutingStats)
+
+SUCCESS = 0
+INVALID_ARGUMENT = 1
+NOT_SUPPORTED = 2
+ALLOC_FAILED = 3
+NUMERIC_ERROR = 4
+
+
+class MoeError(Exception):
+    """A libmoe call failed: .status (int), .status_name, .message (moe_last_error())."""
+
+    def __init__(self, status, message, call=None):
+        self.status = int(status)
+        self.status_name = STATUS_NAMES.get(self.status, "MOE_STATUS_UNKNOWN")
+        self.message = message
+        self.call = call
+        where = f"{call}: " if call else ""
+        super().__init__(f"{where}{self.status_name}: {message}")
+
+
+def _check(status, call):
+    if status != SUCCESS:
+        raise MoeError(status, _lib.lib().moe_last_error().decode("utf-8", "replace"), call)
+
+
+def _arg(cond, message):
+    """A bad argument caught before the C call: the same exception as the library's."""
+    if not cond:
+        raise MoeError(INVALID_ARGUMENT, message)
+
+
+def _enum(table, value, what):
+    if isinstance(value, str):
+        _arg(value.lower() in table, f"{what} '{value}' is not one of {sorted(table)}")
+        return table[value.lower()]
+    return int(value)
+
+
+def _ptr(obj):
+    """A device pointer from an int or an object with __cuda_array_interface__ (None -> 0)."""
+    if obj is None:
+        return None
+    if isinstance(obj, int):
+        return obj
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        return int(cai["data"][0])
+    if hasattr(obj, "data_ptr"):
+        return int(obj.data_ptr())
+    raise MoeError(INVALID_ARGUMENT, f"expected a device pointer (int) or a CUDA array, "
+                                     f"not {type(obj).__name__}")
+
+
+def version():
+    a, b, c = c_int(), c_int(), c_int()
+    _lib.lib().moe_get_version(byref(a), byref(b), byref(c))
+    return a.value, b.value, c.value
+
+
+class _View:
+    """Exposes library memory to numpy and keeps its owner alive as long as the array lives."""
+
+    def __init__(self, owner, ptr, shape, typestr):
+        self._owner = owner
+        self.__array_interface__ = {"shape": tuple(shape), "typestr": typestr,
+                                    "data": (ptr, False), "version": 3}
+
+
+class Context:
+    """One backend on one device: Context('cpu') or Context('cuda', device=0)."""
+
+    def __init__(self, backend="cpu", device=0):
+        self._lib = _lib.lib()
+        self.backend = _enum(BACKENDS, backend, "backend")
+        self._h = c_void_p()
+        _check(self._lib.moe_context_create(byref(self._h), self.backend, int(device), None),
+               "moe_context_create")
+
+    @property
+    def is_cpu(self):
+        return self.backend == BACKENDS["cpu"]
+
+    def close(self):
+        if getattr(self, "_h", None):
+            _check(self._lib.moe_context_destroy(self._h), "moe_context_destroy")
+            self._h = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_CONFIG_ENUMS = {"activation": (ACTIVATIONS,), "dtype": (DTYPES,),
+                 "gate": (GATES,), "priority": (PRIORITIES,)}
+
+
+def layer_config(**kw):
+    """moe_layer_config_default() with the given fields changed (enums as names or ints)."""
+    cfg = _lib.lib().moe_layer_config_default()
+    names = {f[0] for f in LayerConfig._fields_} - {"struct_size"}
+    for k, v in kw.items():
+        _arg(k in names, f"'{k}' is not a field of moe_layer_config_t ({sorted(names)})")
+        if k in _CONFIG_ENUMS:
+            v = _enum(_CONFIG_ENUMS[k][0], v, k)
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _config_dict(cfg):
+    return {f[0]: getattr(cfg, f[0]) for f in cfg._fields_ if f[0] != "struct_size"}
+
+
+class Layer:
+    """One MoE layer on a context: Layer(ctx, d_model=64, d_ff=128, num_experts=8, top_k=2, ...)
+    takes any field of moe_layer_config_t as a keyword (enums by name: activation='gelu')."""
+
+    def __init__(self, ctx, **config):
+        _arg(isinstance(ctx, Context) and ctx._h, "ctx must be a live Context")
+        self._lib = _lib.lib()
+        self.ctx = ctx
+        cfg = layer_config(**config)
+        self._h = c_void_p()
+        _check(self._lib.moe_layer_create(byref(self._h), ctx._h, byref(cfg)),
+               "moe_layer_create")
+        got = LayerConfig()
+        _check(self._lib.moe_layer_get_config(self._h, byref(got)), "moe_layer_get_config")
+        self.config = _config_dict(got)
+        self.d_model = got.d_model
+        self.num_experts = got.num_experts
+        self.top_k = got.top_k
+        f2 = 2 * got.d_ff if got.activation == ACTIVATIONS["swiglu"] else got.d_ff
+        self._f2 = f2
+        self._out = None  # y of the last forward on the CPU, reused for its dx
+
+    # ---- lifetime ----
+    def close(self):
+        """Destroys the layer. Parameter views taken from it must not be used afterwards; let the
+        layer be garbage collected instead to keep them safe."""
+        if getattr(self, "_h", None):
+            _check(self._lib.moe_layer_destroy(self._h), "moe_layer_destroy")
+            self._h = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _live(self):
+        _arg(self._h, "the layer was closed")
+        return self._h
+
+    # ---- compute ----
+    def _host_tokens(self, a, name):
+        _arg(self.ctx.is_cpu, f"{name}: numpy arrays are for the CPU backend; pass device "
+                              f"pointers and num_tokens on other backends")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        _arg(a.ndim == 2 and a.shape[1] == self.d_model,
+             f"{name} has shape {a.shape}, expected (num_tokens, {self.d_model})")
+        return a
+
+    def forward(self, x, training=True, stream=None, y=None, num_tokens=None):
+        """CPU: y = forward(x) with x (T, D) array-like -> float32 (T, D). Device: forward(x_ptr,
+        y=y_ptr, num_tokens=T, stream=...) with pointers; returns None."""
+        h = self._live()
+        if isinstance(x, np.ndarray) or not (isinstance(x, int) or hasattr(x, "data_ptr") or
+                                            hasattr(x, "__cuda_array_interface__")):
+            x = self._host_tokens(x, "x")
+            out = np.empty_like(x) if y is None else y
+            _arg(isinstance(out, np.ndarray) and out.shape == x.shape and
+                 out.dtype == np.float32 and out.flags.c_contiguous,
+                 "y must be a C-contiguous float32 array shaped like x")
+            _check(self._lib.moe_layer_forward(h, x.ctypes.data, out.ctypes.data, x.shape[0],
+                                               int(bool(training)), _ptr(stream)),
+                   "moe_layer_forward")
+            return out
+        _arg(y is not None and num_tokens is not None,
+             "device forward needs y (a pointer) and num_tokens")
+        _check(self._lib.moe_layer_forward(h, _ptr(x), _ptr(y), int(num_tokens),
+                                           int(bool(training)), _ptr(stream)),
+               "moe_layer_forward")
+        return None
+
+    def backward(self, dy, stream=None, dx=None):
+        """CPU: dx = backward(dy), dy (T, D) of the last forward; accumulates every parameter
+        gradient. Device: backward(dy_ptr, dx=dx_ptr, stream=...)."""
+        h = self._live()
+        if isinstance(dy, int) or hasattr(dy, "data_ptr") or \
+                hasattr(dy, "__cuda_array_interface__"):
+            _arg(dx is not None, "device backward needs dx (a pointer)")
+            _check(self._lib.moe_layer_backward(h, _ptr(dy), _ptr(dx), _ptr(stream)),
+                   "moe_layer_backward")
+            return None
+        dy = self._host_tokens(dy, "dy")
+        st = RoutingStats()
+        if self._lib.moe_layer_stats(h, byref(st), None, None) == SUCCESS:
+            _arg(dy.shape[0] == st.num_tokens, f"dy has {dy.shape[0]} tokens, the last forward "
+                                               f"had {st.num_tokens}")
+        out = np.empty_like(dy) if dx is None else dx
+        _arg(isinstance(out, np.ndarray) and out.shape == dy.shape and out.dtype == np.float32
+             and out.flags.c_contiguous, "dx must be a C-contiguous float32 array like dy")
+        _check(self._lib.moe_layer_backward(h, dy.ctypes.data, out.ctypes.data, _ptr(stream)),
+               "moe_layer_backward")
+        return out
+
+    def zero_grad(self, stream=None):
+        _check(self._lib.moe_layer_zero_grad(self._live(), _ptr(stream)), "moe_layer_zero_grad")
+
+    # ---- parameters ----
+    def _shape(self, which, numel):
+        D, E, F2, F = self.d_model, self.num_experts, self._f2, self.config["d_ff"]
+        per = {"router_weight": (D, E), "noise_weight": (D, E)}
+        if which in per:
+            return per[which]
+        tail = {"w1": (D, F2), "b1": (F2,), "w2": (F, D), "b2": (D,)}[which]
+        return (numel // int(np.prod(tail)),) + tail
+
+    def param_ptr(self, which):
+        """(value pointer, grad pointer, numel) of a parameter, as ints (0, 0, 0 when off)."""
+        _arg(which in PARAMS, f"parameter '{which}' is not one of {sorted(PARAMS)}")
+        v, g, n = c_void_p(), c_void_p(), c_int64()
+        _check(self._lib.moe_layer_param(self._live(), PARAMS[which], byref(v), byref(g),
+                                         byref(n)), "moe_layer_param")
+        return v.value or 0, g.value or 0, n.value
+
+    def _view(self, which, grad):
+        _arg(self.ctx.is_cpu, "numpy views exist on the CPU backend only: use param_ptr()")
+        v, g, n = self.param_ptr(which)
+        if n == 0:
+            return None
+        return np.asarray(_View(self, g if grad else v, self._shape(which, n), "<f4"))
+
+    def param(self, which):
+        """Numpy view (CPU) of a parameter's values, shaped as in moe.h; None when turned off.
+        Writing into it changes the layer."""
+        return self._view(which, False)
+
+    def grad(self, which):
+        """Numpy view (CPU) of a parameter's gradient; None when turned off."""
+        return self._view(which, True)
+
+    def params(self):
+        """{name: (value view, grad view)} for every parameter the config turns on (CPU)."""
+        out = {}
+        for name in PARAMS:
+            v = self.param(name)
+            if v is not None:
+                out[name] = (v, self.grad(name))
+        return out
+
+    # ---- what the last forward did ----
+    def stats(self):
+        """dict of moe_routing_stats_t plus tokens_per_expert and dropped_per_expert (int64)."""
+        st = RoutingStats()
+        tpe = np.zeros(self.num_experts, dtype=np.int64)
+        dpe = np.zeros(self.num_experts, dtype=np.int64)
+        _check(self._lib.moe_layer_stats(self._live(), byref(st),
+                                         tpe.ctypes.data_as(ctypes.POINTER(c_int64)),
+                                         dpe.ctypes.data_as(ctypes.POINTER(c_int64))),
+               "moe_layer_stats")
+        out = {f[0]: getattr(st, f[0]) for f in st._fields_}
+        out["tokens_per_expert"] = tpe
+        out["dropped_per_expert"] = dpe
+        return out
+
+    def routing(self):
+        """(expert_index int32 (T, K), gate float32 (T, K), kept bool (T, K)) of the last
+        forward, best choice first."""
+        T = self.stats()["num_tokens"]
+        K = self.top_k
+        idx = np.zeros((T, K), dtype=np.int32)
+        gate = np.zeros((T, K), dtype=np.float32)
+        kept = np.zeros((T, K), dtype=np.int32)
+        _check(self._lib.moe_layer_routing(self._live(),
+                                           idx.ctypes.data_as(ctypes.POINTER(c_int32)),
+                                           gate.ctypes.data_as(ctypes.POINTER(c_float)),
+                                           kept.ctypes.data_as(ctypes.POINTER(c_int32))),
+               "moe_layer_routing")
+        return idx, gate, kept.astype(bool)
+
+
+class Optimizer:
+    """The library's optimizer over every parameter of a layer:
+    Optimizer(layer, 'adam', lr=1e-3, ...) with any field of moe_optimizer_config_t."""
+
+    def __init__(self, layer, kind="adam", **config):
+        _arg(isinstance(layer, Layer) and layer._h, "layer must be a live Layer")
+        self._lib = _lib.lib()
+        self.layer = layer
+        k = _enum(OPTIMIZERS, kind, "optimizer kind")
+        cfg = self._lib.moe_optimizer_config_default(k)
+        names = {f[0] for f in OptimizerConfig._fields_} - {"struct_size", "kind"}
+        for key, v in config.items():
+            _arg(key in names, f"'{key}' is not a field of moe_optimizer_config_t "
+                               f"({sorted(names)})")
+            setattr(cfg, key, v)
+        self._h = c_void_p()
+        _check(self._lib.moe_optimizer_create(byref(self._h), layer._h, byref(cfg)),
+               "moe_optimizer_create")
+
+    def step(self, stream=None):
+        """Updates every parameter from its gradient (does not zero the gradients)."""
+        _arg(self._h, "the optimizer was closed")
+        _check(self._lib.moe_optimizer_step(self._h, _ptr(stream)), "moe_optimizer_step")
+
+    def _config(self):
+        cfg, n = OptimizerConfig(), c_int64()
+        _check(self._lib.moe_optimizer_get_config(self._h, byref(cfg), byref(n)),
+               "moe_optimizer_get_config")
+        return cfg, n.value
+
+    @property
+    def config(self):
+        return _config_dict(self._config()[0])
+
+    @property
+    def num_steps(self):
+        return self._config()[1]
+
+    @property
+    def lr(self):
+        return self._config()[0].lr
+
+    @lr.setter
+    def lr(self, value):
+        self.set_lr(value)
+
+    def set_lr(self, lr):
+        _check(self._lib.moe_optimizer_set_lr(self._h, float(lr)), "moe_optimizer_set_lr")
+
+    def close(self):
+        if getattr(self, "_h", None):
+            _check(self._lib.moe_optimizer_destroy(self._h), "moe_optimizer_destroy")
+            self._h = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
