@@ -816,14 +816,11 @@ int main(int argc, char **argv) {
     if (o.backend == MOE_BACKEND_CUDA) {
 #ifdef MOE_BENCH_CUDA
         mem.gpu = 1;
-        char dev[96];
         struct cudaDeviceProp prop;
-        if (cudaGetDeviceProperties(&prop, o.device) == cudaSuccess)
-            snprintf(dev, sizeof dev, "%s", prop.name);
-        else
-            snprintf(dev, sizeof dev, "?");
+        const char *dev = "?";
+        if (cudaGetDeviceProperties(&prop, o.device) == cudaSuccess) dev = prop.name;
         cudaSetDevice(o.device);
-        snprintf(backend_text, sizeof backend_text, "cuda (device %d: %s)", o.device, dev);
+        snprintf(backend_text, sizeof backend_text, "cuda (device %d: %.100s)", o.device, dev);
 #else
         fprintf(stderr, "moe_bench: built without the CUDA runtime: cannot feed a CUDA layer\n");
         rc = BENCH_EXIT_NOT_SUPPORTED;
