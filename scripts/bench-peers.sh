@@ -81,6 +81,9 @@ echo "# bench-peers.sh: T $tokens  D $dmodel  F $dff  E $experts  K $topk  $act 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC')  $(uname -m)  $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null |
       sed 's/.*: //')  nproc $(nproc)  load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# peer python: $py  ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
+echo "# tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+dirty')" \
+     " $(cc --version | head -1)  libopenblas.so.0 -> $(readlink -f "$(ldconfig -p 2>/dev/null |
+        awk '/libopenblas.so.0 /{print $NF; exit}')" 2>/dev/null || echo '?')"
 for r in $(seq 1 "$rounds"); do
     "$py" bench/peers/torch_moe.py "${shape[@]}" --threads "$threads" --warmup "$warmup" \
         --iters "$iters" --device "$device" --peer "$peer_set" --json "$out/peer.$r.json" |
@@ -112,16 +115,20 @@ for r in range(1, rounds + 1):
     for p in json.load(open("%s/peer.%d.json" % (out, r)))["results"]:
         peers.setdefault(p["peer"], {}).setdefault(p["mode"], []).append(p["tokens_per_s"])
 med = statistics.median
+# ratio of the medians, and the median of the per-round ratios (each peer run paired with the
+# libmoe run right after it: the pair saw similar machine load)
 print()
-print("| %-26s | %14s | %14s | %17s |" % ("tokens/s (median of %d)" % rounds, "libmoe",
-                                          "peer", "ratio libmoe/peer"))
-print("|%s|%s|%s|%s|" % ("-" * 28, "-" * 16, "-" * 16, "-" * 19))
+print("| %-26s | %12s | %12s | %15s | %15s |" % ("tokens/s, median of %d runs" % rounds,
+      "libmoe", "peer", "ratio of medians", "paired ratio"))
+print("|%s|%s|%s|%s|%s|" % ("-" * 28, "-" * 14, "-" * 14, "-" * 18, "-" * 17))
 for name, modes in peers.items():
     for mode, label in (("fwd", "forward"), ("fwd-bwd", "forward+backward")):
         if mode not in modes:
             continue
         o, p = med(ours[mode]), med(modes[mode])
-        print("| %-26s | %14.0f | %14.0f | %16.2fx |" % (label + " (" + name + ")", o, p, o / p))
+        pr = med([a / b for a, b in zip(ours[mode], modes[mode])])
+        print("| %-26s | %12.0f | %12.0f | %17.2fx | %15.2fx |"
+              % (label + " (" + name + ")", o, p, o / p, pr))
 print()
 print("runs (tokens/s): libmoe fwd %s; fwd+bwd %s" % (
     ", ".join("%.0f" % v for v in ours["fwd"]), ", ".join("%.0f" % v for v in ours["fwd-bwd"])))
