@@ -118,16 +118,16 @@ med = statistics.median
 # ratio of the medians, and the median of the per-round ratios (each peer run paired with the
 # libmoe run right after it: the pair saw similar machine load)
 print()
-print("| %-26s | %12s | %12s | %15s | %15s |" % ("tokens/s, median of %d runs" % rounds,
+print("| %-26s | %12s | %12s | %16s | %12s |" % ("tokens/s, median of %d runs" % rounds,
       "libmoe", "peer", "ratio of medians", "paired ratio"))
-print("|%s|%s|%s|%s|%s|" % ("-" * 28, "-" * 14, "-" * 14, "-" * 18, "-" * 17))
+print("|%s|%s|%s|%s|%s|" % ("-" * 28, "-" * 14, "-" * 14, "-" * 18, "-" * 14))
 for name, modes in peers.items():
     for mode, label in (("fwd", "forward"), ("fwd-bwd", "forward+backward")):
         if mode not in modes:
             continue
         o, p = med(ours[mode]), med(modes[mode])
         pr = med([a / b for a, b in zip(ours[mode], modes[mode])])
-        print("| %-26s | %12.0f | %12.0f | %17.2fx | %15.2fx |"
+        print("| %-26s | %12.0f | %12.0f | %15.2fx | %11.2fx |"
               % (label + " (" + name + ")", o, p, o / p, pr))
 print()
 print("runs (tokens/s): libmoe fwd %s; fwd+bwd %s" % (
