@@ -645,7 +645,7 @@ static int run_check(const mem_t *m, moe_layer_t *A, moe_layer_t *R, const moe_l
     const double tol = check_tolerance(backend, dt);
     int rc = BENCH_EXIT_OK;
     float *yr = malloc((size_t)(T * D) * 4), *dxr = malloc((size_t)(T * D) * 4);
-    float *ya = NULL, *dxa = NULL, *ga = NULL, *gr_f = NULL;
+    float *ya = NULL, *dxa = NULL, *ga = NULL;
     int32_t *ia = malloc((size_t)(T * K) * 4), *ir = malloc((size_t)(T * K) * 4);
     if (!yr || !dxr || !ia || !ir) {
         fprintf(stderr, "moe_bench: out of host memory for --check\n");
@@ -726,7 +726,7 @@ static int run_check(const mem_t *m, moe_layer_t *A, moe_layer_t *R, const moe_l
     if (bad) fprintf(stderr, "# check: %lld routing choices differ\n", (long long)bad);
     acc->wrong += bad, acc->checked += T * K;
 done:
-    free(yr), free(dxr), free(ya), free(dxa), free(ga), free(gr_f), free(ia), free(ir);
+    free(yr), free(dxr), free(ya), free(dxa), free(ga), free(ia), free(ir);
     return rc;
 }
 
@@ -969,7 +969,7 @@ int main(int argc, char **argv) {
         if (r->mcpy_s >= 0) snprintf(mcpy, sizeof mcpy, "%.3f", 1e3 * r->mcpy_s);
         if (r->wrong >= 0) snprintf(wrong, sizeof wrong, "%lld", (long long)r->wrong);
         if (fwd_bwd) snprintf(bwd, sizeof bwd, "%.3f", 1e3 * r->bwd.mean);
-        printf("  %10lld %10.3f %10s %10.3f %12.0f %8.4f %10s %6s %9s %7.3f %8lld %7s\n",
+        printf("  %10lld %10.3f %10s %10.3f %12.0f %8.4g %10s %6s %9s %7.3f %8lld %7s\n",
                (long long)T, 1e3 * r->fwd.mean, bwd, 1e3 * r->total.mean, r->tokens_per_s,
                r->tflops, gemm, gpct, mcpy, r->imbalance, (long long)r->dropped, wrong);
         fflush(stdout);
@@ -980,7 +980,7 @@ int main(int argc, char **argv) {
         double sum_tps = 0.0, sum_tf = 0.0;
         for (int i = 0; i < nrows; ++i) sum_tps += rows[i].tokens_per_s, sum_tf += rows[i].tflops;
         printf("# Average tokens/s : %.0f\n", nrows ? sum_tps / nrows : 0.0);
-        printf("# Average TFLOP/s  : %.4f\n", nrows ? sum_tf / nrows : 0.0);
+        printf("# Average TFLOP/s  : %.4g\n", nrows ? sum_tf / nrows : 0.0);
         if (o.check) {
             printf("# Check            : %lld wrong of %lld compared (%s, worst %.3g of max|ref|) "
                    "%s\n",
