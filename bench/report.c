@@ -1,0 +1,166 @@
+/* report.c - the machine-readable outputs of moe_bench: the results as JSON (--json) and the
+ * timed calls as a Chrome / Perfetto trace (--trace). */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bench.h"
+
+static const char *act_names[] = {"relu", "gelu", "silu", "swiglu"};
+static const char *dtype_names[] = {"f32", "bf16", "f16"};
+static const char *gate_names[] = {"softmax-of-topk", "topk-of-softmax"};
+static const char *priority_names[] = {"position", "score"};
+
+/* JSON has no NaN/Inf: write null for them */
+static void num(FILE *f, double v) {
+    if (isfinite(v))
+        fprintf(f, "%.9g", v);
+    else
+        fputs("null", f);
+}
+
+static void times(FILE *f, const char *name, const bench_times_t *t) {
+    fprintf(f, "\"%s\": {\"mean_ms\": ", name);
+    num(f, 1e3 * t->mean);
+    fputs(", \"median_ms\": ", f);
+    num(f, 1e3 * t->median);
+    fputs(", \"min_ms\": ", f);
+    num(f, 1e3 * t->min);
+    fputs(", \"max_ms\": ", f);
+    num(f, 1e3 * t->max);
+    fputs("}", f);
+}
+
+/* strings we write are option values: escape quotes, backslashes and control characters */
+static void str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; s && *s; ++s) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            fprintf(f, "\\%c", c);
+        else if (c < 0x20)
+            fprintf(f, "\\u%04x", c);
+        else
+            fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+int bench_write_json(const char *path, const bench_opts_t *o, const char *backend_text,
+                     int omp_threads, int blas_threads, const bench_row_t *rows, int nrows,
+                     int check_ok) {
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "moe_bench: cannot open --json file '%s'\n", path);
+        return -1;
+    }
+    const moe_layer_config_t *c = &o->cfg;
+    int major, minor, patch;
+    moe_get_version(&major, &minor, &patch);
+    fprintf(f, "{\n  \"tool\": \"moe_bench\",\n  \"libmoe_version\": \"%d.%d.%d\",\n", major, minor,
+            patch);
+    fputs("  \"backend\": ", f);
+    str(f, backend_text);
+    fprintf(f, ",\n  \"device\": %d,\n  \"ranks\": 1,\n", o->device);
+    fprintf(f, "  \"omp_threads\": %d,\n  \"blas_threads\": %d,\n", omp_threads, blas_threads);
+    fputs("  \"preset\": ", f);
+    str(f, o->preset ? o->preset : "default");
+    fprintf(f,
+            ",\n  \"config\": {\"d_model\": %lld, \"d_ff\": %lld, \"experts\": %lld, "
+            "\"top_k\": %lld, \"dtype\": \"%s\", \"activation\": \"%s\", \"gate\": \"%s\", "
+            "\"renormalize\": %d, \"noisy\": %d, \"capacity_factor\": ",
+            (long long)c->d_model, (long long)c->d_ff, (long long)c->num_experts,
+            (long long)c->top_k, dtype_names[c->dtype], act_names[c->activation],
+            gate_names[c->gate], c->renormalize, c->noisy_gating);
+    num(f, c->capacity_factor);
+    fprintf(f, ", \"priority\": \"%s\", \"expert_bias\": %d, \"seed\": %llu},\n",
+            priority_names[c->priority], c->expert_bias, (unsigned long long)o->seed);
+    fputs("  \"routing\": ", f);
+    str(f, o->routing.text);
+    fprintf(f, ",\n  \"mode\": \"%s\",\n  \"warmup\": %d,\n  \"iters\": %d,\n",
+            o->mode == BENCH_MODE_FWD ? "fwd" : "fwd-bwd", o->warmup, o->iters);
+    fprintf(f, "  \"check\": %s,\n  \"results\": [", o->check ? (check_ok ? "\"OK\"" : "\"FAILED\"")
+                                                              : "null");
+    double sum_tps = 0.0, sum_tf = 0.0;
+    for (int i = 0; i < nrows; ++i) {
+        const bench_row_t *r = &rows[i];
+        sum_tps += r->tokens_per_s, sum_tf += r->tflops;
+        fprintf(f, "%s\n    {\"tokens\": %lld, ", i ? "," : "", (long long)r->tokens);
+        times(f, "fwd", &r->fwd);
+        fputs(", ", f);
+        if (o->mode == BENCH_MODE_FWD_BWD) {
+            times(f, "bwd", &r->bwd);
+            fputs(", ", f);
+        }
+        times(f, "total", &r->total);
+        fputs(", \"tokens_per_s\": ", f);
+        num(f, r->tokens_per_s);
+        fputs(", \"expert_flops\": ", f);
+        num(f, r->flops);
+        fputs(", \"tflops\": ", f);
+        num(f, r->tflops);
+        fputs(", \"dense_gemm_ms\": ", f);
+        if (r->gemm_s >= 0) num(f, 1e3 * r->gemm_s); else fputs("null", f);
+        fputs(", \"gemm_fraction\": ", f);
+        if (r->gemm_s >= 0) num(f, r->gemm_s / r->total.mean); else fputs("null", f);
+        fputs(", \"memcpy_ms\": ", f);
+        if (r->mcpy_s >= 0) num(f, 1e3 * r->mcpy_s); else fputs("null", f);
+        fputs(", \"activation_bytes\": ", f);
+        num(f, r->act_bytes);
+        fputs(", \"imbalance\": ", f);
+        num(f, r->imbalance);
+        fprintf(f, ", \"assignments\": %lld, \"dropped\": %lld, \"wrong\": ",
+                (long long)r->assignments, (long long)r->dropped);
+        if (r->wrong >= 0)
+            fprintf(f, "%lld, \"checked\": %lld}", (long long)r->wrong, (long long)r->checked);
+        else
+            fputs("null, \"checked\": 0}", f);
+    }
+    fputs("\n  ],\n  \"average\": {\"tokens_per_s\": ", f);
+    num(f, nrows ? sum_tps / nrows : 0.0);
+    fputs(", \"tflops\": ", f);
+    num(f, nrows ? sum_tf / nrows : 0.0);
+    fputs("}\n}\n", f);
+    int bad = ferror(f);
+    if (fclose(f) != 0 || bad) {
+        fprintf(stderr, "moe_bench: writing --json file '%s' failed\n", path);
+        return -1;
+    }
+    return 0;
+}
+
+static const char *track_names[] = {"", "forward", "backward", "dense sgemm (roofline)",
+                                    "memcpy (roofline)"};
+
+int bench_write_trace(const char *path, const bench_event_t *ev, int64_t nev) {
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "moe_bench: cannot open --trace file '%s'\n", path);
+        return -1;
+    }
+    /* one process per rank (pid = rank), one thread track per phase (tid) */
+    fputs("{\"displayTimeUnit\": \"ms\", \"traceEvents\": [\n", f);
+    fputs("  {\"name\": \"process_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": 0, "
+          "\"args\": {\"name\": \"rank 0\"}}",
+          f);
+    for (int tid = 1; tid <= 4; ++tid)
+        fprintf(f,
+                ",\n  {\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": %d, "
+                "\"args\": {\"name\": \"%s\"}},\n  {\"name\": \"thread_sort_index\", \"ph\": "
+                "\"M\", \"pid\": 0, \"tid\": %d, \"args\": {\"sort_index\": %d}}",
+                tid, track_names[tid], tid, tid);
+    for (int64_t i = 0; i < nev; ++i)
+        fprintf(f,
+                ",\n  {\"name\": \"%s\", \"cat\": \"moe\", \"ph\": \"X\", \"ts\": %.3f, "
+                "\"dur\": %.3f, \"pid\": 0, \"tid\": %d, \"args\": {\"tokens\": %lld, "
+                "\"iter\": %d}}",
+                ev[i].name, ev[i].ts_us, ev[i].dur_us, ev[i].tid, (long long)ev[i].tokens,
+                ev[i].iter);
+    fputs("\n]}\n", f);
+    int bad = ferror(f);
+    if (fclose(f) != 0 || bad) {
+        fprintf(stderr, "moe_bench: writing --trace file '%s' failed\n", path);
+        return -1;
+    }
+    return 0;
+}
