@@ -213,7 +213,7 @@ static void bench_gemm(cublasHandle_t h, int64_t E, int64_t D, int64_t F, int64_
     }
     double tg = time_it([&] {
         CB(moe_k_gemm_grouped(h, 0, 0, (int)E, m.data(), n.data(), k.data(), A.data(), lda.data(),
-                              B.data(), ldb.data(), 0.0f, C.data(), ldc.data(), 1, ptrs, g_stream));
+                              B.data(), ldb.data(), 0.0f, C.data(), ldc.data(), 1, 0, ptrs, g_stream));
     }, 1, 7);
     char shape[128];
     std::snprintf(shape, sizeof shape, "bf16 E=%lld %lld->%lld K=%lld T=%lld", (long long)E,

@@ -140,11 +140,8 @@ static moe_status_t alloc_params(moe_layer_t *L) {
         const void *src = host;
         if (esz == 2) {
             for (int64_t i = 0; i < s->numel[p]; ++i)
-                host16[i] = s->cfg.dtype == MOE_DTYPE_BF16 ? moe_f32_to_bf16(host[i]) : 0;
-            if (s->cfg.dtype == MOE_DTYPE_F16) {
-                st = MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "f16 parameter storage");
-                goto done;
-            }
+                host16[i] = s->cfg.dtype == MOE_DTYPE_BF16 ? moe_f32_to_bf16(host[i])
+                                                           : moe_f32_to_f16(host[i]);
             src = host16;
         }
         MOE_CHECK_GOTO(ops->copy(ctx, s->param[p], src, bytes, MOE_COPY_H2D, NULL), st, done);
@@ -165,12 +162,16 @@ typedef struct {
     int64_t per_token; /* bytes per token */
 } moe__buf_t;
 
+/* Rows that are GEMM operands or the user's rows (x, xp, act, yp and their gradients) are
+ * stored in the layer's dtype; the routing state and the GEMM outputs that only feed elementwise
+ * kernels (hpre, dact) stay f32. With f32 storage every buffer is f32. */
 static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     const int64_t D = s->D, E = s->E, K = s->K, F = s->F, F2 = s->F2, f = sizeof(float);
+    const int64_t v = (int64_t)moe_dtype_size(s->cfg.dtype);
     const int noisy = s->cfg.noisy_gating;
     int n = 0;
 #define MOE_BUF(ptr, bytes) (b[n].slot = (void **)&s->ptr, b[n].per_token = (bytes), ++n)
-    MOE_BUF(x, D * f);
+    MOE_BUF(x, D * v);
     MOE_BUF(logits, E * f);
     MOE_BUF(noise_raw, noisy ? E * f : 0);
     MOE_BUF(eps, noisy ? E * f : 0);
@@ -182,13 +183,13 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     MOE_BUF(gate, K * f);
     MOE_BUF(dg, K * f);
     MOE_BUF(dlogits, E * f);
-    MOE_BUF(xp, K * D * f);
-    MOE_BUF(yp, K * D * f);
-    MOE_BUF(dyp, K * D * f);
-    MOE_BUF(dxp, K * D * f);
+    MOE_BUF(xp, K * D * v);
+    MOE_BUF(yp, K * D * v);
+    MOE_BUF(dyp, K * D * v);
+    MOE_BUF(dxp, K * D * v);
     MOE_BUF(hpre, K * F2 * f);
-    MOE_BUF(dhpre, K * F2 * f);
-    MOE_BUF(act, K * F * f);
+    MOE_BUF(dhpre, K * F2 * v);
+    MOE_BUF(act, K * F * v);
     MOE_BUF(dact, K * F * f);
 #undef MOE_BUF
     return n;

@@ -6,6 +6,7 @@
  * so a forward synchronises the stream once, after the gate pass. */
 #include <string.h>
 
+#include "core/dtype.h"
 #include "core/status.h"
 #include "layer.h"
 #include "router/router_host.h"
@@ -18,7 +19,10 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
 
     MOE_CHECK(moe__layer_reserve(L, T));
     int64_t bad = 0;
-    MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
+    if (ops->count_nonfinite_typed)
+        MOE_CHECK(ops->count_nonfinite_typed(ctx, x, s->cfg.dtype, T * s->D, &bad, stream));
+    else
+        MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
     if (bad)
         return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
                        "x holds %lld NaN/Inf values among %lld tokens: nothing was routed",
@@ -29,7 +33,8 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     s->T = T;
     s->noisy_now = s->cfg.noisy_gating && training;
     s->capacity = moe_router_capacity(s->cfg.capacity_factor, T, s->K, s->E);
-    MOE_CHECK(ops->copy(ctx, s->x, x, (size_t)(T * s->D) * sizeof(float), MOE_COPY_D2D, stream));
+    MOE_CHECK(ops->copy(ctx, s->x, x, (size_t)(T * s->D) * moe_dtype_size(s->cfg.dtype),
+                        MOE_COPY_D2D, stream));
     MOE_CHECK(ops->gate_fwd(ctx, s, stream));
     if (s->noisy_now) s->call++;
     MOE_CHECK(moe_router_finalize(s));

@@ -115,26 +115,34 @@ cublasStatus_t moe_k_gemm(cublasHandle_t h, int ta, int tb, int64_t m, int64_t n
                           void *C, int64_t ldc, int dtype, int c_f32);
 
 /* One group of per-expert GEMMs in one cuBLAS call (cublasGemmGroupedBatchedEx):
- * for g < count, C_g (m_g, n, ) = op(A_g) op(B_g) + beta C_g, row-major, shared n, k, lds.
- * ptrs: device scratch of 3 * count pointers; hptrs: pinned host staging of the same size. */
+ * for g < count, C_g (m_g, n_g) = op(A_g) op(B_g) + beta C_g, row-major, one group per expert.
+ * ptrs_dev: device scratch of 3 * count pointers (uploaded from a pageable host copy). */
 cublasStatus_t moe_k_gemm_grouped(cublasHandle_t h, int ta, int tb, int count,
                                   const int *m, const int *n, const int *k,
                                   const void *const *A, const int *lda, const void *const *B,
                                   const int *ldb, float beta, void *const *C, const int *ldc,
-                                  int dtype, void **ptrs_dev, cudaStream_t stream);
+                                  int dtype, int c_f32, void **ptrs_dev, cudaStream_t stream);
 
-/* rows of C (N, n): C[r] = bias[expert of r] (offsets (E_local + 1) device, local rows) or 0 */
-cudaError_t moe_k_fill_bias(void *C, int64_t N, int64_t n, const void *bias,
+/* rows of C (N, n): C[r] = bias[expert of r] (offsets (E_local + 1) device, local rows) or 0.
+ * bias in dtype; C in f32 when c_f32, else in dtype. */
+cudaError_t moe_k_fill_bias(void *C, int c_f32, int64_t N, int64_t n, const void *bias,
                             const int64_t *offsets, int64_t E_local, int dtype,
                             cudaStream_t stream);
 
-/* A (N, F) = act(H) with H (N, F2); SWIGLU: A = silu(H[:, :F]) * H[:, F:] */
-cudaError_t moe_k_act_fwd(const void *H, void *A, int64_t N, int64_t F, int act, int dtype,
+/* A (N, F, dtype) = act(H) with H (N, F2, f32); SWIGLU: A = silu(H[:, :F]) * H[:, F:] */
+cudaError_t moe_k_act_fwd(const float *H, void *A, int64_t N, int64_t F, int act, int dtype,
                           cudaStream_t stream);
 
-/* dH (N, F2) from dA (N, F) and H */
-cudaError_t moe_k_act_bwd(const void *H, const void *dA, void *dH, int64_t N, int64_t F,
+/* dH (N, F2, dtype) from dA (N, F, f32) and H (f32) */
+cudaError_t moe_k_act_bwd(const float *H, const float *dA, void *dH, int64_t N, int64_t F,
                           int act, int dtype, cudaStream_t stream);
+
+/* dst (n, f32) = src (n, dtype) */
+cudaError_t moe_k_to_f32(const void *src, int dtype, int64_t n, float *dst, cudaStream_t stream);
+
+/* dst (n, dtype) += src (n, f32), one rounding */
+cudaError_t moe_k_add_f32(void *dst, int dtype, const float *src, int64_t n,
+                          cudaStream_t stream);
 
 /* dB[le] (n) += column sums of rows [offsets[le], offsets[le+1]) of A (N, n), rows in order */
 cudaError_t moe_k_colsum_add(void *dB, const void *A, int64_t n, const int64_t *offsets,
