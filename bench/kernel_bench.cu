@@ -143,7 +143,7 @@ static void bench_rows() {
 
 static void bench_gate(int noisy) {
     const int64_t T = 16384, E = 64, K = 8, K1 = 9;
-    const int64_t nblk = (T + MOE_K_GATE_BLOCK - 1) / MOE_K_GATE_BLOCK;
+    const int64_t nblk = moe_k_gate_num_blocks(T);
     moe_k_gate_args_t a{};
     a.T = T, a.E = E, a.K = K, a.K1 = K1, a.noisy = noisy, a.gate_mode = 0, a.renormalize = 1;
     a.seed = 1, a.call = 0, a.rank = 0;

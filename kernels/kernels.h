@@ -17,7 +17,8 @@
 extern "C" {
 #endif
 
-/* tokens per block of the gate kernels: the fixed reduction blocks of docs/semantics.md */
+/* tokens per block of the per-thread gate kernel (the CPU backend's reduction blocks); the
+ * warp-cooperative path sums blocks of 64 tokens */
 #define MOE_K_GATE_BLOCK 256
 
 /* ---- gate.cu ------------------------------------------------------------------------------ */
@@ -43,6 +44,9 @@ typedef struct moe_k_gate_args {
     double *red;            /* (3E + 1) totals: prob, importance, load, z */
     int64_t *counts;        /* (E) assignments per expert before dropping */
 } moe_k_gate_args_t;
+
+/* Blocks of token partials the gate pass may write for T tokens: size of part / cnt_part. */
+int64_t moe_k_gate_num_blocks(int64_t T);
 
 /* Gate pass after the router GEMMs: noise, softplus, top-k, gates, lse and the per-expert sums
  * (block partials of MOE_K_GATE_BLOCK tokens, then a fixed-order sum over blocks). */

@@ -239,7 +239,7 @@ static moe_status_t cu_layer_init(moe_context_t *ctx, moe_layer_state_t *s) {
 
 static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_layer_state_t *s, int64_t T) {
     const int64_t E = s->E, K = s->K, n = T * K;
-    const int64_t nblk = (T + MOE_K_GATE_BLOCK - 1) / MOE_K_GATE_BLOCK;
+    const int64_t nblk = moe_k_gate_num_blocks(T);
     int64_t per = 3 * E + s->K1 > 4 * E + K ? 3 * E + s->K1 : 4 * E + K;
     MOE_CU_ALLOC(L->gate_scr, T * per);
     MOE_CU_ALLOC(L->part, nblk * (3 * E + 1));
