@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(MOE_K_GATE_BLOCK) gate_fwd_kernel(moe_k_gate_a
  * in f64 over the warp's tokens in order, then summed over the block's warps in order. */
 
 #define MOE_K_GATE_WARPS 4   /* warps per block */
-#define MOE_K_GATE_WTOK 16   /* tokens per warp: a block sums 64 tokens */
+#define MOE_K_GATE_WTOK 4    /* tokens per warp: a block sums 16 tokens */
 #define MOE_K_GATE_MAXK1 16  /* K + 1 bound of the fast path */
 
 __device__ __forceinline__ void warp_argmax(float &v, int &e) {

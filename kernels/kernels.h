@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 /* tokens per block of the per-thread gate kernel (the CPU backend's reduction blocks); the
- * warp-cooperative path sums blocks of 64 tokens */
+ * warp-cooperative path sums blocks of 16 tokens */
 #define MOE_K_GATE_BLOCK 256
 
 /* ---- gate.cu ------------------------------------------------------------------------------ */
@@ -101,7 +101,7 @@ cudaError_t moe_k_unpermute(const void *dxp, const int32_t *row, int64_t T, int6
 
 /* ---- combine.cu --------------------------------------------------------------------------- */
 
-/* y[t] = sum_j kept(t, j) g[t, j] yp[row[t, j]] in j order */
+/* y[t] = sum_j kept(t, j) g[t, j] yp[row[t, j]] in j order (gate NULL: g = 1) */
 cudaError_t moe_k_combine_fwd(const void *yp, const int32_t *row, const float *gate, int64_t T,
                               int64_t K, int64_t D, int dtype, void *y, cudaStream_t stream);
 

@@ -139,26 +139,10 @@ extern "C" cudaError_t moe_k_permute(const void *x, const int32_t *row, int64_t 
     return cudaGetLastError();
 }
 
-/* dx[t] = sum_j dxp[row[t, j]], f32 accumulation in j order */
-template <typename S>
-__global__ void unpermute_kernel(const S *dxp, const int32_t *row, int64_t K, int64_t D,
-                                 S *dx) {
-    const int64_t t = blockIdx.x;
-    const int64_t d = blockIdx.y * (int64_t)blockDim.x + threadIdx.x;
-    if (d >= D) return;
-    float acc = 0.0f;
-    for (int64_t j = 0; j < K; ++j) {
-        int32_t r = row[t * K + j];
-        if (r >= 0) acc += moe_ld(dxp + (int64_t)r * D + d);
-    }
-    moe_st(dx + t * D + d, acc);
-}
-
+/* dx[t] = sum_j dxp[row[t, j]], f32 accumulation in j order: combine.cu's vectorised kernel
+ * with no gates */
 extern "C" cudaError_t moe_k_unpermute(const void *dxp, const int32_t *row, int64_t T,
                                        int64_t K, int64_t D, int dtype, void *dx,
                                        cudaStream_t stream) {
-    dim3 grid((unsigned)T, moe_k_blocks(D, 256));
-    MOE_K_DISPATCH(dtype, unpermute_kernel<scalar_t><<<grid, 256, 0, stream>>>(
-                              (const scalar_t *)dxp, row, K, D, (scalar_t *)dx));
-    return cudaGetLastError();
+    return moe_k_combine_fwd(dxp, row, NULL, T, K, D, dtype, dx, stream);
 }

@@ -410,7 +410,10 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
     const void *gA[MAXG], *gB[MAXG];
     void *gC[MAXG];
     int count = 0;
-    const int grouped = c->grouped_gemm && s->E_local <= MAXG;
+    /* cuBLAS 13.1's grouped call refuses 16-bit A/B with an f32 C (measured on H100): those
+     * GEMMs stay a loop in grouped mode too */
+    const int grouped = c->grouped_gemm && s->E_local <= MAXG &&
+                        !(p->c_f32 && s->cfg.dtype != MOE_DTYPE_F32);
     for (int64_t le = 0; le < s->E_local; ++le) {
         int64_t e = s->expert_begin + le;
         int64_t r0 = s->offsets_h[e] - base, rows = s->offsets_h[e + 1] - s->offsets_h[e];
