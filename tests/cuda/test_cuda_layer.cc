@@ -132,7 +132,13 @@ std::vector<Case> make_grid() {
                MOE_GATE_SOFTMAX_OF_TOPK, 1, 0, 0, 0.01, MOE_PRIORITY_POSITION, 0.01};
     Case wide{"T64_K8_E64_D130", 64, 130, 40, 64, 8, MOE_ACTIVATION_SILU,
               MOE_GATE_TOPK_OF_SOFTMAX, 1, 1, 1, 1.25, MOE_PRIORITY_POSITION, 0.01};
+    // beyond the warp gate's limits (E <= 256, K + 1 <= 16): the per-thread gate kernel
+    Case many{"T50_K2_E300_threadgate", 50, 12, 16, 300, 2, MOE_ACTIVATION_GELU,
+              MOE_GATE_TOPK_OF_SOFTMAX, 1, 1, 1, 2.0, MOE_PRIORITY_SCORE, 0.01};
+    Case deep{"T40_K16_E32_threadgate", 40, 12, 8, 32, 16, MOE_ACTIVATION_RELU,
+              MOE_GATE_SOFTMAX_OF_TOPK, 1, 1, 0, 0.0, MOE_PRIORITY_POSITION, 0.01};
     cs.push_back(one), cs.push_back(big), cs.push_back(tight), cs.push_back(wide);
+    cs.push_back(many), cs.push_back(deep);
     return cs;
 }
 
