@@ -319,7 +319,8 @@ static int gate_use_warp(const moe_k_gate_args_t *a) {
         const char *v = getenv("MOE_CUDA_GATE");
         forced = v && strcmp(v, "thread") == 0;
     }
-    return !forced && a->E <= 256 && a->K1 <= MOE_K_GATE_MAXK1;
+    /* a selection bias (loss-free balancing) takes the per-thread path, whose top-k applies it */
+    return !forced && a->E <= 256 && a->K1 <= MOE_K_GATE_MAXK1 && a->score_bias == NULL;
 }
 
 extern "C" int64_t moe_k_gate_num_blocks(int64_t T) {

@@ -33,6 +33,7 @@ typedef struct moe_k_gate_args {
     uint64_t seed, call;
     uint32_t rank;
     const float *logits;    /* (T, E) */
+    const float *score_bias; /* (E) selection bias of loss-free balancing, or NULL */
     const float *noise_raw; /* (T, E) x Wn, when noisy */
     float *eps, *h;         /* (T, E) written when noisy */
     float *lse;             /* (T) */
