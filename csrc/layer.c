@@ -153,11 +153,8 @@ static moe_status_t alloc_params(moe_layer_t *L) {
         const void *src = host;
         if (esz == 2) {
             for (int64_t i = 0; i < s->numel[p]; ++i)
-                host16[i] = s->cfg.dtype == MOE_DTYPE_BF16 ? moe_f32_to_bf16(host[i]) : 0;
-            if (s->cfg.dtype == MOE_DTYPE_F16) {
-                st = MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "f16 parameter storage");
-                goto done;
-            }
+                host16[i] = s->cfg.dtype == MOE_DTYPE_BF16 ? moe_f32_to_bf16(host[i])
+                                                           : moe_f32_to_f16(host[i]);
             src = host16;
         }
         MOE_CHECK_GOTO(ops->copy(ctx, s->param[p], src, bytes, MOE_COPY_H2D, NULL), st, done);

@@ -276,7 +276,10 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
                        (long long)L->forced_T, (long long)T);
     /* refuse bad input before anything changes: the last forward stays readable */
     int64_t bad = 0;
-    if (T > 0) MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
+    if (T > 0 && ops->count_nonfinite_typed)
+        MOE_CHECK(ops->count_nonfinite_typed(ctx, x, s->cfg.dtype, T * s->D, &bad, stream));
+    else if (T > 0)
+        MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
     if (ep) {
         /* every rank must take the same way out, or the peers would wait for this one */
         double any = (double)bad;

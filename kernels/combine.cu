@@ -1,6 +1,7 @@
 /* combine.cu - y[t] = sum_j kept g[t, j] yp[row[t, j]] (j order, no atomics) and its backward:
  * dyp[row] = g dy[t] and dg[t, j] = <dy[t], yp[row]>. One block per token; rows move in 16-byte
- * vectors when D allows. */
+ * vectors when D allows. With gate == NULL the same kernel is the un-permute of dx (a plain
+ * sum: 1.0f * v is exact, so the result is the sum's). */
 #include "kernels/common.cuh"
 #include "kernels/kernels.h"
 
@@ -40,7 +41,7 @@ __global__ void combine_fwd_kernel(const S *yp, const int32_t *row, const float 
         for (int64_t j = 0; j < K; ++j) { /* j order: deterministic */
             int32_t r = row[t * K + j];
             if (r < 0) continue;
-            float g = gate[t * K + j], val[V];
+            float g = gate ? gate[t * K + j] : 1.0f, val[V]; /* no gates: a plain sum */
             vio<S, V>::load(yp + (int64_t)r * D + i * V, val);
 #pragma unroll
             for (int v = 0; v < V; ++v) acc[v] += g * val[v];

@@ -30,7 +30,7 @@ extern "C" cublasStatus_t moe_k_gemm_grouped(cublasHandle_t h, int ta, int tb, i
                                              const void *const *A, const int *lda,
                                              const void *const *B, const int *ldb, float beta,
                                              void *const *C, const int *ldc, int dtype,
-                                             void **ptrs_dev, cudaStream_t stream) {
+                                             int c_f32, void **ptrs_dev, cudaStream_t stream) {
     if (count <= 0) return CUBLAS_STATUS_SUCCESS;
     if (count > MOE_K_MAX_GROUPS) return CUBLAS_STATUS_INVALID_VALUE;
     /* column-major view: group g computes C_g^T (n, m) = op(B_g)^T op(A_g)^T */
@@ -54,10 +54,10 @@ extern "C" cublasStatus_t moe_k_gemm_grouped(cublasHandle_t h, int ta, int tb, i
     if (cudaMemcpyAsync(ptrs_dev, hp, 3 * (size_t)count * sizeof(void *),
                         cudaMemcpyHostToDevice, stream) != cudaSuccess)
         return CUBLAS_STATUS_EXECUTION_FAILED;
-    cudaDataType_t t = cuda_type(dtype);
+    cudaDataType_t t = cuda_type(dtype), tc = c_f32 ? CUDA_R_32F : t;
     return cublasGemmGroupedBatchedEx(h, opa, opb, gm, gn, k, al, (const void *const *)ptrs_dev,
                                       t, ldb, (const void *const *)(ptrs_dev + count), t, lda,
-                                      be, (void *const *)(ptrs_dev + 2 * count), t, ldc, count,
+                                      be, (void *const *)(ptrs_dev + 2 * count), tc, ldc, count,
                                       gs, CUBLAS_COMPUTE_32F);
 }
 
@@ -72,34 +72,40 @@ __device__ __forceinline__ int64_t expert_of(const int64_t *offsets, int64_t E_l
     return lo;
 }
 
-template <typename S>
-__global__ void fill_bias_kernel(S *C, int64_t n, const S *bias, const int64_t *offsets,
+template <typename SC, typename SB>
+__global__ void fill_bias_kernel(SC *C, int64_t n, const SB *bias, const int64_t *offsets,
                                  int64_t E_local) {
     const int64_t r = blockIdx.x;
-    const S *b = bias ? bias + expert_of(offsets, E_local, r) * n : nullptr;
+    const SB *b = bias ? bias + expert_of(offsets, E_local, r) * n : nullptr;
     for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
-        C[r * n + c] = b ? b[c] : S(0.0f);
+        moe_st(C + r * n + c, b ? moe_ld(b + c) : 0.0f);
 }
 
-extern "C" cudaError_t moe_k_fill_bias(void *C, int64_t N, int64_t n, const void *bias,
-                                       const int64_t *offsets, int64_t E_local, int dtype,
-                                       cudaStream_t stream) {
+extern "C" cudaError_t moe_k_fill_bias(void *C, int c_f32, int64_t N, int64_t n,
+                                       const void *bias, const int64_t *offsets, int64_t E_local,
+                                       int dtype, cudaStream_t stream) {
     if (N == 0) return cudaSuccess;
-    MOE_K_DISPATCH(dtype, fill_bias_kernel<scalar_t><<<(unsigned)N, 256, 0, stream>>>(
-                              (scalar_t *)C, n, (const scalar_t *)bias, offsets, E_local));
+    MOE_K_DISPATCH(dtype, {
+        if (c_f32)
+            fill_bias_kernel<float, scalar_t><<<(unsigned)N, 256, 0, stream>>>(
+                (float *)C, n, (const scalar_t *)bias, offsets, E_local);
+        else
+            fill_bias_kernel<scalar_t, scalar_t><<<(unsigned)N, 256, 0, stream>>>(
+                (scalar_t *)C, n, (const scalar_t *)bias, offsets, E_local);
+    });
     return cudaGetLastError();
 }
 
 template <typename S>
-__global__ void act_fwd_kernel(const S *H, S *A, int64_t N, int64_t F, int act) {
+__global__ void act_fwd_kernel(const float *H, S *A, int64_t N, int64_t F, int act) {
     const int64_t n = N * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         if (act == MOE_ACT_SWIGLU) {
             int64_t r = i / F, f = i % F;
-            moe_st(A + i, moe_swiglu_fwd(moe_ld(H + r * 2 * F + f), moe_ld(H + r * 2 * F + F + f)));
+            moe_st(A + i, moe_swiglu_fwd(H[r * 2 * F + f], H[r * 2 * F + F + f]));
         } else {
-            moe_st(A + i, moe_act_fwd(act, moe_ld(H + i)));
+            moe_st(A + i, moe_act_fwd(act, H[i]));
         }
     }
 }
@@ -109,38 +115,65 @@ static unsigned grid_for(int64_t n) {
     return b > 65536u ? 65536u : b;
 }
 
-extern "C" cudaError_t moe_k_act_fwd(const void *H, void *A, int64_t N, int64_t F, int act,
+extern "C" cudaError_t moe_k_act_fwd(const float *H, void *A, int64_t N, int64_t F, int act,
                                      int dtype, cudaStream_t stream) {
     if (N == 0) return cudaSuccess;
     MOE_K_DISPATCH(dtype, act_fwd_kernel<scalar_t><<<grid_for(N * F), 256, 0, stream>>>(
-                              (const scalar_t *)H, (scalar_t *)A, N, F, act));
+                              H, (scalar_t *)A, N, F, act));
     return cudaGetLastError();
 }
 
 template <typename S>
-__global__ void act_bwd_kernel(const S *H, const S *dA, S *dH, int64_t N, int64_t F, int act) {
+__global__ void act_bwd_kernel(const float *H, const float *dA, S *dH, int64_t N, int64_t F,
+                               int act) {
     const int64_t n = N * F;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         if (act == MOE_ACT_SWIGLU) {
             int64_t r = i / F, f = i % F;
             float dg, du;
-            moe_swiglu_bwd(moe_ld(H + r * 2 * F + f), moe_ld(H + r * 2 * F + F + f), moe_ld(dA + i),
-                           &dg, &du);
+            moe_swiglu_bwd(H[r * 2 * F + f], H[r * 2 * F + F + f], dA[i], &dg, &du);
             moe_st(dH + r * 2 * F + f, dg);
             moe_st(dH + r * 2 * F + F + f, du);
         } else {
-            moe_st(dH + i, moe_ld(dA + i) * moe_act_grad(act, moe_ld(H + i)));
+            moe_st(dH + i, dA[i] * moe_act_grad(act, H[i]));
         }
     }
 }
 
-extern "C" cudaError_t moe_k_act_bwd(const void *H, const void *dA, void *dH, int64_t N,
+extern "C" cudaError_t moe_k_act_bwd(const float *H, const float *dA, void *dH, int64_t N,
                                      int64_t F, int act, int dtype, cudaStream_t stream) {
     if (N == 0) return cudaSuccess;
     MOE_K_DISPATCH(dtype, act_bwd_kernel<scalar_t><<<grid_for(N * F), 256, 0, stream>>>(
-                              (const scalar_t *)H, (const scalar_t *)dA, (scalar_t *)dH, N, F,
-                              act));
+                              H, dA, (scalar_t *)dH, N, F, act));
+    return cudaGetLastError();
+}
+
+template <typename S> __global__ void to_f32_kernel(const S *src, int64_t n, float *dst) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = moe_ld(src + i);
+}
+
+extern "C" cudaError_t moe_k_to_f32(const void *src, int dtype, int64_t n, float *dst,
+                                    cudaStream_t stream) {
+    if (n == 0) return cudaSuccess;
+    MOE_K_DISPATCH(dtype, to_f32_kernel<scalar_t><<<grid_for(n), 256, 0, stream>>>(
+                              (const scalar_t *)src, n, dst));
+    return cudaGetLastError();
+}
+
+template <typename S> __global__ void add_f32_kernel(S *dst, const float *src, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        moe_st(dst + i, moe_ld(dst + i) + src[i]);
+}
+
+extern "C" cudaError_t moe_k_add_f32(void *dst, int dtype, const float *src, int64_t n,
+                                     cudaStream_t stream) {
+    if (n == 0) return cudaSuccess;
+    MOE_K_DISPATCH(dtype, add_f32_kernel<scalar_t><<<grid_for(n), 256, 0, stream>>>(
+                              (scalar_t *)dst, src, n));
     return cudaGetLastError();
 }
 

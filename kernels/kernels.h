@@ -17,7 +17,8 @@
 extern "C" {
 #endif
 
-/* tokens per block of the gate kernels: the fixed reduction blocks of docs/semantics.md */
+/* tokens per block of the per-thread gate kernel (the CPU backend's reduction blocks); the
+ * warp-cooperative path sums blocks of 16 tokens */
 #define MOE_K_GATE_BLOCK 256
 
 /* ---- gate.cu ------------------------------------------------------------------------------ */
@@ -44,6 +45,9 @@ typedef struct moe_k_gate_args {
     double *red;            /* (3E + 1) totals: prob, importance, load, z */
     int64_t *counts;        /* (E) assignments per expert before dropping */
 } moe_k_gate_args_t;
+
+/* Blocks of token partials the gate pass may write for T tokens: size of part / cnt_part. */
+int64_t moe_k_gate_num_blocks(int64_t T);
 
 /* Gate pass after the router GEMMs: noise, softplus, top-k, gates, lse and the per-expert sums
  * (block partials of MOE_K_GATE_BLOCK tokens, then a fixed-order sum over blocks). */
@@ -98,7 +102,7 @@ cudaError_t moe_k_unpermute(const void *dxp, const int32_t *row, int64_t T, int6
 
 /* ---- combine.cu --------------------------------------------------------------------------- */
 
-/* y[t] = sum_j kept(t, j) g[t, j] yp[row[t, j]] in j order */
+/* y[t] = sum_j kept(t, j) g[t, j] yp[row[t, j]] in j order (gate NULL: g = 1) */
 cudaError_t moe_k_combine_fwd(const void *yp, const int32_t *row, const float *gate, int64_t T,
                               int64_t K, int64_t D, int dtype, void *y, cudaStream_t stream);
 
@@ -116,26 +120,34 @@ cublasStatus_t moe_k_gemm(cublasHandle_t h, int ta, int tb, int64_t m, int64_t n
                           void *C, int64_t ldc, int dtype, int c_f32);
 
 /* One group of per-expert GEMMs in one cuBLAS call (cublasGemmGroupedBatchedEx):
- * for g < count, C_g (m_g, n, ) = op(A_g) op(B_g) + beta C_g, row-major, shared n, k, lds.
- * ptrs: device scratch of 3 * count pointers; hptrs: pinned host staging of the same size. */
+ * for g < count, C_g (m_g, n_g) = op(A_g) op(B_g) + beta C_g, row-major, one group per expert.
+ * ptrs_dev: device scratch of 3 * count pointers (uploaded from a pageable host copy). */
 cublasStatus_t moe_k_gemm_grouped(cublasHandle_t h, int ta, int tb, int count,
                                   const int *m, const int *n, const int *k,
                                   const void *const *A, const int *lda, const void *const *B,
                                   const int *ldb, float beta, void *const *C, const int *ldc,
-                                  int dtype, void **ptrs_dev, cudaStream_t stream);
+                                  int dtype, int c_f32, void **ptrs_dev, cudaStream_t stream);
 
-/* rows of C (N, n): C[r] = bias[expert of r] (offsets (E_local + 1) device, local rows) or 0 */
-cudaError_t moe_k_fill_bias(void *C, int64_t N, int64_t n, const void *bias,
+/* rows of C (N, n): C[r] = bias[expert of r] (offsets (E_local + 1) device, local rows) or 0.
+ * bias in dtype; C in f32 when c_f32, else in dtype. */
+cudaError_t moe_k_fill_bias(void *C, int c_f32, int64_t N, int64_t n, const void *bias,
                             const int64_t *offsets, int64_t E_local, int dtype,
                             cudaStream_t stream);
 
-/* A (N, F) = act(H) with H (N, F2); SWIGLU: A = silu(H[:, :F]) * H[:, F:] */
-cudaError_t moe_k_act_fwd(const void *H, void *A, int64_t N, int64_t F, int act, int dtype,
+/* A (N, F, dtype) = act(H) with H (N, F2, f32); SWIGLU: A = silu(H[:, :F]) * H[:, F:] */
+cudaError_t moe_k_act_fwd(const float *H, void *A, int64_t N, int64_t F, int act, int dtype,
                           cudaStream_t stream);
 
-/* dH (N, F2) from dA (N, F) and H */
-cudaError_t moe_k_act_bwd(const void *H, const void *dA, void *dH, int64_t N, int64_t F,
+/* dH (N, F2, dtype) from dA (N, F, f32) and H (f32) */
+cudaError_t moe_k_act_bwd(const float *H, const float *dA, void *dH, int64_t N, int64_t F,
                           int act, int dtype, cudaStream_t stream);
+
+/* dst (n, f32) = src (n, dtype) */
+cudaError_t moe_k_to_f32(const void *src, int dtype, int64_t n, float *dst, cudaStream_t stream);
+
+/* dst (n, dtype) += src (n, f32), one rounding */
+cudaError_t moe_k_add_f32(void *dst, int dtype, const float *src, int64_t n,
+                          cudaStream_t stream);
 
 /* dB[le] (n) += column sums of rows [offsets[le], offsets[le+1]) of A (N, n), rows in order */
 cudaError_t moe_k_colsum_add(void *dB, const void *A, int64_t n, const int64_t *offsets,

@@ -105,18 +105,22 @@ extern "C" cudaError_t moe_k_route(const moe_k_route_args_t *a, cudaStream_t str
 
 /* ---- row movement --------------------------------------------------------------------------- */
 
-/* one block per token: copy x[t] to every kept row of t, 16 bytes per thread when rows allow */
+/* one block per token: x[t] is read once, 16 bytes per thread when rows allow, and written to
+ * every kept row of t */
 template <typename V>
 __global__ void permute_kernel(const V *x, const int32_t *row, int64_t T, int64_t K,
                                int64_t nv, V *xp) {
     const int64_t t = blockIdx.x;
     const V *src = x + t * nv;
-    for (int64_t j = 0; j < K; ++j) {
-        int32_t r = row[t * K + j];
-        if (r < 0) continue;
-        V *dst = xp + (int64_t)r * nv;
-        for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) dst[i] = src[i];
+    const int32_t *rt = row + t * K;
+    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+        const V v = src[i];
+        for (int64_t j = 0; j < K; ++j) {
+            const int32_t r = rt[j];
+            if (r >= 0) xp[(int64_t)r * nv + i] = v;
+        }
     }
+    (void)T;
 }
 
 extern "C" cudaError_t moe_k_permute(const void *x, const int32_t *row, int64_t T, int64_t K,
@@ -124,7 +128,7 @@ extern "C" cudaError_t moe_k_permute(const void *x, const int32_t *row, int64_t 
     const int64_t bytes = D * (dtype == MOE_K_F32 ? 4 : 2);
     const int aligned = ((uintptr_t)x % 16 == 0) && ((uintptr_t)xp % 16 == 0);
     if (aligned && bytes % 16 == 0)
-        permute_kernel<uint4><<<(unsigned)T, 128, 0, stream>>>((const uint4 *)x, row, T, K,
+        permute_kernel<uint4><<<(unsigned)T, 256, 0, stream>>>((const uint4 *)x, row, T, K,
                                                                 bytes / 16, (uint4 *)xp);
     else if (bytes % 4 == 0)
         permute_kernel<uint32_t><<<(unsigned)T, 128, 0, stream>>>((const uint32_t *)x, row, T, K,
@@ -135,26 +139,10 @@ extern "C" cudaError_t moe_k_permute(const void *x, const int32_t *row, int64_t 
     return cudaGetLastError();
 }
 
-/* dx[t] = sum_j dxp[row[t, j]], f32 accumulation in j order */
-template <typename S>
-__global__ void unpermute_kernel(const S *dxp, const int32_t *row, int64_t K, int64_t D,
-                                 S *dx) {
-    const int64_t t = blockIdx.x;
-    const int64_t d = blockIdx.y * (int64_t)blockDim.x + threadIdx.x;
-    if (d >= D) return;
-    float acc = 0.0f;
-    for (int64_t j = 0; j < K; ++j) {
-        int32_t r = row[t * K + j];
-        if (r >= 0) acc += moe_ld(dxp + (int64_t)r * D + d);
-    }
-    moe_st(dx + t * D + d, acc);
-}
-
+/* dx[t] = sum_j dxp[row[t, j]], f32 accumulation in j order: combine.cu's vectorised kernel
+ * with no gates */
 extern "C" cudaError_t moe_k_unpermute(const void *dxp, const int32_t *row, int64_t T,
                                        int64_t K, int64_t D, int dtype, void *dx,
                                        cudaStream_t stream) {
-    dim3 grid((unsigned)T, moe_k_blocks(D, 256));
-    MOE_K_DISPATCH(dtype, unpermute_kernel<scalar_t><<<grid, 256, 0, stream>>>(
-                              (const scalar_t *)dxp, row, K, D, (scalar_t *)dx));
-    return cudaGetLastError();
+    return moe_k_combine_fwd(dxp, row, NULL, T, K, D, dtype, dx, stream);
 }

@@ -90,6 +90,10 @@ if step "configure" build.log 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_
         -DMOE_ENABLE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" "${cmake_extra[@]}" &&
    step "build (-Werror, arch $ARCH)" build.log 300 cmake --build "$BUILD" -j "$(nproc)"; then
     step "test suite (ctest)" ctest.log 200 ctest --test-dir "$BUILD" -j 8 --output-on-failure
+    # the same GPU tests through the other code paths: the per-thread gate kernel and one
+    # grouped cuBLAS call per expert GEMM (the defaults are the warp gate and a GEMM loop)
+    step "GPU tests, alternate paths (MOE_CUDA_GATE=thread MOE_CUDA_GEMM=grouped)" ctest.log 150 \
+        env MOE_CUDA_GATE=thread MOE_CUDA_GEMM=grouped "$TB" --gtest_brief=1
     step "kernel benchmarks" bench.log 150 "$BUILD/moe_kernel_bench"
     # the benchmark's table is the tail of its log
     sed -n '/^## libmoe kernel benchmark/,$p' "$OUTDIR/bench.log" >"$OUTDIR/bench.md"

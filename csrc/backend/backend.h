@@ -69,6 +69,8 @@ typedef struct moe_layer_state {
     int have_forward;     /* a forward has succeeded */
     int64_t num_rows;     /* kept assignments = rows of xp */
 
+    /* x, xp, act, yp, dyp, dhpre, dxp hold values of cfg.dtype (f32 on the CPU backend; the
+     * CUDA backend reads them through void pointers when the dtype is 16-bit); the rest is f32 */
     float *score_bias; /* (E) selection bias of loss-free balancing, backend memory, or NULL */
     float *x, *logits, *noise_raw, *eps, *h, *lse;
     int32_t *idx, *row;
@@ -112,6 +114,9 @@ struct moe_backend_ops {
     /* *num_bad = count of NaN/Inf among n floats of x (host value on return) */
     moe_status_t (*count_nonfinite)(moe_context_t *ctx, const void *x, int64_t n,
                                     int64_t *num_bad, void *stream);
+    /* optional: the same for n values of x stored in dtype (used instead when not NULL) */
+    moe_status_t (*count_nonfinite_typed)(moe_context_t *ctx, const void *x, moe_dtype_t dtype,
+                                          int64_t n, int64_t *num_bad, void *stream);
 
     /* forward ops, in call order */
     moe_status_t (*gate_fwd)(moe_context_t *ctx, moe_layer_state_t *s, void *stream);

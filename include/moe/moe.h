@@ -70,7 +70,7 @@ MOE_API void moe_get_version(int *major, int *minor, int *patch);
 typedef enum moe_backend { MOE_BACKEND_CPU = 0, MOE_BACKEND_CUDA = 1 } moe_backend_t;
 
 /* Storage type of x, y, parameters and gradients. Accumulation is always f32. The CPU backend
- * supports F32 only (BF16/F16 give MOE_STATUS_NOT_SUPPORTED). */
+ * supports F32 only (BF16/F16 give MOE_STATUS_NOT_SUPPORTED); the CUDA backend all three. */
 typedef enum moe_dtype { MOE_DTYPE_F32 = 0, MOE_DTYPE_BF16 = 1, MOE_DTYPE_F16 = 2 } moe_dtype_t;
 
 typedef enum moe_activation {

@@ -5,7 +5,10 @@
 // whatever the summation order: the logits agree bit for bit, and so must the chosen experts,
 // the slots, counts, offsets and kept flags. Every float tensor is then compared by max-norm
 // relative error, max|gpu - cpu| / max|cpu|, against 1e-5 for f32 storage (a few ulps of f32
-// after sums of a few hundred terms; libm and CUDA's expf/erff differ by up to 2 ulp).
+// after sums of a few hundred terms; libm and CUDA's expf/erff differ by up to 2 ulp). With
+// bf16 / f16 storage the CPU layer gets the same 16-bit values widened to f32, and the bound is
+// 1e-2: the GPU rounds x.W1, act, y and the gradients to 8 (bf16) or 11 (f16) mantissa bits
+// between stages, a relative error of 2^-9 to 2^-12 per rounding, a few roundings deep.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -17,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "layer.h"
 #include "moe/moe.h"
 
@@ -128,7 +132,13 @@ std::vector<Case> make_grid() {
                MOE_GATE_SOFTMAX_OF_TOPK, 1, 0, 0, 0.01, MOE_PRIORITY_POSITION, 0.01};
     Case wide{"T64_K8_E64_D130", 64, 130, 40, 64, 8, MOE_ACTIVATION_SILU,
               MOE_GATE_TOPK_OF_SOFTMAX, 1, 1, 1, 1.25, MOE_PRIORITY_POSITION, 0.01};
+    // beyond the warp gate's limits (E <= 256, K + 1 <= 16): the per-thread gate kernel
+    Case many{"T50_K2_E300_threadgate", 50, 12, 16, 300, 2, MOE_ACTIVATION_GELU,
+              MOE_GATE_TOPK_OF_SOFTMAX, 1, 1, 1, 2.0, MOE_PRIORITY_SCORE, 0.01};
+    Case deep{"T40_K16_E32_threadgate", 40, 12, 8, 32, 16, MOE_ACTIVATION_RELU,
+              MOE_GATE_SOFTMAX_OF_TOPK, 1, 1, 0, 0.0, MOE_PRIORITY_POSITION, 0.01};
     cs.push_back(one), cs.push_back(big), cs.push_back(tight), cs.push_back(wide);
+    cs.push_back(many), cs.push_back(deep);
     return cs;
 }
 
@@ -312,6 +322,138 @@ TEST_P(CudaLayer, MatchesCpuBackend) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, CudaLayer, testing::ValuesIn(make_grid()), case_name);
 
+// ---- 16-bit storage ---------------------------------------------------------------------------
+
+float from16(uint16_t v, moe_dtype_t dt) {
+    return dt == MOE_DTYPE_BF16 ? moe_bf16_to_f32(v) : moe_f16_to_f32(v);
+}
+uint16_t to16(float v, moe_dtype_t dt) {
+    return dt == MOE_DTYPE_BF16 ? moe_f32_to_bf16(v) : moe_f32_to_f16(v);
+}
+
+// device values of dtype dt (16-bit) widened to f32
+std::vector<float> d2f(const void *p, size_t n, moe_dtype_t dt) {
+    auto raw = d2h<uint16_t>(p, n);
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; ++i) v[i] = from16(raw[i], dt);
+    return v;
+}
+
+struct Case16 {
+    Case c;
+    moe_dtype_t dt;
+};
+
+void PrintTo(const Case16 &c, std::ostream *os) { *os << c.c.name; }
+
+std::vector<Case16> make_grid16() {
+    std::vector<Case> g = make_grid();
+    std::vector<Case16> out;
+    static std::vector<std::string> names;
+    names.reserve(64);
+    // every third case of the f32 grid (all activations, gate orders, capacities appear), twice
+    for (size_t i = 0; i < g.size(); i += 3)
+        for (moe_dtype_t dt : {MOE_DTYPE_BF16, MOE_DTYPE_F16}) {
+            names.push_back(std::string(dt == MOE_DTYPE_BF16 ? "bf16_" : "f16_") + g[i].name);
+            Case16 c{g[i], dt};
+            c.c.name = names.back().c_str();
+            out.push_back(c);
+        }
+    return out;
+}
+
+std::string case16_name(const testing::TestParamInfo<Case16> &i) { return i.param.c.name; }
+
+class CudaLayer16 : public testing::TestWithParam<Case16> {};
+
+TEST_P(CudaLayer16, MatchesCpuBackendOnWidenedValues) {
+    REQUIRE_GPU();
+    const Case c = GetParam().c;
+    const moe_dtype_t dt = GetParam().dt;
+    moe_layer_config_t cfg = config_of(c), cfg16 = cfg;
+    cfg16.dtype = dt;
+    Pair p;
+    CK(moe_context_create(&p.cpu, MOE_BACKEND_CPU, 0, nullptr));
+    CK(moe_context_create(&p.gpu, MOE_BACKEND_CUDA, 0, nullptr));
+    CK(moe_layer_create(&p.lc, p.cpu, &cfg));
+    CK(moe_layer_create(&p.lg, p.gpu, &cfg16));
+    std::mt19937 rng(2000 + (unsigned)c.T);
+    // parameters: the router dyadic (exact in 16 bits), the experts rounded to 16 bits; the CPU
+    // layer holds the same values widened
+    for (int w = 0; w < MOE_PARAM_COUNT; ++w) {
+        void *vc = nullptr, *vg = nullptr;
+        int64_t n = 0;
+        CK(moe_layer_param(p.lc, (moe_param_t)w, &vc, nullptr, &n));
+        CK(moe_layer_param(p.lg, (moe_param_t)w, &vg, nullptr, nullptr));
+        if (!n) continue;
+        float *f = (float *)vc;
+        if (w == MOE_PARAM_ROUTER_WEIGHT || w == MOE_PARAM_NOISE_WEIGHT) {
+            std::vector<float> v = dyadic((size_t)n, 64, 256.0f, rng);
+            std::memcpy(f, v.data(), (size_t)n * 4);
+        }
+        std::vector<uint16_t> h((size_t)n);
+        for (int64_t i = 0; i < n; ++i) {
+            h[i] = to16(f[i], dt);
+            f[i] = from16(h[i], dt);
+        }
+        CU(cudaMemcpy(vg, h.data(), (size_t)n * 2, cudaMemcpyHostToDevice));
+    }
+    const int64_t T = c.T, D = c.D, E = c.E, K = c.K, K1 = std::min(K + 1, E);
+    std::vector<float> x = dyadic((size_t)(T * D), 8, 8.0f, rng), dy((size_t)(T * D));
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<uint16_t> x16(x.size()), dy16(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+        x16[i] = to16(x[i], dt);
+        dy16[i] = to16(nd(rng), dt);
+        dy[i] = from16(dy16[i], dt);
+    }
+    std::vector<float> y(x.size()), dx(x.size());
+    void *xd, *yd, *dyd, *dxd;
+    CU(cudaMalloc(&xd, x.size() * 2));
+    CU(cudaMalloc(&yd, x.size() * 2));
+    CU(cudaMalloc(&dyd, x.size() * 2));
+    CU(cudaMalloc(&dxd, x.size() * 2));
+    CU(cudaMemcpy(xd, x16.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dyd, dy16.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CU(cudaMemset(yd, 0xFF, x.size() * 2)); // NaN poison in both formats
+    CU(cudaMemset(dxd, 0xFF, x.size() * 2));
+    const double tol = 1e-2;
+    for (int step = 0; step < 2; ++step) {
+        SCOPED_TRACE("step " + std::to_string(step));
+        CK(moe_layer_forward(p.lc, x.data(), y.data(), T, 1, nullptr));
+        CK(moe_layer_forward(p.lg, xd, yd, T, 1, nullptr));
+        CU(cudaDeviceSynchronize());
+        const moe_layer_state_t &sc = p.lc->s, &sg = p.lg->s;
+        // the router runs in f32 on exact widened values: routing identical to the CPU's
+        expect_equal<float>("logits", sg.logits, sc.logits, T * E);
+        expect_equal<int32_t>("idx", sg.idx, sc.idx, T * K1);
+        expect_equal<int32_t>("row", sg.row, sc.row, T * K);
+        for (int64_t e = 0; e <= E; ++e) EXPECT_EQ(sg.offsets_h[e], sc.offsets_h[e]) << e;
+        expect_close("gate", sg.gate, sc.gate, T * K);
+        const int64_t N = sc.num_rows;
+        EXPECT_EQ(d2f(sg.xp, N * D, dt), h2v<float>(sc.xp, N * D)) << "xp";
+        EXPECT_LE(rel_err(d2f(sg.yp, N * D, dt), h2v<float>(sc.yp, N * D)), tol) << "yp";
+        EXPECT_LE(rel_err(d2f(yd, T * D, dt), y), tol) << "y";
+        CK(moe_layer_backward(p.lc, dy.data(), dx.data(), nullptr));
+        CK(moe_layer_backward(p.lg, dyd, dxd, nullptr));
+        CU(cudaDeviceSynchronize());
+        expect_close("dg", sg.dg, sc.dg, T * K, tol);
+        expect_close("dlogits", sg.dlogits, sc.dlogits, T * E, tol);
+        EXPECT_LE(rel_err(d2f(dxd, T * D, dt), dx), tol) << "dx";
+        static const char *pn[] = {"dWg", "dWn", "dW1", "db1", "dW2", "db2"};
+        for (int w = 0; w < MOE_PARAM_COUNT; ++w) {
+            if (!sc.numel[w]) continue;
+            EXPECT_LE(rel_err(d2f(sg.grad[w], sc.numel[w], dt), h2v<float>(sc.grad[w], sc.numel[w])),
+                      tol)
+                << pn[w];
+        }
+        if (HasFailure()) break;
+    }
+    cudaFree(xd), cudaFree(yd), cudaFree(dyd), cudaFree(dxd);
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid16, CudaLayer16, testing::ValuesIn(make_grid16()), case16_name);
+
 // same inputs, same stream: bitwise identical outputs and gradients (no float atomics)
 TEST(CudaLayerDeterminism, RunToRun) {
     REQUIRE_GPU();
@@ -387,6 +529,29 @@ TEST(CudaContext, NoDeviceIsNotSupported) {
     EXPECT_EQ(ctx, nullptr);
     EXPECT_NE(std::string(moe_last_error()).find("no usable CUDA device"), std::string::npos)
         << moe_last_error();
+}
+
+} // namespace
+
+namespace {
+
+// the host f16 conversions that stage 16-bit parameters (csrc/core/dtype.h); no GPU needed
+TEST(Dtype16, HalfConversionRoundsToNearestEven) {
+    auto bits = [](float f) { return moe_f32_to_f16(f); };
+    EXPECT_EQ(bits(1.0f), 0x3C00);
+    EXPECT_EQ(bits(-2.0f), 0xC000);
+    EXPECT_EQ(bits(65504.0f), 0x7BFF);
+    EXPECT_EQ(bits(65519.0f), 0x7BFF);
+    EXPECT_EQ(bits(65520.0f), 0x7C00);                 // rounds to Inf
+    EXPECT_EQ(bits(std::ldexp(1.0f, -24)), 0x0001);    // smallest subnormal
+    EXPECT_EQ(bits(std::ldexp(1.0f, -25)), 0x0000);    // tie to even: zero
+    EXPECT_EQ(bits(std::ldexp(1.5f, -25)), 0x0001);
+    EXPECT_EQ(bits(std::ldexp(1.0f, -14)), 0x0400);    // smallest normal
+    EXPECT_EQ(bits(1.0f + std::ldexp(1.0f, -11)), 0x3C00); // tie to even
+    EXPECT_EQ(bits(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3C02);
+    EXPECT_EQ(bits(NAN) & 0x7C00, 0x7C00);
+    for (uint32_t h = 0; h < 0x7C00; ++h) // every finite positive half survives a round trip
+        ASSERT_EQ(moe_f32_to_f16(moe_f16_to_f32((uint16_t)h)), h) << h;
 }
 
 } // namespace

@@ -36,7 +36,10 @@ typedef struct cu_layer {
     float *fkeys_in, *fkeys_out;
     void *cub_temp;
     size_t cub_bytes;
+    float *x32, *dx32; /* (T, D) f32 copies of x / the router's share of dx (16-bit dtypes) */
     /* E-sized, made once */
+    float *w32;         /* (2, D, E) f32 copies of Wg, Wn: the router runs in f32 (16-bit dtypes) */
+    float *dw32;        /* (D, E) router weight gradient before it is added in the dtype */
     double *red;        /* (3E + 1) device totals */
     int64_t *counts_d;  /* (E) */
     int64_t *claim_d;   /* (E) */
@@ -153,13 +156,13 @@ static moe_status_t cu_sync(moe_context_t *ctx, void *stream) {
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_count_nonfinite(moe_context_t *ctx, const void *x, int64_t n,
-                                       int64_t *num_bad, void *stream) {
+static moe_status_t cu_count_nonfinite_typed(moe_context_t *ctx, const void *x,
+                                             moe_dtype_t dtype, int64_t n, int64_t *num_bad,
+                                             void *stream) {
     cu_context_t *c = cu_ctx(ctx);
     cudaStream_t st = (cudaStream_t)stream;
     MOE_CHECK(cu_enter(ctx, stream));
-    /* x is f32 until the layer stores other dtypes (see moe_cuda layer_init) */
-    MOE_CUDA_CHECK(moe_k_count_nonfinite(x, MOE_DTYPE_F32, n, c->count_d, st));
+    MOE_CUDA_CHECK(moe_k_count_nonfinite(x, (int)dtype, n, c->count_d, st));
     MOE_CUDA_CHECK(cudaMemcpyAsync(c->count_h, c->count_d, sizeof *c->count_h,
                                    cudaMemcpyDeviceToHost, st));
     MOE_CUDA_CHECK(cudaStreamSynchronize(st));
@@ -167,19 +170,25 @@ static moe_status_t cu_count_nonfinite(moe_context_t *ctx, const void *x, int64_
     return MOE_STATUS_SUCCESS;
 }
 
+static moe_status_t cu_count_nonfinite(moe_context_t *ctx, const void *x, int64_t n,
+                                       int64_t *num_bad, void *stream) {
+    return cu_count_nonfinite_typed(ctx, x, MOE_DTYPE_F32, n, num_bad, stream);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * per-layer state
  * ------------------------------------------------------------------------------------------- */
 
 static void cu_free_tokens(cu_layer_t *L) {
-    void *p[] = {L->gate_scr, L->part,      L->cnt_part, L->keys_in,  L->keys_out,
-                 L->vals_in,  L->vals_out,  L->fkeys_in, L->fkeys_out, L->cub_temp};
+    void *p[] = {L->gate_scr, L->part,      L->cnt_part,  L->keys_in,  L->keys_out, L->vals_in,
+                 L->vals_out, L->fkeys_in,  L->fkeys_out, L->cub_temp, L->x32,      L->dx32};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; ++i) cudaFree(p[i]);
     L->gate_scr = NULL, L->part = NULL, L->cnt_part = NULL;
     L->keys_in = L->keys_out = L->vals_in = L->vals_out = NULL;
     L->fkeys_in = L->fkeys_out = NULL;
     L->cub_temp = NULL;
     L->cub_bytes = 0;
+    L->x32 = L->dx32 = NULL;
     L->cap_tokens = 0;
 }
 
@@ -189,7 +198,7 @@ static void cu_layer_fini(moe_context_t *ctx, moe_layer_state_t *s) {
     (void)cudaSetDevice(ctx->device);
     cu_free_tokens(L);
     cudaFree(L->red), cudaFree(L->counts_d), cudaFree(L->claim_d), cudaFree(L->offsets_d);
-    cudaFree(L->coefs_d), cudaFree(L->gemm_ptrs);
+    cudaFree(L->coefs_d), cudaFree(L->gemm_ptrs), cudaFree(L->w32), cudaFree(L->dw32);
     cudaFreeHost(L->red_h), cudaFreeHost(L->counts_h);
     free(L);
     s->impl = NULL;
@@ -206,16 +215,16 @@ static moe_status_t cu_layer_alloc_experts(cu_layer_t *L, const moe_layer_state_
     MOE_CU_ALLOC(L->offsets_d, E + 1);
     MOE_CU_ALLOC(L->coefs_d, 3 * E);
     MOE_CU_ALLOC(L->gemm_ptrs, 3 * s->E_local);
+    if (s->cfg.dtype != MOE_DTYPE_F32) {
+        MOE_CU_ALLOC(L->w32, 2 * s->D * E);
+        MOE_CU_ALLOC(L->dw32, s->D * E);
+    }
     MOE_CUDA_CHECK(cudaMallocHost((void **)&L->red_h, (size_t)(3 * E + 1) * sizeof(double)));
     MOE_CUDA_CHECK(cudaMallocHost((void **)&L->counts_h, (size_t)E * sizeof(int64_t)));
     return MOE_STATUS_SUCCESS;
 }
 
 static moe_status_t cu_layer_init(moe_context_t *ctx, moe_layer_state_t *s) {
-    if (s->cfg.dtype != MOE_DTYPE_F32)
-        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
-                       "cfg->dtype %s: the CUDA backend stores f32 only in this build",
-                       moe_dtype_name(s->cfg.dtype));
     MOE_CUDA_CHECK(cudaSetDevice(ctx->device));
     cu_layer_t *L = (cu_layer_t *)calloc(1, sizeof *L);
     if (!L) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "CUDA layer state");
@@ -230,7 +239,7 @@ static moe_status_t cu_layer_init(moe_context_t *ctx, moe_layer_state_t *s) {
 
 static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_layer_state_t *s, int64_t T) {
     const int64_t E = s->E, K = s->K, n = T * K;
-    const int64_t nblk = (T + MOE_K_GATE_BLOCK - 1) / MOE_K_GATE_BLOCK;
+    const int64_t nblk = moe_k_gate_num_blocks(T);
     int64_t per = 3 * E + s->K1 > 4 * E + K ? 3 * E + s->K1 : 4 * E + K;
     MOE_CU_ALLOC(L->gate_scr, T * per);
     MOE_CU_ALLOC(L->part, nblk * (3 * E + 1));
@@ -241,6 +250,10 @@ static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_layer_state_t *s, i
     MOE_CU_ALLOC(L->vals_out, n);
     MOE_CU_ALLOC(L->fkeys_in, n);
     MOE_CU_ALLOC(L->fkeys_out, n);
+    if (s->cfg.dtype != MOE_DTYPE_F32) {
+        MOE_CU_ALLOC(L->x32, T * s->D);
+        MOE_CU_ALLOC(L->dx32, T * s->D);
+    }
     size_t bytes = 0;
     MOE_CUDA_CHECK(moe_k_route_temp_bytes(n, E, &bytes));
     MOE_CUDA_CHECK(cudaMalloc(&L->cub_temp, bytes ? bytes : 1));
@@ -266,6 +279,27 @@ static moe_status_t cu_reserve(moe_layer_state_t *s, int64_t T) {
  * gate and routing
  * ------------------------------------------------------------------------------------------- */
 
+/* The router runs in f32 whatever the storage: with a 16-bit dtype, x and the router weights
+ * are widened into f32 scratch first (exactly: every 16-bit value is an f32 value). */
+static moe_status_t cu_router_f32(moe_layer_state_t *s, const void **x, const void **wg,
+                                  const void **wn, cudaStream_t st) {
+    cu_layer_t *L = (cu_layer_t *)s->impl;
+    const int dt = (int)s->cfg.dtype;
+    if (s->cfg.dtype == MOE_DTYPE_F32) return MOE_STATUS_SUCCESS;
+    const int64_t DE = s->D * s->E;
+    if (x) {
+        MOE_CUDA_CHECK(moe_k_to_f32(s->x, dt, s->T * s->D, L->x32, st));
+        *x = L->x32;
+    }
+    MOE_CUDA_CHECK(moe_k_to_f32(s->param[MOE_PARAM_ROUTER_WEIGHT], dt, DE, L->w32, st));
+    *wg = L->w32;
+    if (s->param[MOE_PARAM_NOISE_WEIGHT]) {
+        MOE_CUDA_CHECK(moe_k_to_f32(s->param[MOE_PARAM_NOISE_WEIGHT], dt, DE, L->w32 + DE, st));
+        *wn = L->w32 + DE;
+    }
+    return MOE_STATUS_SUCCESS;
+}
+
 static moe_status_t cu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
     cu_context_t *c = cu_ctx(ctx);
     cu_layer_t *L = (cu_layer_t *)s->impl;
@@ -273,11 +307,13 @@ static moe_status_t cu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *
     const int64_t T = s->T, D = s->D, E = s->E;
     MOE_CHECK(cu_enter(ctx, stream));
     MOE_CHECK(cu_reserve(s, T));
-    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, s->x, D, s->param[MOE_PARAM_ROUTER_WEIGHT],
-                                E, 0.0f, s->logits, E, MOE_DTYPE_F32, 1));
+    const void *x = s->x, *wg = s->param[MOE_PARAM_ROUTER_WEIGHT];
+    const void *wn = s->param[MOE_PARAM_NOISE_WEIGHT];
+    MOE_CHECK(cu_router_f32(s, &x, &wg, &wn, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, x, D, wg, E, 0.0f, s->logits, E,
+                                MOE_DTYPE_F32, 1));
     if (s->noisy_now)
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, s->x, D,
-                                    s->param[MOE_PARAM_NOISE_WEIGHT], E, 0.0f, s->noise_raw, E,
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, x, D, wn, E, 0.0f, s->noise_raw, E,
                                     MOE_DTYPE_F32, 1));
     moe_k_gate_args_t a;
     memset(&a, 0, sizeof a);
@@ -360,6 +396,7 @@ typedef struct {
     void *C;
     int64_t ldc, c_rows_stride, c_w_size;
     float beta;
+    int c_f32; /* C is f32 (else the layer's dtype) */
 } cu_gemm_plan_t;
 
 static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t *s,
@@ -374,7 +411,10 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
     const void *gA[MAXG], *gB[MAXG];
     void *gC[MAXG];
     int count = 0;
-    const int grouped = c->grouped_gemm && s->E_local <= MAXG;
+    /* cuBLAS 13.1's grouped call refuses 16-bit A/B with an f32 C (measured on H100): those
+     * GEMMs stay a loop in grouped mode too */
+    const int grouped = c->grouped_gemm && s->E_local <= MAXG &&
+                        !(p->c_f32 && s->cfg.dtype != MOE_DTYPE_F32);
     for (int64_t le = 0; le < s->E_local; ++le) {
         int64_t e = s->expert_begin + le;
         int64_t r0 = s->offsets_h[e] - base, rows = s->offsets_h[e + 1] - s->offsets_h[e];
@@ -384,11 +424,12 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
                         (size_t)(p->a_rows_stride ? r0 * p->a_rows_stride : le * p->a_w_size) * esz;
         const char *B = (const char *)p->B +
                         (size_t)(p->b_rows_stride ? r0 * p->b_rows_stride : le * p->b_w_size) * esz;
-        char *C = (char *)p->C +
-                  (size_t)(p->c_rows_stride ? r0 * p->c_rows_stride : le * p->c_w_size) * esz;
+        char *C = (char *)p->C + (size_t)(p->c_rows_stride ? r0 * p->c_rows_stride
+                                                           : le * p->c_w_size) *
+                                     (p->c_f32 ? sizeof(float) : esz);
         if (!grouped) {
             MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, p->ta, p->tb, m, n, k, A, p->lda, B, p->ldb,
-                                        p->beta, C, p->ldc, dt, 0));
+                                        p->beta, C, p->ldc, dt, p->c_f32));
             continue;
         }
         gm[count] = (int)m, gn[count] = (int)n, gk[count] = (int)k;
@@ -398,7 +439,8 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
     }
     if (grouped && count)
         MOE_CUBLAS_CHECK(moe_k_gemm_grouped(c->blas, p->ta, p->tb, count, gm, gn, gk, gA, glda,
-                                            gB, gldb, p->beta, gC, gldc, dt, L->gemm_ptrs, st));
+                                            gB, gldb, p->beta, gC, gldc, dt, p->c_f32,
+                                            L->gemm_ptrs, st));
     return MOE_STATUS_SUCCESS;
 }
 
@@ -413,14 +455,14 @@ static moe_status_t cu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *s
     if (N == 0) return MOE_STATUS_SUCCESS;
     const void *B1 = s->param[MOE_PARAM_B1], *B2 = s->param[MOE_PARAM_B2];
     /* H = X W1 (+ b1): bias rows first, then the GEMM adds onto them, as the CPU backend */
-    if (B1) MOE_CUDA_CHECK(moe_k_fill_bias(s->hpre, N, F2, B1, off, s->E_local, dt, st));
+    if (B1) MOE_CUDA_CHECK(moe_k_fill_bias(s->hpre, 1, N, F2, B1, off, s->E_local, dt, st));
     cu_gemm_plan_t p1 = {0, 0, -1, F2, D, s->xp, D, D, 0, s->param[MOE_PARAM_W1], F2, 0, D * F2,
-                         s->hpre, F2, F2, 0, B1 ? 1.0f : 0.0f};
+                         s->hpre, F2, F2, 0, B1 ? 1.0f : 0.0f, 1};
     MOE_CHECK(cu_expert_gemms(ctx, s, &p1, st));
     MOE_CUDA_CHECK(moe_k_act_fwd(s->hpre, s->act, N, F, act, dt, st));
-    if (B2) MOE_CUDA_CHECK(moe_k_fill_bias(s->yp, N, D, B2, off, s->E_local, dt, st));
+    if (B2) MOE_CUDA_CHECK(moe_k_fill_bias(s->yp, 0, N, D, B2, off, s->E_local, dt, st));
     cu_gemm_plan_t p2 = {0, 0, -1, D, F, s->act, F, F, 0, s->param[MOE_PARAM_W2], D, 0, F * D,
-                         s->yp, D, D, 0, B2 ? 1.0f : 0.0f};
+                         s->yp, D, D, 0, B2 ? 1.0f : 0.0f, 0};
     MOE_CHECK(cu_expert_gemms(ctx, s, &p2, st));
     return MOE_STATUS_SUCCESS;
 }
@@ -438,22 +480,22 @@ static moe_status_t cu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *s
     void *dW2 = s->grad[MOE_PARAM_W2], *dB2 = s->grad[MOE_PARAM_B2];
     /* dA = dY W2^T */
     cu_gemm_plan_t a = {0, 1, -1, F, D, s->dyp, D, D, 0, s->param[MOE_PARAM_W2], D, 0, F * D,
-                        s->dact, F, F, 0, 0.0f};
+                        s->dact, F, F, 0, 0.0f, 1};
     MOE_CHECK(cu_expert_gemms(ctx, s, &a, st));
     /* dW2 += A^T dY */
     cu_gemm_plan_t w2 = {1, 0, F, D, -1, s->act, F, F, 0, s->dyp, D, D, 0,
-                         dW2, D, 0, F * D, 1.0f};
+                         dW2, D, 0, F * D, 1.0f, 0};
     MOE_CHECK(cu_expert_gemms(ctx, s, &w2, st));
     if (dB2) MOE_CUDA_CHECK(moe_k_colsum_add(dB2, s->dyp, D, off, s->E_local, dt, st));
     MOE_CUDA_CHECK(moe_k_act_bwd(s->hpre, s->dact, s->dhpre, N, F, act, dt, st));
     /* dW1 += X^T dH */
     cu_gemm_plan_t w1 = {1, 0, D, F2, -1, s->xp, D, D, 0, s->dhpre, F2, F2, 0,
-                         dW1, F2, 0, D * F2, 1.0f};
+                         dW1, F2, 0, D * F2, 1.0f, 0};
     MOE_CHECK(cu_expert_gemms(ctx, s, &w1, st));
     if (dB1) MOE_CUDA_CHECK(moe_k_colsum_add(dB1, s->dhpre, F2, off, s->E_local, dt, st));
     /* dX = dH W1^T */
     cu_gemm_plan_t x = {0, 1, -1, D, F2, s->dhpre, F2, F2, 0, s->param[MOE_PARAM_W1], F2, 0,
-                        D * F2, s->dxp, D, D, 0, 0.0f};
+                        D * F2, s->dxp, D, D, 0, 0.0f, 0};
     MOE_CHECK(cu_expert_gemms(ctx, s, &x, st));
     return MOE_STATUS_SUCCESS;
 }
@@ -510,17 +552,38 @@ static moe_status_t cu_gate_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *
     a.coefs = L->coefs_d, a.z_scale = s->coefs.z_scale;
     a.scr = L->gate_scr, a.dlogits = s->dlogits, a.dnoise = s->dnoise;
     MOE_CUDA_CHECK(moe_k_gate_bwd(&a, st));
-    const int dt = MOE_DTYPE_F32;
-    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, s->x, D, s->dlogits, E, 1.0f,
-                                s->grad[MOE_PARAM_ROUTER_WEIGHT], E, dt, 0));
-    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dlogits, E,
-                                s->param[MOE_PARAM_ROUTER_WEIGHT], E, 1.0f, dx, D, dt, 0));
-    if (s->noisy_now) {
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, s->x, D, s->dnoise, E, 1.0f,
-                                    s->grad[MOE_PARAM_NOISE_WEIGHT], E, dt, 0));
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dnoise, E,
-                                    s->param[MOE_PARAM_NOISE_WEIGHT], E, 1.0f, dx, D, dt, 0));
+    if (s->cfg.dtype == MOE_DTYPE_F32) {
+        const int dt = MOE_DTYPE_F32;
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, s->x, D, s->dlogits, E, 1.0f,
+                                    s->grad[MOE_PARAM_ROUTER_WEIGHT], E, dt, 0));
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dlogits, E,
+                                    s->param[MOE_PARAM_ROUTER_WEIGHT], E, 1.0f, dx, D, dt, 0));
+        if (s->noisy_now) {
+            MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, s->x, D, s->dnoise, E, 1.0f,
+                                        s->grad[MOE_PARAM_NOISE_WEIGHT], E, dt, 0));
+            MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dnoise, E,
+                                        s->param[MOE_PARAM_NOISE_WEIGHT], E, 1.0f, dx, D, dt, 0));
+        }
+        return MOE_STATUS_SUCCESS;
     }
+    /* 16-bit storage: the router GEMMs in f32 on the forward's widened x, each result added
+     * into its 16-bit destination with one rounding */
+    const int dt = (int)s->cfg.dtype, f32 = MOE_DTYPE_F32;
+    const void *wg = NULL, *wn = NULL;
+    MOE_CHECK(cu_router_f32(s, NULL, &wg, &wn, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, L->x32, D, s->dlogits, E, 0.0f, L->dw32,
+                                E, f32, 1));
+    MOE_CUDA_CHECK(moe_k_add_f32(s->grad[MOE_PARAM_ROUTER_WEIGHT], dt, L->dw32, D * E, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dlogits, E, wg, E, 0.0f, L->dx32, D,
+                                f32, 1));
+    if (s->noisy_now) {
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, L->x32, D, s->dnoise, E, 0.0f,
+                                    L->dw32, E, f32, 1));
+        MOE_CUDA_CHECK(moe_k_add_f32(s->grad[MOE_PARAM_NOISE_WEIGHT], dt, L->dw32, D * E, st));
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dnoise, E, wn, E, 1.0f, L->dx32,
+                                    D, f32, 1));
+    }
+    MOE_CUDA_CHECK(moe_k_add_f32(dx, dt, L->dx32, T * D, st));
     return MOE_STATUS_SUCCESS;
 }
 
@@ -536,6 +599,7 @@ const moe_backend_ops_t moe_cuda_backend = {
     .layer_init = cu_layer_init,
     .layer_fini = cu_layer_fini,
     .count_nonfinite = cu_count_nonfinite,
+    .count_nonfinite_typed = cu_count_nonfinite_typed,
     .gate_fwd = cu_gate_fwd,
     .route = cu_route,
     .permute = cu_permute,
