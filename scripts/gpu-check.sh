@@ -97,9 +97,26 @@ if step "configure" build.log 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_
     step "kernel benchmarks" bench.log 150 "$BUILD/moe_kernel_bench"
     # the benchmark's table is the tail of its log
     sed -n '/^## libmoe kernel benchmark/,$p' "$OUTDIR/bench.log" >"$OUTDIR/bench.md"
+    # the whole layer through the public API: moe_bench against the CPU layer, the presets,
+    # and the PyTorch peers on the same shapes (python3 with torch is on the GPU machines)
+    MB="$BUILD/moe_bench"
+    step "moe_bench --check (CUDA vs CPU layer, f32)" moebench.log 90 \
+        "$MB" --backend cuda --check -b 256 -e 4096 -f 4
+    step "moe_bench mixtral bf16 (T 8192)" moebench.log 90 \
+        "$MB" --backend cuda --preset mixtral --dtype bf16 -t 8192 -w 2 -n 5
+    step "moe_bench deepseek bf16 (T 8192)" moebench.log 90 \
+        "$MB" --backend cuda --preset deepseek --dtype bf16 -t 8192 -w 2 -n 5
+    step "torch peers, mixtral shape (T 8192)" peers.log 120 \
+        python3 "$ROOT/bench/peers/torch_moe.py" --device cuda --peer all --tokens 8192 \
+        --d-model 4096 --d-ff 14336 --experts 8 --top-k 2 --activation swiglu --warmup 2 --iters 5
     step "compute-sanitizer memcheck (GPU tests)" memcheck.log 200 \
         compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
         "$TB" --gtest_brief=1
+    if [ -x "$BUILD/tests/cuda/test_cuda_ep" ]; then
+        step "compute-sanitizer memcheck (expert parallel + balancing GPU tests)" memcheck.log 120 \
+            compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
+            "$BUILD/tests/cuda/test_cuda_ep" --gtest_brief=1
+    fi
     step "compute-sanitizer racecheck (reduced set)" racecheck.log 120 \
         compute-sanitizer --tool racecheck --error-exitcode 1 \
         "$TB" --gtest_brief=1 '--gtest_filter=*K2_E16_gelu*:*T1_K2_E4*:*T64_K8_E64*:CudaLayerDeterminism*'
