@@ -197,6 +197,7 @@ static moe_layer_state_t expert_view(moe_layer_t *L, int64_t c) {
         v.dxp = L->ex_dx;
         v.offsets_h = x->chunk_offsets;
         v.num_rows = x->rows;
+        v.expert_side = 1;
     }
     return v;
 }

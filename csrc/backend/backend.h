@@ -68,6 +68,8 @@ typedef struct moe_layer_state {
     int noisy_now;        /* noisy_gating && training in the last forward */
     int have_forward;     /* a forward has succeeded */
     int64_t num_rows;     /* kept assignments = rows of xp */
+    int expert_side;      /* set in the scheduler's expert-parallel view: xp..dxp and offsets_h
+                             are the expert side's (received rows), not the route's */
 
     /* x, xp, act, yp, dyp, dhpre, dxp hold values of cfg.dtype (f32 on the CPU backend; the
      * CUDA backend reads them through void pointers when the dtype is 16-bit); the rest is f32 */

@@ -44,6 +44,8 @@ typedef struct cu_layer {
     int64_t *counts_d;  /* (E) */
     int64_t *claim_d;   /* (E) */
     int64_t *offsets_d; /* (E + 1) */
+    int64_t *ffn_off_d; /* (E_local + 1) the expert ops' row offsets, relative to their first row */
+    int64_t *ffn_off_h; /* pinned (E_local + 1) staging of ffn_off_d */
     float *coefs_d;     /* (3E) aux-loss coefficients for gate_bwd */
     void **gemm_ptrs;   /* (3 E_local) pointer arrays of the grouped GEMM */
     double *red_h;      /* pinned (3E + 1) */
@@ -200,6 +202,7 @@ static void cu_layer_fini(moe_context_t *ctx, moe_layer_state_t *s) {
     cudaFree(L->red), cudaFree(L->counts_d), cudaFree(L->claim_d), cudaFree(L->offsets_d);
     cudaFree(L->coefs_d), cudaFree(L->gemm_ptrs), cudaFree(L->w32), cudaFree(L->dw32);
     cudaFreeHost(L->red_h), cudaFreeHost(L->counts_h);
+    cudaFree(L->ffn_off_d), cudaFreeHost(L->ffn_off_h);
     free(L);
     s->impl = NULL;
 }
@@ -213,6 +216,8 @@ static moe_status_t cu_layer_alloc_experts(cu_layer_t *L, const moe_layer_state_
     MOE_CU_ALLOC(L->counts_d, E);
     MOE_CU_ALLOC(L->claim_d, E);
     MOE_CU_ALLOC(L->offsets_d, E + 1);
+    MOE_CU_ALLOC(L->ffn_off_d, s->E_local + 1);
+    MOE_CUDA_CHECK(cudaMallocHost((void **)&L->ffn_off_h, (size_t)(s->E_local + 1) * sizeof(int64_t)));
     MOE_CU_ALLOC(L->coefs_d, 3 * E);
     MOE_CU_ALLOC(L->gemm_ptrs, 3 * s->E_local);
     if (s->cfg.dtype != MOE_DTYPE_F32) {
@@ -405,7 +410,6 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
     cu_layer_t *L = (cu_layer_t *)s->impl;
     const int dt = (int)s->cfg.dtype;
     const size_t esz = moe_dtype_size(s->cfg.dtype);
-    const int64_t base = s->offsets_h[s->expert_begin];
     enum { MAXG = 1024 };
     int gm[MAXG], gn[MAXG], gk[MAXG], glda[MAXG], gldb[MAXG], gldc[MAXG];
     const void *gA[MAXG], *gB[MAXG];
@@ -417,7 +421,8 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
                         !(p->c_f32 && s->cfg.dtype != MOE_DTYPE_F32);
     for (int64_t le = 0; le < s->E_local; ++le) {
         int64_t e = s->expert_begin + le;
-        int64_t r0 = s->offsets_h[e] - base, rows = s->offsets_h[e + 1] - s->offsets_h[e];
+        /* offsets_h are absolute rows of the buffers (expert side with expert parallelism) */
+        int64_t r0 = s->offsets_h[e], rows = s->offsets_h[e + 1] - s->offsets_h[e];
         if (rows == 0) continue;
         int64_t m = p->m_rows < 0 ? rows : p->m_rows, n = p->n, k = p->k < 0 ? rows : p->k;
         const char *A = (const char *)p->A +
@@ -444,23 +449,59 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
+/* The expert ops work on rows [R0, R0 + N) of the expert-side buffers, where R0 and the
+ * per-expert starts come from s->offsets_h: the whole local range on one rank, or one pipeline
+ * chunk of experts with expert parallelism (the scheduler's view). The elementwise kernels get
+ * base pointers at R0 and offsets relative to it, uploaded here; the GEMMs read offsets_h. */
+typedef struct {
+    int64_t R0, N;
+    const int64_t *off; /* device (E_local + 1), relative to R0 */
+} cu_rows_t;
+
+static moe_status_t cu_expert_rows(moe_layer_state_t *s, cudaStream_t st, cu_rows_t *r) {
     cu_layer_t *L = (cu_layer_t *)s->impl;
+    const int64_t b = s->expert_begin;
+    r->R0 = s->offsets_h[b];
+    r->N = s->offsets_h[b + s->E_local] - r->R0;
+    if (!s->expert_side) { /* the route's offsets, already on the device (R0 = 0) */
+        r->off = L->offsets_d + b;
+        return MOE_STATUS_SUCCESS;
+    }
+    r->off = L->ffn_off_d;
+    if (r->N == 0) return MOE_STATUS_SUCCESS;
+    /* the previous upload must be consumed before the staging is rewritten */
+    MOE_CUDA_CHECK(cudaStreamSynchronize(st));
+    for (int64_t le = 0; le <= s->E_local; ++le) L->ffn_off_h[le] = s->offsets_h[b + le] - r->R0;
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->ffn_off_d, L->ffn_off_h,
+                                   (size_t)(s->E_local + 1) * sizeof(int64_t),
+                                   cudaMemcpyHostToDevice, st));
+    return MOE_STATUS_SUCCESS;
+}
+
+/* row r of a buffer with `width` elements of `esz` bytes per row */
+static void *cu_row(void *base, int64_t r, int64_t width, size_t esz) {
+    return (char *)base + (size_t)(r * width) * esz;
+}
+
+static moe_status_t cu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
     cudaStream_t st = (cudaStream_t)stream;
     const int64_t D = s->D, F = s->F, F2 = s->F2;
     const int dt = (int)s->cfg.dtype, act = (int)s->cfg.activation;
-    const int64_t *off = L->offsets_d + s->expert_begin;
-    const int64_t N = s->offsets_h[s->expert_begin + s->E_local] - s->offsets_h[s->expert_begin];
+    const size_t v = moe_dtype_size(s->cfg.dtype), f = sizeof(float);
     MOE_CHECK(cu_enter(ctx, stream));
-    if (N == 0) return MOE_STATUS_SUCCESS;
+    cu_rows_t r;
+    MOE_CHECK(cu_expert_rows(s, st, &r));
+    if (r.N == 0) return MOE_STATUS_SUCCESS;
     const void *B1 = s->param[MOE_PARAM_B1], *B2 = s->param[MOE_PARAM_B2];
+    void *hpre = cu_row(s->hpre, r.R0, F2, f), *actv = cu_row(s->act, r.R0, F, v);
+    void *yp = cu_row(s->yp, r.R0, D, v);
     /* H = X W1 (+ b1): bias rows first, then the GEMM adds onto them, as the CPU backend */
-    if (B1) MOE_CUDA_CHECK(moe_k_fill_bias(s->hpre, 1, N, F2, B1, off, s->E_local, dt, st));
+    if (B1) MOE_CUDA_CHECK(moe_k_fill_bias(hpre, 1, r.N, F2, B1, r.off, s->E_local, dt, st));
     cu_gemm_plan_t p1 = {0, 0, -1, F2, D, s->xp, D, D, 0, s->param[MOE_PARAM_W1], F2, 0, D * F2,
                          s->hpre, F2, F2, 0, B1 ? 1.0f : 0.0f, 1};
     MOE_CHECK(cu_expert_gemms(ctx, s, &p1, st));
-    MOE_CUDA_CHECK(moe_k_act_fwd(s->hpre, s->act, N, F, act, dt, st));
-    if (B2) MOE_CUDA_CHECK(moe_k_fill_bias(s->yp, 0, N, D, B2, off, s->E_local, dt, st));
+    MOE_CUDA_CHECK(moe_k_act_fwd(hpre, actv, r.N, F, act, dt, st));
+    if (B2) MOE_CUDA_CHECK(moe_k_fill_bias(yp, 0, r.N, D, B2, r.off, s->E_local, dt, st));
     cu_gemm_plan_t p2 = {0, 0, -1, D, F, s->act, F, F, 0, s->param[MOE_PARAM_W2], D, 0, F * D,
                          s->yp, D, D, 0, B2 ? 1.0f : 0.0f, 0};
     MOE_CHECK(cu_expert_gemms(ctx, s, &p2, st));
@@ -468,14 +509,14 @@ static moe_status_t cu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *s
 }
 
 static moe_status_t cu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
-    cu_layer_t *L = (cu_layer_t *)s->impl;
     cudaStream_t st = (cudaStream_t)stream;
     const int64_t D = s->D, F = s->F, F2 = s->F2;
     const int dt = (int)s->cfg.dtype, act = (int)s->cfg.activation;
-    const int64_t *off = L->offsets_d + s->expert_begin;
-    const int64_t N = s->offsets_h[s->expert_begin + s->E_local] - s->offsets_h[s->expert_begin];
+    const size_t v = moe_dtype_size(s->cfg.dtype), f = sizeof(float);
     MOE_CHECK(cu_enter(ctx, stream));
-    if (N == 0) return MOE_STATUS_SUCCESS;
+    cu_rows_t r;
+    MOE_CHECK(cu_expert_rows(s, st, &r));
+    if (r.N == 0) return MOE_STATUS_SUCCESS;
     void *dW1 = s->grad[MOE_PARAM_W1], *dB1 = s->grad[MOE_PARAM_B1];
     void *dW2 = s->grad[MOE_PARAM_W2], *dB2 = s->grad[MOE_PARAM_B2];
     /* dA = dY W2^T */
@@ -486,13 +527,18 @@ static moe_status_t cu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *s
     cu_gemm_plan_t w2 = {1, 0, F, D, -1, s->act, F, F, 0, s->dyp, D, D, 0,
                          dW2, D, 0, F * D, 1.0f, 0};
     MOE_CHECK(cu_expert_gemms(ctx, s, &w2, st));
-    if (dB2) MOE_CUDA_CHECK(moe_k_colsum_add(dB2, s->dyp, D, off, s->E_local, dt, st));
-    MOE_CUDA_CHECK(moe_k_act_bwd(s->hpre, s->dact, s->dhpre, N, F, act, dt, st));
+    if (dB2)
+        MOE_CUDA_CHECK(moe_k_colsum_add(dB2, cu_row(s->dyp, r.R0, D, v), D, r.off, s->E_local,
+                                        dt, st));
+    MOE_CUDA_CHECK(moe_k_act_bwd(cu_row(s->hpre, r.R0, F2, f), cu_row(s->dact, r.R0, F, f),
+                                 cu_row(s->dhpre, r.R0, F2, v), r.N, F, act, dt, st));
     /* dW1 += X^T dH */
     cu_gemm_plan_t w1 = {1, 0, D, F2, -1, s->xp, D, D, 0, s->dhpre, F2, F2, 0,
                          dW1, F2, 0, D * F2, 1.0f, 0};
     MOE_CHECK(cu_expert_gemms(ctx, s, &w1, st));
-    if (dB1) MOE_CUDA_CHECK(moe_k_colsum_add(dB1, s->dhpre, F2, off, s->E_local, dt, st));
+    if (dB1)
+        MOE_CUDA_CHECK(moe_k_colsum_add(dB1, cu_row(s->dhpre, r.R0, F2, v), F2, r.off,
+                                        s->E_local, dt, st));
     /* dX = dH W1^T */
     cu_gemm_plan_t x = {0, 1, -1, D, F2, s->dhpre, F2, F2, 0, s->param[MOE_PARAM_W1], F2, 0,
                         D * F2, s->dxp, D, D, 0, 0.0f, 0};
