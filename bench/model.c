@@ -62,7 +62,8 @@ void bench_model_h100(const bench_model_shape_t *s, double gemm_tflops, double *
     *t_local_fwd = gate + route + permute + combine;
     /* backward: dgate + per-row dY (combine_bwd: as the forward combine, plus dY rows written),
      * un-permute of dx at the measured scalar-kernel rate, router GEMMs twice */
-    *t_local_bwd = (2 * rows + T) * D * es / H100_COPY_BW + (rows + T) * D * es / H100_UNPERMUTE_BW +
+    *t_local_bwd = (2 * rows + T) * D * es / H100_COPY_BW +
+                   (rows + T) * D * es / H100_UNPERMUTE_BW +
                    2 * (2 * T * D * E / H100_ROUTER_TFLOPS);
     const double flops = 2 * rows * D * F2 + 2 * rows * F * D;
     *t_experts_fwd = flops / gemm_tflops;

@@ -915,7 +915,8 @@ static int run_check_ep(const rank_arg_t *a, const mem_t *m, moe_layer_t *layer,
     const moe_layer_config_t *c = &o->cfg;
     const int P = a->w.size, me = a->w.rank;
     const int64_t D = c->d_model, K = c->top_k;
-    const double tol = a->o->backend == MOE_BACKEND_CPU ? 1e-5 : check_tolerance(o->backend, c->dtype);
+    const double tol =
+        a->o->backend == MOE_BACKEND_CPU ? 1e-5 : check_tolerance(o->backend, c->dtype);
     int rc = BENCH_EXIT_OK;
     moe_context_t *rctx = NULL;
     moe_layer_t *R = NULL;
@@ -1121,7 +1122,8 @@ static void print_header(const bench_opts_t *o, const char *backend_text, const 
     printf("#  roofline gemm = dense sgemm of the same FLOPs, gemm%% = gemm / total; mcpy = "
            "memcpy of the activation bytes\n");
     if (ranks > 1) {
-        int64_t El = c->num_experts / ranks, ch = c->num_chunks ? c->num_chunks : MOE_DEFAULT_CHUNKS;
+        int64_t El = c->num_experts / ranks,
+                ch = c->num_chunks ? c->num_chunks : MOE_DEFAULT_CHUNKS;
         printf("#  ranks    tokens = per rank; times = slowest rank per iteration; tokens/s over "
                "all ranks; %lld experts per rank, %lld chunk%s\n",
                (long long)El, (long long)(ch < El ? ch : El), (ch < El ? ch : El) > 1 ? "s" : "");
@@ -1150,6 +1152,7 @@ typedef struct run_out {
     int nrows;
     int64_t total_wrong, total_checked;
     double worst;
+    int check_failed; /* the run went through and --check found wrong elements */
     trace_buf_t tb;
 } run_out_t;
 
@@ -1177,6 +1180,159 @@ static void *alloc_cb(size_t bytes, void *ctx) {
 }
 static void free_cb(void *p, void *ctx) { mem_free(ctx, p); }
 
+/* rank 0: one row of the table from every rank's gathered numbers (layout of gv in run_rank) */
+static void finish_row(const bench_opts_t *o, int P, int ng, const double *gall, double *tf,
+                       double sent_mean, double act_bytes, bench_row_t *r) {
+    const moe_layer_config_t *c = &o->cfg;
+    const int64_t D = c->d_model, E = c->num_experts;
+    const size_t es = dtype_size(c->dtype);
+    const int fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+    double *tbw = tf + o->iters, *tt = tf + 2 * o->iters;
+    /* per iteration the slowest rank: a collective call ends when its last rank does */
+    for (int i = 0; i < 3 * o->iters; ++i)
+        for (int q = 1; q < P; ++q) tf[i] = fmax(tf[i], gall[(size_t)q * ng + i]);
+    r->fwd = summarize(tf, o->iters), r->total = summarize(tt, o->iters);
+    if (fwd_bwd) r->bwd = summarize(tbw, o->iters);
+    double tok = 0, rmax = 0, rsum = 0;
+    r->gemm_s = r->mcpy_s = r->ceil_s = -1.0;
+    r->rank_rows = malloc((size_t)P * 3 * sizeof(int64_t));
+    r->rank_remote = malloc((size_t)P * sizeof(double));
+    if (!r->rank_remote) free(r->rank_rows), r->rank_rows = NULL;
+    for (int q = 0; q < P; ++q) {
+        const double *g = gall + (size_t)q * ng;
+        const double *s3 = g + 3 * o->iters, *pq = s3 + G_STATS;
+        tok += s3[0];
+        rsum += s3[2], rmax = fmax(rmax, s3[2]);
+        r->rows_sent_max = fmax(r->rows_sent_max, s3[1]);
+        r->rows_recv_max = fmax(r->rows_recv_max, s3[2]);
+        r->rows_sent_mean += s3[1] / P, r->rows_recv_mean += s3[2] / P;
+        if (r->rank_rows) {
+            for (int j = 0; j < 3; ++j) r->rank_rows[q * 3 + j] = llround(s3[j]);
+            r->rank_remote[q] = s3[3];
+        }
+        for (int p = 0; p < MOE_PHASE_COUNT; ++p) r->phase_s[p] = fmax(r->phase_s[p], pq[p]);
+        double a2a_q = pq[MOE_PHASE_DISPATCH] + pq[MOE_PHASE_RETURN] +
+                       pq[MOE_PHASE_BWD_DISPATCH] + pq[MOE_PHASE_BWD_RETURN];
+        r->a2a_s = fmax(r->a2a_s, a2a_q);
+        r->gemm_s = fmax(r->gemm_s, g[ng - 3]);
+        r->mcpy_s = fmax(r->mcpy_s, g[ng - 2]);
+        r->ceil_s = fmax(r->ceil_s, g[ng - 1]);
+    }
+    r->rank_imbalance = rsum > 0 ? rmax / (rsum / P) : 0.0;
+    r->tokens_per_s = tok / r->total.mean;
+    r->tflops = r->flops / r->total.mean * 1e-12;
+    r->act_bytes = act_bytes;
+    if (P > 1) {
+        const int n_a2a = fwd_bwd ? 4 : 2;
+        r->a2a_bytes = sent_mean * D * es;
+        r->algbw = r->a2a_s > 0 ? n_a2a * r->a2a_bytes / r->a2a_s * 1e-9 : 0.0;
+        r->busbw = r->algbw * (P - 1) / P;
+        double ceil_bw = r->ceil_s > 0 ? r->a2a_bytes / r->ceil_s : 0.0;
+        if (r->ceil_s > 0) r->ceil_s *= n_a2a;
+        double bw = o->link_bw > 0 ? o->link_bw * 1e9 : ceil_bw;
+        /* the model from this run's own local phases and the link bandwidth */
+        bench_model_in_t mi = {0};
+        mi.fwd_bwd = fwd_bwd;
+        mi.t_local_fwd = r->phase_s[MOE_PHASE_GATE] + r->phase_s[MOE_PHASE_ROUTE] +
+                         r->phase_s[MOE_PHASE_PERMUTE] + r->phase_s[MOE_PHASE_COMBINE];
+        mi.t_local_bwd = r->phase_s[MOE_PHASE_BWD_COMBINE] +
+                         r->phase_s[MOE_PHASE_BWD_UNPERMUTE] + r->phase_s[MOE_PHASE_BWD_GATE];
+        mi.t_experts_fwd = r->phase_s[MOE_PHASE_EXPERTS];
+        mi.t_experts_bwd = r->phase_s[MOE_PHASE_BWD_EXPERTS];
+        mi.t_net_fwd = mi.t_net_bwd = bw > 0 ? 2 * r->a2a_bytes / bw : 0.0;
+        int64_t El = E / P, ch = c->num_chunks ? c->num_chunks : MOE_DEFAULT_CHUNKS;
+        r->model_s = bw > 0 ? bench_model_layer_time(&mi, (int)(ch < El ? ch : El)) : -1.0;
+    } else {
+        r->ceil_s = r->model_s = -1.0;
+    }
+}
+
+static void print_row(const bench_opts_t *o, const bench_row_t *r) {
+    const int P = r->ranks, fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+    const int64_t T = r->tokens;
+    char gemm[16] = "-", gpct[16] = "-", mcpy[16] = "-", wrong[24] = "N/A", bwd[16] = "-";
+    char rimb[16] = "-", a2a[16] = "-", alg[16] = "-", bus[16] = "-", ceil_[16] = "-",
+         model[16] = "-";
+    if (r->gemm_s >= 0) {
+        snprintf(gemm, sizeof gemm, "%.3f", 1e3 * r->gemm_s);
+        snprintf(gpct, sizeof gpct, "%.1f", 100.0 * r->gemm_s / r->total.mean);
+    }
+    if (r->mcpy_s >= 0) snprintf(mcpy, sizeof mcpy, "%.3f", 1e3 * r->mcpy_s);
+    if (r->wrong >= 0) snprintf(wrong, sizeof wrong, "%lld", (long long)r->wrong);
+    if (fwd_bwd) snprintf(bwd, sizeof bwd, "%.3f", 1e3 * r->bwd.mean);
+    if (P > 1) {
+        snprintf(rimb, sizeof rimb, "%.3f", r->rank_imbalance);
+        snprintf(a2a, sizeof a2a, "%.3f", 1e3 * r->a2a_s);
+        snprintf(alg, sizeof alg, "%.2f", r->algbw);
+        snprintf(bus, sizeof bus, "%.2f", r->busbw);
+        if (r->ceil_s > 0) snprintf(ceil_, sizeof ceil_, "%.3f", 1e3 * r->ceil_s);
+        if (r->model_s > 0) snprintf(model, sizeof model, "%.3f", 1e3 * r->model_s);
+    }
+    printf("  %10lld %10.3f %10s %10.3f %12.0f %8.4g %10s %6s %9s %7.3f %7s %9s %7s %7s "
+           "%9s %9s %8lld %7s\n",
+           (long long)T, 1e3 * r->fwd.mean, bwd, 1e3 * r->total.mean, r->tokens_per_s,
+           r->tflops, gemm, gpct, mcpy, r->imbalance, rimb, a2a, alg, bus, ceil_, model,
+           (long long)r->dropped, wrong);
+    fflush(stdout);
+}
+
+/* rank 0: the footer, the phase table and the ranks of the last size; 1 if --check failed */
+static int print_summary(const bench_opts_t *o, int P, const bench_row_t *rows, int nrows,
+                         int nprof, int64_t total_wrong, int64_t total_checked, double worst,
+                         int replay) {
+    const int fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+    int check_failed = 0;
+    double sum_tps = 0.0, sum_tf = 0.0, sum_bus = 0.0;
+    for (int i = 0; i < nrows; ++i)
+        sum_tps += rows[i].tokens_per_s, sum_tf += rows[i].tflops, sum_bus += rows[i].busbw;
+    printf("# Average tokens/s : %.0f\n", nrows ? sum_tps / nrows : 0.0);
+    printf("# Average TFLOP/s  : %.4g\n", nrows ? sum_tf / nrows : 0.0);
+    if (P > 1) printf("# Avg bus bandwidth: %.3f GB/s (all-to-all phases)\n",
+                      nrows ? sum_bus / nrows : 0.0);
+    if (o->check) {
+        printf("# Check            : %lld wrong of %lld compared (%s, worst %.3g of max|ref|) "
+               "%s\n",
+               (long long)total_wrong, (long long)total_checked,
+               P > 1 || replay ? "vs a single-rank CPU layer over all ranks' tokens"
+               : o->backend == MOE_BACKEND_CPU ? "bitwise vs a second CPU layer"
+                                               : "vs the CPU backend",
+               worst, total_wrong ? "FAILED" : "OK");
+        if (total_wrong) check_failed = 1;
+    } else {
+        printf("# Check            : not run (use --check)\n");
+    }
+    printf("# Times are means over %d iterations; --json has medians, minima and maxima.\n",
+           o->iters);
+    /* the library's phases, from the profiled pass */
+    printf("#\n# Phases (comment lines: the table above is the only data; ms per call, profiled "
+           "pass of %d iteration%s after the timed ones: the library waits after every phase; "
+           "max over ranks)\n# %10s", nprof,
+           nprof > 1 ? "s" : "", "tokens");
+    int last = fwd_bwd ? MOE_PHASE_COUNT : MOE_PHASE_BWD_COMBINE;
+    for (int p = 0; p < last; ++p) printf(" %*s", p < MOE_PHASE_BWD_COMBINE ? 8 : 13,
+                                          moe_phase_name((moe_phase_t)p));
+    printf("\n");
+    for (int i = 0; i < nrows; ++i) {
+        printf("# %10lld", (long long)rows[i].tokens);
+        for (int p = 0; p < last; ++p)
+            printf(" %*.3f", p < MOE_PHASE_BWD_COMBINE ? 8 : 13, 1e3 * rows[i].phase_s[p]);
+        printf("\n");
+    }
+    if (P > 1 && nrows > 0 && rows[nrows - 1].rank_rows) {
+        const bench_row_t *r = &rows[nrows - 1];
+        printf("#\n# Ranks at %lld tokens (per iteration): rows sent / received "
+               "(moe_routing_stats_t), remote%% = kept assignments to other ranks' experts\n"
+               "# %6s %10s %10s %10s %8s\n",
+               (long long)r->tokens, "rank", "tokens", "sent", "received", "remote%");
+        for (int q = 0; q < P; ++q)
+            printf("# %6d %10lld %10lld %10lld %8.1f\n", q, (long long)r->rank_rows[q * 3],
+                   (long long)r->rank_rows[q * 3 + 1], (long long)r->rank_rows[q * 3 + 2],
+                   100.0 * r->rank_remote[q]);
+    }
+    fflush(stdout);
+    return check_failed;
+}
+
 static void *run_rank(void *arg) {
     rank_arg_t *a = arg;
     const bench_opts_t *o = a->o;
@@ -1195,6 +1351,7 @@ static void *run_rank(void *arg) {
     int nrows = 0;
     int64_t total_wrong = 0, total_checked = 0;
     double worst = 0.0;
+    int check_failed = 0; /* not a failure of the run: the collectives below still happen */
     const moe_layer_config_t *c = &o->cfg;
     const int64_t D = c->d_model, F = c->d_ff, E = c->num_experts;
     const int64_t F2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * F : F;
@@ -1215,9 +1372,10 @@ static void *run_rank(void *arg) {
     if (me == 0) {
         char wt[64] = "";
         if (P > 1)
-            snprintf(wt, sizeof wt, " (%s)", w->kind == BENCH_WORLD_MPI
-                                                 ? (o->backend == MOE_BACKEND_CUDA ? "MPI + NCCL" : "MPI")
-                                                 : "local: threads of one process");
+            snprintf(wt, sizeof wt, " (%s)",
+                     w->kind == BENCH_WORLD_MPI
+                         ? (o->backend == MOE_BACKEND_CUDA ? "MPI + NCCL" : "MPI")
+                         : "local: threads of one process");
         print_header(o, a->backend_text, wt, P, omp_get_max_threads(), blas_threads());
         fflush(stdout);
     }
@@ -1264,7 +1422,8 @@ static void *run_rank(void *arg) {
         mem_free(&mem, dx_dev), free(stage);
         x_dev = y_dev = dy_dev = dx_dev = stage = NULL;
         if (make_workload(o, a->rp, wg, T, me, P, &wl) != 0) {
-            fprintf(stderr, "moe_bench: rank %d: out of memory for %lld tokens\n", me, (long long)T);
+            fprintf(stderr, "moe_bench: rank %d: out of memory for %lld tokens\n", me,
+                    (long long)T);
             rc = BENCH_EXIT_FAIL;
             goto done;
         }
@@ -1273,7 +1432,8 @@ static void *run_rank(void *arg) {
         x_dev = mem_alloc(&mem, act * es), y_dev = mem_alloc(&mem, act * es);
         dy_dev = mem_alloc(&mem, act * es), dx_dev = mem_alloc(&mem, act * es);
         if (!stage || !x_dev || !y_dev || !dy_dev || !dx_dev) {
-            fprintf(stderr, "moe_bench: rank %d: out of memory for %lld tokens\n", me, (long long)T);
+            fprintf(stderr, "moe_bench: rank %d: out of memory for %lld tokens\n", me,
+                    (long long)T);
             rc = BENCH_EXIT_FAIL;
             goto done;
         }
@@ -1315,8 +1475,8 @@ static void *run_rank(void *arg) {
         for (int it = -o->warmup; it < o->iters; ++it) {
             if (progress)
                 fprintf(stderr, "\r# size %d/%d: %lld tokens, %s %d/%d   ", si + 1, nsizes,
-                        (long long)T, it < 0 ? "warm-up" : "iter", it < 0 ? it + o->warmup + 1 : it + 1,
-                        it < 0 ? o->warmup : o->iters);
+                        (long long)T, it < 0 ? "warm-up" : "iter",
+                        it < 0 ? it + o->warmup + 1 : it + 1, it < 0 ? o->warmup : o->iters);
             double t[3];
             int64_t step = step_base++;
             if (bench_world_barrier(w)) goto peer_failed;
@@ -1389,9 +1549,9 @@ static void *run_rank(void *arg) {
         double stats3[G_STATS] = {T_r, st_sent / o->iters, st_recv / o->iters, remote};
         double *all3 = gall;
         if (bench_world_barrier(w)) goto peer_failed;
-        double gemm_s = o->backend == MOE_BACKEND_CPU
-                            ? dense_gemm_time((int64_t)llround(M_r), D, F, F2, fwd_bwd, reps, T, &tb)
-                            : -1.0;
+        double gemm_s = o->backend == MOE_BACKEND_CPU ? dense_gemm_time((int64_t)llround(M_r), D, F,
+                                                                        F2, fwd_bwd, reps, T, &tb)
+                                                      : -1.0;
         const double act_bytes = (double)es * (2.0 * T_r * D + M_r * (2.0 * D + F2 + F)) *
                                  (fwd_bwd ? 2.0 : 1.0);
         if (bench_world_barrier(w)) goto peer_failed;
@@ -1404,8 +1564,9 @@ static void *run_rank(void *arg) {
          * all-to-all of host memory would be no ceiling for it: none (give --link-bw) */
         if (P > 1 && !(w->kind == BENCH_WORLD_MPI && mem.gpu)) {
             double t0 = now_s();
-            a2a_raw = bench_world_alltoall_time(w, (size_t)(sent_mean * D * es), reps, mem.gpu,
-                                                copy_cb, alloc_cb, free_cb, &mem, tf + 3 * o->iters);
+            a2a_raw =
+                bench_world_alltoall_time(w, (size_t)(sent_mean * D * es), reps, mem.gpu, copy_cb,
+                                          alloc_cb, free_cb, &mem, tf + 3 * o->iters);
             trace_add(&tb, "all-to-all (roofline)", 5, T, 0, t0, now_s());
         }
         /* everything to every rank; rank 0 fills the row */
@@ -1415,139 +1576,14 @@ static void *run_rank(void *arg) {
         gv[ng - 3] = gemm_s, gv[ng - 2] = mcpy_s, gv[ng - 1] = a2a_raw;
         if (bench_world_allgather_f64(w, gv, ng, gall)) goto peer_failed;
         if (me == 0) {
-            /* per iteration the slowest rank: a collective call ends when its last rank does */
-            for (int i = 0; i < 3 * o->iters; ++i)
-                for (int q = 1; q < P; ++q) tf[i] = fmax(tf[i], gall[(size_t)q * ng + i]);
-            r->fwd = summarize(tf, o->iters), r->total = summarize(tt, o->iters);
-            if (fwd_bwd) r->bwd = summarize(tbw, o->iters);
-            double tok = 0, rmax = 0, rsum = 0;
-            r->gemm_s = r->mcpy_s = r->ceil_s = -1.0;
-            r->rank_rows = malloc((size_t)P * 3 * sizeof(int64_t));
-            r->rank_remote = malloc((size_t)P * sizeof(double));
-            if (!r->rank_remote) free(r->rank_rows), r->rank_rows = NULL;
-            for (int q = 0; q < P; ++q) {
-                const double *g = gall + (size_t)q * ng;
-                const double *s3 = g + 3 * o->iters, *pq = s3 + G_STATS;
-                tok += s3[0];
-                rsum += s3[2], rmax = fmax(rmax, s3[2]);
-                r->rows_sent_max = fmax(r->rows_sent_max, s3[1]);
-                r->rows_recv_max = fmax(r->rows_recv_max, s3[2]);
-                r->rows_sent_mean += s3[1] / P, r->rows_recv_mean += s3[2] / P;
-                if (r->rank_rows) {
-                    for (int j = 0; j < 3; ++j) r->rank_rows[q * 3 + j] = llround(s3[j]);
-                    r->rank_remote[q] = s3[3];
-                }
-                for (int p = 0; p < MOE_PHASE_COUNT; ++p) r->phase_s[p] = fmax(r->phase_s[p], pq[p]);
-                double a2a_q = pq[MOE_PHASE_DISPATCH] + pq[MOE_PHASE_RETURN] +
-                               pq[MOE_PHASE_BWD_DISPATCH] + pq[MOE_PHASE_BWD_RETURN];
-                r->a2a_s = fmax(r->a2a_s, a2a_q);
-                r->gemm_s = fmax(r->gemm_s, g[ng - 3]);
-                r->mcpy_s = fmax(r->mcpy_s, g[ng - 2]);
-                r->ceil_s = fmax(r->ceil_s, g[ng - 1]);
-            }
-            r->rank_imbalance = rsum > 0 ? rmax / (rsum / P) : 0.0;
-            r->tokens_per_s = tok / r->total.mean;
-            r->tflops = r->flops / r->total.mean * 1e-12;
-            r->act_bytes = act_bytes;
-            if (P > 1) {
-                const int n_a2a = fwd_bwd ? 4 : 2;
-                r->a2a_bytes = sent_mean * D * es;
-                r->algbw = r->a2a_s > 0 ? n_a2a * r->a2a_bytes / r->a2a_s * 1e-9 : 0.0;
-                r->busbw = r->algbw * (P - 1) / P;
-                double ceil_bw = r->ceil_s > 0 ? r->a2a_bytes / r->ceil_s : 0.0;
-                if (r->ceil_s > 0) r->ceil_s *= n_a2a;
-                double bw = o->link_bw > 0 ? o->link_bw * 1e9 : ceil_bw;
-                /* the model from this run's own local phases and the link bandwidth */
-                bench_model_in_t mi = {0};
-                mi.fwd_bwd = fwd_bwd;
-                mi.t_local_fwd = r->phase_s[MOE_PHASE_GATE] + r->phase_s[MOE_PHASE_ROUTE] +
-                                 r->phase_s[MOE_PHASE_PERMUTE] + r->phase_s[MOE_PHASE_COMBINE];
-                mi.t_local_bwd = r->phase_s[MOE_PHASE_BWD_COMBINE] +
-                                 r->phase_s[MOE_PHASE_BWD_UNPERMUTE] + r->phase_s[MOE_PHASE_BWD_GATE];
-                mi.t_experts_fwd = r->phase_s[MOE_PHASE_EXPERTS];
-                mi.t_experts_bwd = r->phase_s[MOE_PHASE_BWD_EXPERTS];
-                mi.t_net_fwd = mi.t_net_bwd = bw > 0 ? 2 * r->a2a_bytes / bw : 0.0;
-                int64_t El = E / P, ch = c->num_chunks ? c->num_chunks : MOE_DEFAULT_CHUNKS;
-                r->model_s = bw > 0 ? bench_model_layer_time(&mi, (int)(ch < El ? ch : El)) : -1.0;
-            } else {
-                r->ceil_s = r->model_s = -1.0;
-            }
-            char gemm[16] = "-", gpct[16] = "-", mcpy[16] = "-", wrong[24] = "N/A", bwd[16] = "-";
-            char rimb[16] = "-", a2a[16] = "-", alg[16] = "-", bus[16] = "-", ceil_[16] = "-",
-                 model[16] = "-";
-            if (r->gemm_s >= 0) {
-                snprintf(gemm, sizeof gemm, "%.3f", 1e3 * r->gemm_s);
-                snprintf(gpct, sizeof gpct, "%.1f", 100.0 * r->gemm_s / r->total.mean);
-            }
-            if (r->mcpy_s >= 0) snprintf(mcpy, sizeof mcpy, "%.3f", 1e3 * r->mcpy_s);
-            if (r->wrong >= 0) snprintf(wrong, sizeof wrong, "%lld", (long long)r->wrong);
-            if (fwd_bwd) snprintf(bwd, sizeof bwd, "%.3f", 1e3 * r->bwd.mean);
-            if (P > 1) {
-                snprintf(rimb, sizeof rimb, "%.3f", r->rank_imbalance);
-                snprintf(a2a, sizeof a2a, "%.3f", 1e3 * r->a2a_s);
-                snprintf(alg, sizeof alg, "%.2f", r->algbw);
-                snprintf(bus, sizeof bus, "%.2f", r->busbw);
-                if (r->ceil_s > 0) snprintf(ceil_, sizeof ceil_, "%.3f", 1e3 * r->ceil_s);
-                if (r->model_s > 0) snprintf(model, sizeof model, "%.3f", 1e3 * r->model_s);
-            }
-            printf("  %10lld %10.3f %10s %10.3f %12.0f %8.4g %10s %6s %9s %7.3f %7s %9s %7s %7s "
-                   "%9s %9s %8lld %7s\n",
-                   (long long)T, 1e3 * r->fwd.mean, bwd, 1e3 * r->total.mean, r->tokens_per_s,
-                   r->tflops, gemm, gpct, mcpy, r->imbalance, rimb, a2a, alg, bus, ceil_, model,
-                   (long long)r->dropped, wrong);
-            fflush(stdout);
+            finish_row(o, P, ng, gall, tf, sent_mean, act_bytes, r);
+            print_row(o, r);
         }
         ++nrows;
     }
-    if (me == 0) {
-        double sum_tps = 0.0, sum_tf = 0.0, sum_bus = 0.0;
-        for (int i = 0; i < nrows; ++i)
-            sum_tps += rows[i].tokens_per_s, sum_tf += rows[i].tflops, sum_bus += rows[i].busbw;
-        printf("# Average tokens/s : %.0f\n", nrows ? sum_tps / nrows : 0.0);
-        printf("# Average TFLOP/s  : %.4g\n", nrows ? sum_tf / nrows : 0.0);
-        if (P > 1) printf("# Avg bus bandwidth: %.3f GB/s (all-to-all phases)\n",
-                          nrows ? sum_bus / nrows : 0.0);
-        if (o->check) {
-            printf("# Check            : %lld wrong of %lld compared (%s, worst %.3g of max|ref|) "
-                   "%s\n",
-                   (long long)total_wrong, (long long)total_checked,
-                   P > 1 || a->rp ? "vs a single-rank CPU layer over all ranks' tokens"
-                   : o->backend == MOE_BACKEND_CPU ? "bitwise vs a second CPU layer"
-                                                   : "vs the CPU backend",
-                   worst, total_wrong ? "FAILED" : "OK");
-            if (total_wrong) rc = BENCH_EXIT_FAIL;
-        } else {
-            printf("# Check            : not run (use --check)\n");
-        }
-        printf("# Times are means over %d iterations; --json has medians, minima and maxima.\n",
-               o->iters);
-        /* the library's phases, from the profiled pass */
-        printf("#\n# Phases (comment lines: the table above is the only data; ms per call, profiled pass of %d iteration%s after the timed ones: "
-               "the library waits after every phase; max over ranks)\n# %10s", nprof,
-               nprof > 1 ? "s" : "", "tokens");
-        int last = fwd_bwd ? MOE_PHASE_COUNT : MOE_PHASE_BWD_COMBINE;
-        for (int p = 0; p < last; ++p) printf(" %*s", p < MOE_PHASE_BWD_COMBINE ? 8 : 13,
-                                              moe_phase_name((moe_phase_t)p));
-        printf("\n");
-        for (int i = 0; i < nrows; ++i) {
-            printf("# %10lld", (long long)rows[i].tokens);
-            for (int p = 0; p < last; ++p)
-                printf(" %*.3f", p < MOE_PHASE_BWD_COMBINE ? 8 : 13, 1e3 * rows[i].phase_s[p]);
-            printf("\n");
-        }
-        if (P > 1 && nrows > 0 && rows[nrows - 1].rank_rows) {
-            const bench_row_t *r = &rows[nrows - 1];
-            printf("#\n# Ranks at %lld tokens (per iteration): rows sent / received "
-                   "(moe_routing_stats_t), remote%% = kept assignments to other ranks' experts\n"
-                   "# %6s %10s %10s %10s %8s\n",
-                   (long long)r->tokens, "rank", "tokens", "sent", "received", "remote%");
-            for (int q = 0; q < P; ++q)
-                printf("# %6d %10lld %10lld %10lld %8.1f\n", q, (long long)r->rank_rows[q * 3],
-                       (long long)r->rank_rows[q * 3 + 1], (long long)r->rank_rows[q * 3 + 2],
-                       100.0 * r->rank_remote[q]);
-        }
-        fflush(stdout);
-    }
+    if (me == 0)
+        check_failed = print_summary(o, P, rows, nrows, nprof, total_wrong, total_checked,
+                                     worst, a->rp != NULL);
     goto done;
 
 peer_failed:
@@ -1585,7 +1621,9 @@ done:
         }
         free(ns), free(all), free(each);
     }
+    if (rc == BENCH_EXIT_OK && check_failed) rc = BENCH_EXIT_FAIL;
     if (me == 0) {
+        g_out.check_failed = check_failed;
         g_out.rows = rows, g_out.nrows = nrows, g_out.total_wrong = total_wrong;
         g_out.total_checked = total_checked, g_out.worst = worst, g_out.tb = tb;
     } else {
@@ -1605,7 +1643,8 @@ static void model_table(const bench_opts_t *o) {
         const char *name;
         int64_t D, F, E, K;
         double tflops; /* H100 bf16 expert GEMM rate measured at this preset's shape */
-    } presets[] = {{"mixtral", 4096, 14336, 8, 2, 671e12}, {"deepseek", 7168, 2048, 256, 8, 709e12}};
+    } presets[] = {{"mixtral", 4096, 14336, 8, 2, 671e12},
+                   {"deepseek", 7168, 2048, 256, 8, 709e12}};
     const int gpus[] = {8, 64, 512};
     const int64_t T = o->min_tokens == 1024 && o->max_tokens == 1024 ? 4096 : o->min_tokens;
     bench_model_link_t link = {8, 450e9, 48e9, 0.0};
@@ -1625,7 +1664,8 @@ static void model_table(const bench_opts_t *o) {
     for (size_t i = 0; i < sizeof presets / sizeof presets[0]; ++i)
         for (size_t j = 0; j < sizeof gpus / sizeof gpus[0]; ++j) {
             int ep = gpus[j] < presets[i].E ? gpus[j] : (int)presets[i].E;
-            bench_model_shape_t sh = {T, presets[i].D, presets[i].F, presets[i].E, presets[i].K, 1, 2};
+            bench_model_shape_t sh = {T, presets[i].D, presets[i].F, presets[i].E, presets[i].K, 1,
+                                      2};
             bench_model_in_t m = {0};
             double bytes;
             bench_model_h100(&sh, presets[i].tflops, &m.t_local_fwd, &m.t_local_bwd,
@@ -1764,7 +1804,9 @@ int main(int argc, char **argv) {
         }
     }
     snprintf(backend_text, sizeof backend_text, "%s",
-             o.backend == MOE_BACKEND_CUDA ? "cuda" : o.backend_given ? "cpu" : "cpu (no CUDA context)");
+             o.backend == MOE_BACKEND_CUDA ? "cuda"
+             : o.backend_given             ? "cpu"
+                                           : "cpu (no CUDA context)");
     if (o.backend == MOE_BACKEND_CUDA) {
 #ifdef MOE_BENCH_CUDA
         struct cudaDeviceProp prop;
@@ -1821,10 +1863,11 @@ int main(int argc, char **argv) {
             if (args[q].rc != BENCH_EXIT_OK && (rc == BENCH_EXIT_OK || q == 0)) rc = args[q].rc;
         }
     }
-    if (rank == 0 && rc == BENCH_EXIT_OK) {
+    /* the outputs are written also when only --check failed: the JSON says "check": "FAILED" */
+    if (rank == 0 && (rc == BENCH_EXIT_OK || (g_out.check_failed && g_out.rows))) {
         if (o.json_path &&
             bench_write_json(o.json_path, &o, backend_text, P, omp_get_max_threads(),
-                             blas_threads(), g_out.rows, g_out.nrows, g_out.total_wrong == 0) != 0)
+                             blas_threads(), g_out.rows, g_out.nrows, !g_out.check_failed) != 0)
             rc = BENCH_EXIT_FAIL;
         if (o.trace_path && bench_write_trace(o.trace_path, g_out.tb.ev, g_out.tb.n, P) != 0)
             rc = BENCH_EXIT_FAIL;

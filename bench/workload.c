@@ -59,7 +59,8 @@ int bench_routing_parse(const char *text, bench_routing_t *r) {
         if (text[9] == ':') {
             r->param = strtod(text + 10, &end);
             if (end == text + 10 || *end || !(r->param >= 0.0 && r->param <= 1.0)) {
-                fprintf(stderr, "moe_bench: --routing rank-skew:SHARE needs 0 <= SHARE <= 1, got '%s'\n",
+                fprintf(stderr,
+                        "moe_bench: --routing rank-skew:SHARE needs 0 <= SHARE <= 1, got '%s'\n",
                         text);
                 return -1;
             }
@@ -79,7 +80,8 @@ int bench_routing_parse(const char *text, bench_routing_t *r) {
 void bench_routing_probs(const bench_routing_t *r, int64_t E, int rank, int ranks, double *p) {
     double sum = 0.0;
     /* rank-skew: the experts of rank (rank + 1) mod P share `param`, the rest the remainder */
-    const int64_t El = ranks > 0 ? E / ranks : E, first = ((rank + 1) % (ranks > 0 ? ranks : 1)) * El;
+    const int64_t El = ranks > 0 ? E / ranks : E,
+                  first = ((rank + 1) % (ranks > 0 ? ranks : 1)) * El;
     for (int64_t e = 0; e < E; ++e) {
         switch (r->kind) {
         case BENCH_ROUTING_RANK_SKEW:

@@ -108,7 +108,8 @@ int bench_world_gatherv(bench_world_t *w, const void *mine, size_t bytes, void *
     if (w->kind == BENCH_WORLD_MPI) {
         int *cnt = NULL, *dis = NULL;
         if (w->rank == 0) {
-            cnt = malloc((size_t)w->size * sizeof(int)), dis = malloc((size_t)w->size * sizeof(int));
+            cnt = malloc((size_t)w->size * sizeof(int)),
+            dis = malloc((size_t)w->size * sizeof(int));
             if (!cnt || !dis) {
                 free(cnt), free(dis);
                 return -1;
