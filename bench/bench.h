@@ -50,6 +50,7 @@ typedef struct bench_opts {
     const char *replay_path; /* --replay FILE */
     double link_bw;          /* --link-bw GB/s for the model; 0 = the same-run ceiling */
     int model_table;         /* --model-table: print the many-GPU predictions and exit */
+    int tokens_given;        /* -t or -b given (--model-table: else 4096 tokens per GPU) */
     int cap_given;           /* --capacity-factor given (replay keeps it over the trace's) */
     int dims_given[2];       /* -d, -F given (replay keeps them over the trace's) */
 } bench_opts_t;

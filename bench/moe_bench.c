@@ -256,7 +256,8 @@ static void usage(FILE *f) {
 "      --link-bw GB/s       link bandwidth for the model column (default: the raw all-to-all\n"
 "                           measured in the same run)\n"
 "      --model-table        print the model's predictions for 8, 64, 512 H100s at the mixtral\n"
-"                           and deepseek presets (docs/scaling.md) and exit\n"
+"                           and deepseek presets (docs/scaling.md; -t tokens per GPU, default\n"
+"                           4096; --link-bw the inter-node GB/s, default 48) and exit\n"
 "      --mode M             fwd | fwd-bwd (default fwd-bwd)\n"
 "  -w, --warmup N           untimed iterations per size (default 2)\n"
 "  -n, --iters N            timed iterations per size (default 5)\n"
@@ -376,6 +377,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o) {
         case 't':
             if (parse_i64("--tokens", optarg, 1, (int64_t)1 << 30, &v)) return -1;
             o->min_tokens = o->max_tokens = v;
+            o->tokens_given = 1;
             break;
         case 'd':
             if (parse_i64("--d-model", optarg, 1, 1 << 20, &o->cfg.d_model)) return -1;
@@ -462,7 +464,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o) {
             break;
         case 'b':
             if (parse_i64("--min-tokens", optarg, 1, (int64_t)1 << 30, &o->min_tokens)) return -1;
-            b_given = 1;
+            b_given = 1, o->tokens_given = 1;
             break;
         case 'e':
             if (parse_i64("--max-tokens", optarg, 1, (int64_t)1 << 30, &o->max_tokens)) return -1;
@@ -1646,7 +1648,7 @@ static void model_table(const bench_opts_t *o) {
     } presets[] = {{"mixtral", 4096, 14336, 8, 2, 671e12},
                    {"deepseek", 7168, 2048, 256, 8, 709e12}};
     const int gpus[] = {8, 64, 512};
-    const int64_t T = o->min_tokens == 1024 && o->max_tokens == 1024 ? 4096 : o->min_tokens;
+    const int64_t T = o->tokens_given ? o->min_tokens : 4096;
     bench_model_link_t link = {8, 450e9, 48e9, 0.0};
     if (o->link_bw > 0) link.bw_inter = o->link_bw * 1e9;
     printf("# moe_bench --model-table: one MoE layer, bf16, %lld tokens per GPU, forward%s\n",
