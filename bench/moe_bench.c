@@ -12,6 +12,7 @@
 #include <getopt.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,9 @@
 
 #ifdef MOE_BENCH_CUDA
 #include <cuda_runtime_api.h>
+#endif
+#ifdef MOE_BENCH_MPI
+#include <mpi.h>
 #endif
 
 #include "bench.h"
@@ -217,7 +221,7 @@ static void usage(FILE *f) {
 "Times one MoE layer of libmoe, forward or forward+backward, over a sweep of token counts.\n"
 "\n"
 "layer\n"
-"  -t, --tokens N           tokens per call (sets -b and -e; default 1024)\n"
+"  -t, --tokens N           tokens per call and rank (sets -b and -e; default 1024)\n"
 "  -d, --d-model N          D (default 256)\n"
 "  -F, --d-ff N             F, hidden width of each expert (default 512)\n"
 "  -E, --experts N          E (default 8)\n"
@@ -234,12 +238,26 @@ static void usage(FILE *f) {
 "                           F 2048, E 256, K 8, swiglu); other options given override it\n"
 "workload\n"
 "      --routing R          learned (the layer's own router; default) | uniform | zipf:S |\n"
-"                           hot:FRACTION (share of assignments on expert 0); rank-skew and\n"
-"                           zero-rank need expert parallelism: NOT_SUPPORTED for now\n"
+"                           hot:FRACTION (share of assignments on expert 0) | rank-skew[:S]\n"
+"                           (share S, default 0.9, of rank r's assignments on the experts of\n"
+"                           rank r+1 mod P) | zero-rank (rank 0 has no tokens); the last two\n"
+"                           need several ranks\n"
+"      --replay FILE        time a recorded routing trace (docs/trace.md): iteration i forces\n"
+"                           step i mod steps, its tokens split evenly over the ranks; E, K,\n"
+"                           activation, gate and capacity come from the trace\n"
 "      --seed N             inputs and routing targets (default 1); the layer keeps its own\n"
 "run\n"
 "      --backend B          cpu | cuda (default cuda when a CUDA context can be created)\n"
-"      --device N           CUDA device ordinal (default 0)\n"
+"      --device N           CUDA device ordinal (default 0; under mpirun: the local rank)\n"
+"      --local-ranks P      P expert-parallel ranks as threads of this process (local\n"
+"                           communicator; CPU or CUDA). Under mpirun every process is a rank\n"
+"                           (MPI communicator on CPU, NCCL with --backend cuda)\n"
+"      --chunks C           cfg.num_chunks: all-to-all / expert pipeline depth (default 2)\n"
+"      --link-bw GB/s       link bandwidth for the model column (default: the raw all-to-all\n"
+"                           measured in the same run)\n"
+"      --model-table        print the model's predictions for 8, 64, 512 H100s at the mixtral\n"
+"                           and deepseek presets (docs/scaling.md; -t tokens per GPU, default\n"
+"                           4096; --link-bw the inter-node GB/s, default 48) and exit\n"
 "      --mode M             fwd | fwd-bwd (default fwd-bwd)\n"
 "  -w, --warmup N           untimed iterations per size (default 2)\n"
 "  -n, --iters N            timed iterations per size (default 5)\n"
@@ -248,7 +266,9 @@ static void usage(FILE *f) {
 "  -f, --step-factor X      multiply the size by X each step (default 2)\n"
 "      --threads N          OpenMP and OpenBLAS threads (default: their own defaults)\n"
 "  -c, --check              compare outputs, dx and every gradient with a CPU layer holding\n"
-"                           the same parameters (CPU vs CPU: bitwise); exit 1 on a mismatch\n"
+"                           the same parameters (CPU vs CPU: bitwise); with several ranks\n"
+"                           a single-rank CPU layer over all ranks' tokens (dropless, no\n"
+"                           noise; 1e-5 of max|ref|); exit 1 on a mismatch\n"
 "      --json FILE          write the results as JSON\n"
 "      --trace FILE         write the timed calls as a Chrome/Perfetto trace (JSON)\n"
 "  -h, --help               this text\n"
@@ -259,13 +279,16 @@ static void usage(FILE *f) {
 "  moe_bench                                    small default, finishes in seconds\n"
 "  moe_bench -b 512 -e 8192 -f 2 --check        sweep 512..8192 tokens, checked\n"
 "  moe_bench -t 4096 -d 512 -F 2048 --threads 2 --routing zipf:1.2 --json out.json\n"
-"  moe_bench --preset mixtral -t 2048 --dtype bf16 --backend cuda\n");
+"  moe_bench --preset mixtral -t 2048 --dtype bf16 --backend cuda\n"
+"  moe_bench --local-ranks 4 -E 16 --check      expert parallel over 4 threads, checked\n"
+"  mpirun -np 4 moe_bench -t 2048               one rank per process\n"
+"  moe_bench --replay run.trace --local-ranks 2 the recorded routing on 2 ranks\n");
 }
 
 enum {
     OPT_DTYPE = 256, OPT_ACT, OPT_GATE, OPT_RENORM, OPT_NOISY, OPT_CAP, OPT_PRIO, OPT_NOBIAS,
     OPT_PRESET, OPT_ROUTING, OPT_SEED, OPT_BACKEND, OPT_DEVICE, OPT_MODE, OPT_THREADS, OPT_JSON,
-    OPT_TRACE
+    OPT_TRACE, OPT_LOCAL_RANKS, OPT_REPLAY, OPT_LINK_BW, OPT_MODEL_TABLE, OPT_CHUNKS
 };
 
 static const struct option long_opts[] = {
@@ -284,6 +307,10 @@ static const struct option long_opts[] = {
     {"step-factor", required_argument, 0, 'f'}, {"threads", required_argument, 0, OPT_THREADS},
     {"check", no_argument, 0, 'c'},            {"json", required_argument, 0, OPT_JSON},
     {"trace", required_argument, 0, OPT_TRACE}, {"help", no_argument, 0, 'h'},
+    {"local-ranks", required_argument, 0, OPT_LOCAL_RANKS},
+    {"replay", required_argument, 0, OPT_REPLAY}, {"link-bw", required_argument, 0, OPT_LINK_BW},
+    {"model-table", no_argument, 0, OPT_MODEL_TABLE},
+    {"chunks", required_argument, 0, OPT_CHUNKS},
     {0, 0, 0, 0}};
 static const char *short_opts = "t:d:F:E:k:w:n:b:e:f:ch";
 
@@ -350,12 +377,15 @@ static int parse_args(int argc, char **argv, bench_opts_t *o) {
         case 't':
             if (parse_i64("--tokens", optarg, 1, (int64_t)1 << 30, &v)) return -1;
             o->min_tokens = o->max_tokens = v;
+            o->tokens_given = 1;
             break;
         case 'd':
             if (parse_i64("--d-model", optarg, 1, 1 << 20, &o->cfg.d_model)) return -1;
+            o->dims_given[0] = 1;
             break;
         case 'F':
             if (parse_i64("--d-ff", optarg, 1, 1 << 22, &o->cfg.d_ff)) return -1;
+            o->dims_given[1] = 1;
             break;
         case 'E':
             if (parse_i64("--experts", optarg, 1, 65536, &o->cfg.num_experts)) return -1;
@@ -386,6 +416,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o) {
                         optarg);
                 return -1;
             }
+            o->cap_given = 1;
             break;
         }
         case OPT_PRIO:
@@ -433,7 +464,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o) {
             break;
         case 'b':
             if (parse_i64("--min-tokens", optarg, 1, (int64_t)1 << 30, &o->min_tokens)) return -1;
-            b_given = 1;
+            b_given = 1, o->tokens_given = 1;
             break;
         case 'e':
             if (parse_i64("--max-tokens", optarg, 1, (int64_t)1 << 30, &o->max_tokens)) return -1;
@@ -455,6 +486,24 @@ static int parse_args(int argc, char **argv, bench_opts_t *o) {
         case 'c': o->check = 1; break;
         case OPT_JSON: o->json_path = optarg; break;
         case OPT_TRACE: o->trace_path = optarg; break;
+        case OPT_LOCAL_RANKS:
+            if (parse_i64("--local-ranks", optarg, 1, 1024, &v)) return -1;
+            o->local_ranks = (int)v;
+            break;
+        case OPT_REPLAY: o->replay_path = optarg; break;
+        case OPT_LINK_BW: {
+            char *end = NULL;
+            o->link_bw = strtod(optarg, &end);
+            if (end == optarg || *end || !(o->link_bw > 0 && o->link_bw < 1e6)) {
+                fprintf(stderr, "moe_bench: --link-bw needs GB/s > 0, got '%s'\n", optarg);
+                return -1;
+            }
+            break;
+        }
+        case OPT_MODEL_TABLE: o->model_table = 1; break;
+        case OPT_CHUNKS:
+            if (parse_i64("--chunks", optarg, 1, MOE_MAX_CHUNKS, &o->cfg.num_chunks)) return -1;
+            break;
         case 'h': usage(stdout); return 1;
         default: fprintf(stderr, "moe_bench: try --help\n"); return -1;
         }
@@ -470,7 +519,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o) {
                 (long long)o->min_tokens, (long long)o->max_tokens);
         return -1;
     }
-    if (o->cfg.top_k > o->cfg.num_experts) {
+    if (o->cfg.top_k > o->cfg.num_experts && !o->replay_path) {
         fprintf(stderr, "moe_bench: --top-k %lld > --experts %lld\n", (long long)o->cfg.top_k,
                 (long long)o->cfg.num_experts);
         return -1;
@@ -508,10 +557,12 @@ typedef struct trace_buf {
     bench_event_t *ev;
     int64_t n, cap;
     int on;
+    int pid; /* this rank */
 } trace_buf_t;
 
 static void trace_add(trace_buf_t *tb, const char *name, int tid, int64_t tokens, int iter,
                       double t_begin, double t_end) {
+    (void)name; /* the writer names events by their track */
     if (!tb->on) return;
     if (tb->n == tb->cap) {
         int64_t cap = tb->cap ? 2 * tb->cap : 256;
@@ -520,7 +571,7 @@ static void trace_add(trace_buf_t *tb, const char *name, int tid, int64_t tokens
         tb->ev = ev, tb->cap = cap;
     }
     bench_event_t *e = &tb->ev[tb->n++];
-    e->name = name, e->tid = tid, e->tokens = tokens, e->iter = iter;
+    e->pid = tb->pid, e->tid = tid, e->tokens = tokens, e->iter = iter;
     e->ts_us = 1e6 * (t_begin - g_t0), e->dur_us = 1e6 * (t_end - t_begin);
 }
 
@@ -731,16 +782,317 @@ done:
 }
 
 /* ============================================================================================
- * the run
+ * --check with expert parallelism: every rank's y, dx and expert gradients against one
+ * single-rank CPU layer over all ranks' tokens (dropless, noise off: the layers then compute
+ * the same numbers, docs/expert-parallel.md)
  * ========================================================================================== */
 
-static void print_header(const bench_opts_t *o, const char *backend_text, int omp_threads,
-                         int blas_thr) {
+/* what one rank feeds the layer at one size: its tokens, and where they start globally */
+typedef struct workload {
+    int64_t tokens_max; /* rows of x held (replay: the largest slice over the steps) */
+    float *x, *dy;      /* (tokens_max, D) f32 host */
+} workload_t;
+
+typedef struct rank_arg {
+    const bench_opts_t *o;
+    const bench_replay_t *rp;
+    bench_world_t w;
+    moe_comm_t *comm;
+    const char *backend_text;
+    int rc;
+} rank_arg_t;
+
+static uint64_t rank_seed(uint64_t seed, int q) { return seed + 0x9E3779B97F4Aull * (uint64_t)q; }
+
+/* tokens of rank q at this size (replay: at this step) and the first global token index */
+static int64_t rank_tokens(const bench_opts_t *o, const bench_replay_t *rp, int64_t T, int64_t step,
+                           int q, int P, int64_t *begin) {
+    if (rp) {
+        int64_t Ts = rp->tokens[step % rp->num_steps], b = Ts * q / P;
+        if (begin) *begin = b;
+        return Ts * (q + 1) / P - b;
+    }
+    if (begin) *begin = 0;
+    if (o->routing.kind == BENCH_ROUTING_ZERO_RANK && q == 0) return 0;
+    return T;
+}
+
+static int64_t rank_tokens_max(const bench_opts_t *o, const bench_replay_t *rp, int64_t T, int q,
+                               int P) {
+    if (!rp) return rank_tokens(o, rp, T, 0, q, P, NULL);
+    int64_t m = 0;
+    for (int64_t s = 0; s < rp->num_steps; ++s) {
+        int64_t n = rank_tokens(o, rp, T, s, q, P, NULL);
+        m = n > m ? n : m;
+    }
+    return m;
+}
+
+/* x and dy of rank q: reproducible from (seed, q), so any rank can rebuild another's */
+static int make_workload(const bench_opts_t *o, const bench_replay_t *rp, const float *wg,
+                         int64_t T, int q, int P, workload_t *wl) {
+    const moe_layer_config_t *c = &o->cfg;
+    const int64_t n = rank_tokens_max(o, rp, T, q, P), D = c->d_model;
+    wl->tokens_max = n;
+    wl->x = malloc((size_t)(n * D + 1) * 4), wl->dy = malloc((size_t)(n * D + 1) * 4);
+    if (!wl->x || !wl->dy) return -1;
+    bench_routing_t plain;
+    bench_routing_parse("learned", &plain);
+    if (bench_make_input(rp ? &plain : &o->routing, wg, n, D, c->num_experts, c->top_k, q, P,
+                         rank_seed(o->seed, q), wl->x) != 0)
+        return -1;
+    bench_fill_uniform(wl->dy, n * D, rank_seed(o->seed, q) + 0x5151, 1.0f / (float)D);
+    return 0;
+}
+
+static void free_workload(workload_t *wl) { free(wl->x), free(wl->dy), wl->x = wl->dy = NULL; }
+
+/* one training forward (with the replayed routing of `step` forced first) and, in fwd-bwd mode,
+ * one backward; times of both when t is given */
+static moe_status_t step_layer(const rank_arg_t *a, moe_layer_t *layer, const mem_t *m,
+                               int64_t T, int64_t step, void *x_dev, void *y_dev, void *dy_dev,
+                               void *dx_dev, int bwd, double *t) {
+    const int64_t K = a->o->cfg.top_k;
+    int64_t b = 0, n = rank_tokens(a->o, a->rp, T, step, a->w.rank, a->w.size, &b);
+    moe_status_t st;
+    if (a->rp) {
+        int64_t s = step % a->rp->num_steps;
+        st = moe_layer_force_routing(layer, a->rp->index[s] + b * K, a->rp->gate_w[s] + b * K, n);
+        if (st != MOE_STATUS_SUCCESS) return st;
+    }
+    double t0 = now_s();
+    st = moe_layer_forward(layer, n ? x_dev : NULL, n ? y_dev : NULL, n, 1, NULL);
+    if (st != MOE_STATUS_SUCCESS) return st;
+    if (mem_sync(m) != 0) return MOE_STATUS_BACKEND_ERROR;
+    double t1 = now_s(), t2 = t1;
+    if (bwd) {
+        st = moe_layer_backward(layer, n ? dy_dev : NULL, n ? dx_dev : NULL, NULL);
+        if (st != MOE_STATUS_SUCCESS) return st;
+        if (mem_sync(m) != 0) return MOE_STATUS_BACKEND_ERROR;
+        t2 = now_s();
+    }
+    if (t) t[0] = t0, t[1] = t1, t[2] = t2;
+    return MOE_STATUS_SUCCESS;
+}
+
+/* gathers n f32 values of a backend array from every rank at rank 0 (rank_n: each rank's n,
+ * known at rank 0); *out malloc'd on rank 0 */
+static int gather_f32(const rank_arg_t *a, const mem_t *m, const void *src, int64_t n,
+                      const int64_t *rank_n, float **out) {
+    bench_world_t *w = (bench_world_t *)&a->w;
+    float *mine = n ? fetch_f32(m, a->o->cfg.dtype, src, n) : malloc(4);
+    size_t *each = NULL;
+    int rc = mine ? 0 : -1;
+    *out = NULL;
+    if (w->rank == 0) {
+        int64_t tot = 0;
+        each = malloc((size_t)w->size * sizeof *each);
+        for (int q = 0; q < w->size; ++q) tot += rank_n[q];
+        *out = malloc((size_t)(tot + 1) * 4);
+        if (!each || !*out) rc = -1;
+        for (int q = 0; each && q < w->size; ++q) each[q] = (size_t)rank_n[q] * 4;
+    }
+    /* every rank joins the gather even after a local failure (a short block) */
+    if (bench_world_gatherv(w, mine, mine ? (size_t)n * 4 : 0, *out, each) != 0) rc = -1;
+    free(mine), free(each);
+    return rc;
+}
+
+/* as MOE_TRY, for the part after the collectives: straight to the end */
+#define TRY_OUT(call)                                                                     \
+    do {                                                                                  \
+        moe_status_t st_ = (call);                                                        \
+        if (st_ != MOE_STATUS_SUCCESS) {                                                  \
+            fprintf(stderr, "moe_bench: %s failed: %s\n  %s\n", #call,                    \
+                    moe_status_string(st_), moe_last_error());                            \
+            rc = BENCH_EXIT_FAIL;                                                         \
+            goto out;                                                                     \
+        }                                                                                 \
+    } while (0)
+
+static int run_check_ep(const rank_arg_t *a, const mem_t *m, moe_layer_t *layer, const float *wg,
+                        int64_t T, void *x_dev, void *dy_dev, void *y_dev, void *dx_dev,
+                        check_acc_t *acc) {
+    const bench_opts_t *o = a->o;
+    const moe_layer_config_t *c = &o->cfg;
+    const int P = a->w.size, me = a->w.rank;
+    const int64_t D = c->d_model, K = c->top_k;
+    const double tol =
+        a->o->backend == MOE_BACKEND_CPU ? 1e-5 : check_tolerance(o->backend, c->dtype);
+    int rc = BENCH_EXIT_OK;
+    moe_context_t *rctx = NULL;
+    moe_layer_t *R = NULL;
+    float *y_all = NULL, *dx_all = NULL, *g_all[MOE_PARAM_COUNT] = {0}, *xr = NULL, *dyr = NULL;
+    float *yr = NULL, *dxr = NULL, *gr = NULL;
+    int32_t *idx_all = NULL, *ir = NULL;
+    int64_t *tok = calloc((size_t)P, sizeof *tok), *nk = calloc((size_t)P, sizeof *nk);
+    int64_t *np_ = calloc((size_t)P, sizeof *np_);
+    int32_t *ia = NULL;
+    int64_t Tg = 0, n = rank_tokens(o, a->rp, T, 0, me, P, NULL);
+    if (!tok || !nk || !np_) goto oom;
+    for (int q = 0; q < P; ++q) tok[q] = rank_tokens(o, a->rp, T, 0, q, P, NULL), Tg += tok[q];
+
+    /* the layer under test: one training forward + backward from zeroed gradients, router
+     * gradients summed over ranks (the reference has all tokens) */
+    MOE_TRY(moe_layer_zero_grad(layer, NULL));
+    MOE_TRY(step_layer(a, layer, m, T, 0, x_dev, y_dev, dy_dev, dx_dev, 1, NULL));
+    MOE_TRY(moe_layer_allreduce_router_grads(layer, NULL));
+    for (int q = 0; q < P; ++q) nk[q] = tok[q] * D;
+    if (gather_f32(a, m, y_dev, n * D, nk, &y_all) || gather_f32(a, m, dx_dev, n * D, nk, &dx_all))
+        goto oom;
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        void *g = NULL;
+        int64_t cnt = 0;
+        MOE_TRY(moe_layer_param(layer, (moe_param_t)p, NULL, &g, &cnt));
+        if (!cnt || p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT) continue;
+        for (int q = 0; q < P; ++q) np_[q] = cnt; /* E_local experts on every rank */
+        if (gather_f32(a, m, g, cnt, np_, &g_all[p])) goto oom;
+    }
+    /* the experts chosen, exactly */
+    ia = malloc((size_t)(n * K + 1) * 4);
+    if (!ia) goto oom;
+    if (n) MOE_TRY(moe_layer_routing(layer, ia, NULL, NULL));
+    {
+        size_t *each = NULL;
+        if (me == 0) {
+            idx_all = malloc((size_t)(Tg * K + 1) * 4);
+            each = malloc((size_t)P * sizeof *each);
+            for (int q = 0; each && q < P; ++q) each[q] = (size_t)(tok[q] * K) * 4;
+        }
+        int g = bench_world_gatherv((bench_world_t *)&a->w, ia, (size_t)(n * K) * 4, idx_all, each);
+        free(each);
+        if (g || (me == 0 && !idx_all)) goto oom;
+    }
+    if (me != 0) goto done;
+
+    /* rank 0: the reference over the concatenated tokens, its experts' parameters copied from
+     * the ranks that own them, the router's from rank 0 (replicated) */
+    moe_layer_config_t rc_cfg = *c;
+    rc_cfg.dtype = MOE_DTYPE_F32;
+    MOE_TRY(moe_context_create(&rctx, MOE_BACKEND_CPU, 0, NULL));
+    MOE_TRY(moe_layer_create(&R, rctx, &rc_cfg));
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        void *vr = NULL, *va = NULL;
+        int64_t nr = 0, na = 0;
+        MOE_TRY(moe_layer_param(R, (moe_param_t)p, &vr, NULL, &nr));
+        MOE_TRY(moe_layer_param(layer, (moe_param_t)p, &va, NULL, &na));
+        if (!nr) continue;
+        if (p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT) {
+            float *v = fetch_f32(m, c->dtype, va, na);
+            if (!v) goto oom;
+            memcpy(vr, v, (size_t)nr * 4);
+            free(v);
+        }
+    }
+    /* the expert parameters' values are gathered after `done:` (every rank takes part) */
+    xr = malloc((size_t)(Tg * D + 1) * 4), dyr = malloc((size_t)(Tg * D + 1) * 4);
+    yr = malloc((size_t)(Tg * D + 1) * 4), dxr = malloc((size_t)(Tg * D + 1) * 4);
+    if (!xr || !dyr || !yr || !dxr) goto oom;
+    {
+        int64_t off = 0;
+        for (int q = 0; q < P; ++q) {
+            workload_t wq = {0, NULL, NULL};
+            if (make_workload(o, a->rp, wg, T, q, P, &wq) != 0) {
+                free_workload(&wq);
+                goto oom;
+            }
+            memcpy(xr + off * D, wq.x, (size_t)(tok[q] * D) * 4);
+            memcpy(dyr + off * D, wq.dy, (size_t)(tok[q] * D) * 4);
+            free_workload(&wq);
+            off += tok[q];
+        }
+        /* what the ranks saw: rounded to the storage dtype */
+        void *raw = malloc((size_t)(Tg * D + 1) * dtype_size(c->dtype));
+        if (!raw) goto oom;
+        to_dtype(c->dtype, xr, raw, Tg * D), from_dtype(c->dtype, raw, xr, Tg * D);
+        to_dtype(c->dtype, dyr, raw, Tg * D), from_dtype(c->dtype, raw, dyr, Tg * D);
+        free(raw);
+    }
+    rc = BENCH_EXIT_OK;
+done:
+    /* the expert parameter values: gathered by every rank (a collective), rank 0 keeps them */
+    for (int p = MOE_PARAM_W1; p < MOE_PARAM_COUNT; ++p) {
+        void *va = NULL;
+        int64_t na = 0;
+        if (moe_layer_param(layer, (moe_param_t)p, &va, NULL, &na) != MOE_STATUS_SUCCESS || !na)
+            continue;
+        for (int q = 0; q < P; ++q) np_[q] = na;
+        float *vals = NULL;
+        int g = gather_f32(a, m, va, na, np_, &vals);
+        if (me == 0 && R && rc == BENCH_EXIT_OK) {
+            void *vr = NULL;
+            int64_t nr = 0;
+            if (g || moe_layer_param(R, (moe_param_t)p, &vr, NULL, &nr) != MOE_STATUS_SUCCESS ||
+                nr != na * P)
+                rc = BENCH_EXIT_FAIL;
+            else
+                memcpy(vr, vals, (size_t)nr * 4);
+        }
+        free(vals);
+    }
+    if (me == 0 && R && rc == BENCH_EXIT_OK) {
+        if (a->rp) {
+            const int64_t s = 0;
+            TRY_OUT(moe_layer_force_routing(R, a->rp->index[s], a->rp->gate_w[s], Tg));
+        }
+        moe_status_t st = moe_layer_forward(R, xr, yr, Tg, 1, NULL);
+        if (st == MOE_STATUS_SUCCESS) st = moe_layer_backward(R, dyr, dxr, NULL);
+        TRY_OUT(st);
+        compare(acc, "y", y_all, yr, Tg * D, tol);
+        compare(acc, "dx", dx_all, dxr, Tg * D, tol);
+        static const char *pname[] = {"dWg", "dWn", "dW1", "db1", "dW2", "db2"};
+        for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+            void *gR = NULL, *gA = NULL;
+            int64_t nr = 0, na = 0;
+            TRY_OUT(moe_layer_param(R, (moe_param_t)p, NULL, &gR, &nr));
+            if (!nr) continue;
+            if (p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT) {
+                TRY_OUT(moe_layer_param(layer, (moe_param_t)p, NULL, &gA, &na));
+                gr = fetch_f32(m, c->dtype, gA, na);
+                if (!gr) goto out_oom;
+                compare(acc, pname[p], gr, (const float *)gR, nr, tol);
+                free(gr), gr = NULL;
+            } else {
+                compare(acc, pname[p], g_all[p], (const float *)gR, nr, tol);
+            }
+        }
+        ir = malloc((size_t)(Tg * K + 1) * 4);
+        if (!ir) goto out_oom;
+        TRY_OUT(moe_layer_routing(R, ir, NULL, NULL));
+        int64_t bad = 0;
+        for (int64_t i = 0; i < Tg * K; ++i) bad += ir[i] != idx_all[i];
+        if (bad) fprintf(stderr, "# check: %lld routing choices differ\n", (long long)bad);
+        acc->wrong += bad, acc->checked += Tg * K;
+    }
+    goto out;
+oom:
+    fprintf(stderr, "moe_bench: rank %d: --check: out of host memory or a gather failed\n", me);
+    rc = BENCH_EXIT_FAIL;
+    goto done;
+out_oom:
+    fprintf(stderr, "moe_bench: --check: out of host memory\n");
+    rc = BENCH_EXIT_FAIL;
+out:
+    moe_layer_destroy(R), moe_context_destroy(rctx);
+    free(y_all), free(dx_all), free(xr), free(dyr), free(yr), free(dxr), free(gr);
+    free(idx_all), free(ir), free(tok), free(nk), free(np_), free(ia);
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) free(g_all[p]);
+    return rc;
+}
+
+/* ============================================================================================
+ * the run: every rank runs run_rank (a thread per local rank, a process per MPI rank, or just
+ * main for one rank); rank 0 prints
+ * ========================================================================================== */
+
+static void print_header(const bench_opts_t *o, const char *backend_text, const char *world_text,
+                         int ranks, int omp_threads, int blas_thr) {
     const moe_layer_config_t *c = &o->cfg;
     int major, minor, patch;
     moe_get_version(&major, &minor, &patch);
-    printf("# moe_bench: libmoe %d.%d.%d  backend %s  ranks 1%s%s\n", major, minor, patch,
-           backend_text, o->preset ? "  preset " : "", o->preset ? o->preset : "");
+    printf("# moe_bench: libmoe %d.%d.%d  backend %s  ranks %d%s%s%s\n", major, minor, patch,
+           backend_text, ranks, world_text, o->preset ? "  preset " : "",
+           o->preset ? o->preset : "");
     printf("#  layer    D %lld  F %lld  E %lld  K %lld  activation %s  dtype %s  bias %s\n",
            (long long)c->d_model, (long long)c->d_ff, (long long)c->num_experts,
            (long long)c->top_k, act_names[c->activation], dtype_names[c->dtype],
@@ -755,97 +1107,280 @@ static void print_header(const bench_opts_t *o, const char *backend_text, int om
            c->gate == MOE_GATE_TOPK_OF_SOFTMAX ? (c->renormalize ? " (renormalized)" : "") : "",
            c->noisy_gating ? "yes" : "no", cap);
     printf("#  run      mode %s  routing %s  seed %llu  warmup %d  iters %d  check %s\n",
-           o->mode == BENCH_MODE_FWD ? "fwd" : "fwd-bwd", o->routing.text,
-           (unsigned long long)o->seed, o->warmup, o->iters, o->check ? "on" : "off");
+           o->mode == BENCH_MODE_FWD ? "fwd" : "fwd-bwd",
+           o->replay_path ? "replay" : o->routing.text, (unsigned long long)o->seed, o->warmup,
+           o->iters, o->check ? "on" : "off");
+    if (o->replay_path) printf("#  replay   %s: each iteration one recorded step, its tokens split "
+                               "over the ranks, routing forced\n", o->replay_path);
     if (blas_thr > 0)
-        printf("#  threads  OpenMP %d  OpenBLAS %d\n", omp_threads, blas_thr);
+        printf("#  threads  OpenMP %d%s  OpenBLAS %d\n", omp_threads, ranks > 1 ? " per rank" : "",
+               blas_thr);
     else
         printf("#  threads  OpenMP %d  BLAS (not OpenBLAS: unknown)\n", omp_threads);
     printf("#  TFLOP/s  expert GEMMs only: 2*M*D*%s + 2*M*F*D per forward%s, M = kept "
-           "assignments\n",
+           "assignments (all ranks)\n",
            c->activation == MOE_ACTIVATION_SWIGLU ? "2F" : "F",
            o->mode == BENCH_MODE_FWD_BWD ? ", x3 for forward+backward" : "");
     printf("#  roofline gemm = dense sgemm of the same FLOPs, gemm%% = gemm / total; mcpy = "
            "memcpy of the activation bytes\n");
+    if (ranks > 1) {
+        int64_t El = c->num_experts / ranks,
+                ch = c->num_chunks ? c->num_chunks : MOE_DEFAULT_CHUNKS;
+        printf("#  ranks    tokens = per rank; times = slowest rank per iteration; tokens/s over "
+               "all ranks; %lld experts per rank, %lld chunk%s\n",
+               (long long)El, (long long)(ch < El ? ch : El), (ch < El ? ch : El) > 1 ? "s" : "");
+        printf("#  a2a      dispatch + return phases (profiled pass); algbw = all-to-alls x "
+               "rows sent x D x %zu B / a2a; busbw = algbw (P-1)/P;\n"
+               "#           ceil = raw all-to-all of the same bytes (%s); model = "
+               "bench/model.c at %s\n",
+               dtype_size(c->dtype),
+               strstr(world_text, "NCCL") ? "none under NCCL: give --link-bw"
+               : strstr(world_text, "MPI") ? "MPI_Alltoall" : "memcpy per rank",
+               o->link_bw > 0 ? "--link-bw" : "the ceiling's bandwidth");
+    }
     printf("#\n");
-    printf("# %10s %10s %10s %10s %12s %8s %10s %6s %9s %7s %8s %7s\n", "tokens", "fwd(ms)",
-           "bwd(ms)", "total(ms)", "tokens/s", "TFLOP/s", "gemm(ms)", "gemm%", "mcpy(ms)",
-           "imbal", "dropped", "#wrong");
+    printf("# %10s %10s %10s %10s %12s %8s %10s %6s %9s %7s %7s %9s %7s %7s %9s %9s %8s %7s\n",
+           "tokens", "fwd(ms)", "bwd(ms)", "total(ms)", "tokens/s", "TFLOP/s", "gemm(ms)",
+           "gemm%", "mcpy(ms)", "imbal", "rimbal", "a2a(ms)", "algbw", "busbw", "ceil(ms)",
+           "model(ms)", "dropped", "#wrong");
 }
 
-int main(int argc, char **argv) {
-    g_t0 = now_s();
-    bench_opts_t o;
-    int pr = parse_args(argc, argv, &o);
-    if (pr != 0) return pr > 0 ? BENCH_EXIT_OK : BENCH_EXIT_USAGE;
+/* per-rank results of one size, gathered: [ fwd[iters] bwd[iters] tot[iters] | tokens sent recv
+ * | phases | gemm mcpy a2a ] */
+enum { G_STATS = 4, G_CEIL = 3 };
 
+typedef struct run_out {
+    bench_row_t *rows;
+    int nrows;
+    int64_t total_wrong, total_checked;
+    double worst;
+    int check_failed; /* the run went through and --check found wrong elements */
+    trace_buf_t tb;
+} run_out_t;
+
+static run_out_t g_out; /* rank 0's results (threads: written by rank 0 only) */
+
+static void mem_threads(const bench_opts_t *o, int ranks) {
+    if (o->threads > 0) {
+        omp_set_num_threads(o->threads);
+    } else if (ranks > 1) {
+        /* ranks as threads share the cores: one share each unless --threads says otherwise */
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        int t = (int)(ncpu / ranks);
+        omp_set_num_threads(t > 0 ? t : 1);
+    }
+}
+
+static int copy_cb(void *dst, const void *src, size_t bytes, void *ctx) {
+    const mem_t *m = ctx;
+    return mem_copy(m, dst, src, bytes, 2) || mem_sync(m);
+}
+static void *alloc_cb(size_t bytes, void *ctx) {
+    void *p = mem_alloc(ctx, bytes);
+    if (p && !((mem_t *)ctx)->gpu) memset(p, 1, bytes);
+    return p;
+}
+static void free_cb(void *p, void *ctx) { mem_free(ctx, p); }
+
+/* rank 0: one row of the table from every rank's gathered numbers (layout of gv in run_rank) */
+static void finish_row(const bench_opts_t *o, int P, int ng, const double *gall, double *tf,
+                       double sent_mean, double act_bytes, bench_row_t *r) {
+    const moe_layer_config_t *c = &o->cfg;
+    const int64_t D = c->d_model, E = c->num_experts;
+    const size_t es = dtype_size(c->dtype);
+    const int fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+    double *tbw = tf + o->iters, *tt = tf + 2 * o->iters;
+    /* per iteration the slowest rank: a collective call ends when its last rank does */
+    for (int i = 0; i < 3 * o->iters; ++i)
+        for (int q = 1; q < P; ++q) tf[i] = fmax(tf[i], gall[(size_t)q * ng + i]);
+    r->fwd = summarize(tf, o->iters), r->total = summarize(tt, o->iters);
+    if (fwd_bwd) r->bwd = summarize(tbw, o->iters);
+    double tok = 0, rmax = 0, rsum = 0;
+    r->gemm_s = r->mcpy_s = r->ceil_s = -1.0;
+    r->rank_rows = malloc((size_t)P * 3 * sizeof(int64_t));
+    r->rank_remote = malloc((size_t)P * sizeof(double));
+    if (!r->rank_remote) free(r->rank_rows), r->rank_rows = NULL;
+    for (int q = 0; q < P; ++q) {
+        const double *g = gall + (size_t)q * ng;
+        const double *s3 = g + 3 * o->iters, *pq = s3 + G_STATS;
+        tok += s3[0];
+        rsum += s3[2], rmax = fmax(rmax, s3[2]);
+        r->rows_sent_max = fmax(r->rows_sent_max, s3[1]);
+        r->rows_recv_max = fmax(r->rows_recv_max, s3[2]);
+        r->rows_sent_mean += s3[1] / P, r->rows_recv_mean += s3[2] / P;
+        if (r->rank_rows) {
+            for (int j = 0; j < 3; ++j) r->rank_rows[q * 3 + j] = llround(s3[j]);
+            r->rank_remote[q] = s3[3];
+        }
+        for (int p = 0; p < MOE_PHASE_COUNT; ++p) r->phase_s[p] = fmax(r->phase_s[p], pq[p]);
+        double a2a_q = pq[MOE_PHASE_DISPATCH] + pq[MOE_PHASE_RETURN] +
+                       pq[MOE_PHASE_BWD_DISPATCH] + pq[MOE_PHASE_BWD_RETURN];
+        r->a2a_s = fmax(r->a2a_s, a2a_q);
+        r->gemm_s = fmax(r->gemm_s, g[ng - 3]);
+        r->mcpy_s = fmax(r->mcpy_s, g[ng - 2]);
+        r->ceil_s = fmax(r->ceil_s, g[ng - 1]);
+    }
+    r->rank_imbalance = rsum > 0 ? rmax / (rsum / P) : 0.0;
+    r->tokens_per_s = tok / r->total.mean;
+    r->tflops = r->flops / r->total.mean * 1e-12;
+    r->act_bytes = act_bytes;
+    if (P > 1) {
+        const int n_a2a = fwd_bwd ? 4 : 2;
+        r->a2a_bytes = sent_mean * D * es;
+        r->algbw = r->a2a_s > 0 ? n_a2a * r->a2a_bytes / r->a2a_s * 1e-9 : 0.0;
+        r->busbw = r->algbw * (P - 1) / P;
+        double ceil_bw = r->ceil_s > 0 ? r->a2a_bytes / r->ceil_s : 0.0;
+        if (r->ceil_s > 0) r->ceil_s *= n_a2a;
+        double bw = o->link_bw > 0 ? o->link_bw * 1e9 : ceil_bw;
+        /* the model from this run's own local phases and the link bandwidth */
+        bench_model_in_t mi = {0};
+        mi.fwd_bwd = fwd_bwd;
+        mi.t_local_fwd = r->phase_s[MOE_PHASE_GATE] + r->phase_s[MOE_PHASE_ROUTE] +
+                         r->phase_s[MOE_PHASE_PERMUTE] + r->phase_s[MOE_PHASE_COMBINE];
+        mi.t_local_bwd = r->phase_s[MOE_PHASE_BWD_COMBINE] +
+                         r->phase_s[MOE_PHASE_BWD_UNPERMUTE] + r->phase_s[MOE_PHASE_BWD_GATE];
+        mi.t_experts_fwd = r->phase_s[MOE_PHASE_EXPERTS];
+        mi.t_experts_bwd = r->phase_s[MOE_PHASE_BWD_EXPERTS];
+        mi.t_net_fwd = mi.t_net_bwd = bw > 0 ? 2 * r->a2a_bytes / bw : 0.0;
+        int64_t El = E / P, ch = c->num_chunks ? c->num_chunks : MOE_DEFAULT_CHUNKS;
+        r->model_s = bw > 0 ? bench_model_layer_time(&mi, (int)(ch < El ? ch : El)) : -1.0;
+    } else {
+        r->ceil_s = r->model_s = -1.0;
+    }
+}
+
+static void print_row(const bench_opts_t *o, const bench_row_t *r) {
+    const int P = r->ranks, fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+    const int64_t T = r->tokens;
+    char gemm[16] = "-", gpct[16] = "-", mcpy[16] = "-", wrong[24] = "N/A", bwd[16] = "-";
+    char rimb[16] = "-", a2a[16] = "-", alg[16] = "-", bus[16] = "-", ceil_[16] = "-",
+         model[16] = "-";
+    if (r->gemm_s >= 0) {
+        snprintf(gemm, sizeof gemm, "%.3f", 1e3 * r->gemm_s);
+        snprintf(gpct, sizeof gpct, "%.1f", 100.0 * r->gemm_s / r->total.mean);
+    }
+    if (r->mcpy_s >= 0) snprintf(mcpy, sizeof mcpy, "%.3f", 1e3 * r->mcpy_s);
+    if (r->wrong >= 0) snprintf(wrong, sizeof wrong, "%lld", (long long)r->wrong);
+    if (fwd_bwd) snprintf(bwd, sizeof bwd, "%.3f", 1e3 * r->bwd.mean);
+    if (P > 1) {
+        snprintf(rimb, sizeof rimb, "%.3f", r->rank_imbalance);
+        snprintf(a2a, sizeof a2a, "%.3f", 1e3 * r->a2a_s);
+        snprintf(alg, sizeof alg, "%.2f", r->algbw);
+        snprintf(bus, sizeof bus, "%.2f", r->busbw);
+        if (r->ceil_s > 0) snprintf(ceil_, sizeof ceil_, "%.3f", 1e3 * r->ceil_s);
+        if (r->model_s > 0) snprintf(model, sizeof model, "%.3f", 1e3 * r->model_s);
+    }
+    printf("  %10lld %10.3f %10s %10.3f %12.0f %8.4g %10s %6s %9s %7.3f %7s %9s %7s %7s "
+           "%9s %9s %8lld %7s\n",
+           (long long)T, 1e3 * r->fwd.mean, bwd, 1e3 * r->total.mean, r->tokens_per_s,
+           r->tflops, gemm, gpct, mcpy, r->imbalance, rimb, a2a, alg, bus, ceil_, model,
+           (long long)r->dropped, wrong);
+    fflush(stdout);
+}
+
+/* rank 0: the footer, the phase table and the ranks of the last size; 1 if --check failed */
+static int print_summary(const bench_opts_t *o, int P, const bench_row_t *rows, int nrows,
+                         int nprof, int64_t total_wrong, int64_t total_checked, double worst,
+                         int replay) {
+    const int fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+    int check_failed = 0;
+    double sum_tps = 0.0, sum_tf = 0.0, sum_bus = 0.0;
+    for (int i = 0; i < nrows; ++i)
+        sum_tps += rows[i].tokens_per_s, sum_tf += rows[i].tflops, sum_bus += rows[i].busbw;
+    printf("# Average tokens/s : %.0f\n", nrows ? sum_tps / nrows : 0.0);
+    printf("# Average TFLOP/s  : %.4g\n", nrows ? sum_tf / nrows : 0.0);
+    if (P > 1) printf("# Avg bus bandwidth: %.3f GB/s (all-to-all phases)\n",
+                      nrows ? sum_bus / nrows : 0.0);
+    if (o->check) {
+        printf("# Check            : %lld wrong of %lld compared (%s, worst %.3g of max|ref|) "
+               "%s\n",
+               (long long)total_wrong, (long long)total_checked,
+               P > 1 || replay ? "vs a single-rank CPU layer over all ranks' tokens"
+               : o->backend == MOE_BACKEND_CPU ? "bitwise vs a second CPU layer"
+                                               : "vs the CPU backend",
+               worst, total_wrong ? "FAILED" : "OK");
+        if (total_wrong) check_failed = 1;
+    } else {
+        printf("# Check            : not run (use --check)\n");
+    }
+    printf("# Times are means over %d iterations; --json has medians, minima and maxima.\n",
+           o->iters);
+    /* the library's phases, from the profiled pass */
+    printf("#\n# Phases (comment lines: the table above is the only data; ms per call, profiled "
+           "pass of %d iteration%s after the timed ones: the library waits after every phase; "
+           "max over ranks)\n# %10s", nprof,
+           nprof > 1 ? "s" : "", "tokens");
+    int last = fwd_bwd ? MOE_PHASE_COUNT : MOE_PHASE_BWD_COMBINE;
+    for (int p = 0; p < last; ++p) printf(" %*s", p < MOE_PHASE_BWD_COMBINE ? 8 : 13,
+                                          moe_phase_name((moe_phase_t)p));
+    printf("\n");
+    for (int i = 0; i < nrows; ++i) {
+        printf("# %10lld", (long long)rows[i].tokens);
+        for (int p = 0; p < last; ++p)
+            printf(" %*.3f", p < MOE_PHASE_BWD_COMBINE ? 8 : 13, 1e3 * rows[i].phase_s[p]);
+        printf("\n");
+    }
+    if (P > 1 && nrows > 0 && rows[nrows - 1].rank_rows) {
+        const bench_row_t *r = &rows[nrows - 1];
+        printf("#\n# Ranks at %lld tokens (per iteration): rows sent / received "
+               "(moe_routing_stats_t), remote%% = kept assignments to other ranks' experts\n"
+               "# %6s %10s %10s %10s %8s\n",
+               (long long)r->tokens, "rank", "tokens", "sent", "received", "remote%");
+        for (int q = 0; q < P; ++q)
+            printf("# %6d %10lld %10lld %10lld %8.1f\n", q, (long long)r->rank_rows[q * 3],
+                   (long long)r->rank_rows[q * 3 + 1], (long long)r->rank_rows[q * 3 + 2],
+                   100.0 * r->rank_remote[q]);
+    }
+    fflush(stdout);
+    return check_failed;
+}
+
+static void *run_rank(void *arg) {
+    rank_arg_t *a = arg;
+    const bench_opts_t *o = a->o;
+    const int P = a->w.size, me = a->w.rank, fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+    bench_world_t *w = &a->w;
     int rc = BENCH_EXIT_OK;
     moe_context_t *ctx = NULL, *ref_ctx = NULL;
     moe_layer_t *layer = NULL, *ref = NULL;
+    float *wg = NULL;
+    void *x_dev = NULL, *y_dev = NULL, *dy_dev = NULL, *dx_dev = NULL, *stage = NULL;
+    double *tf = NULL, *gv = NULL, *gall = NULL;
+    workload_t wl = {0, NULL, NULL};
+    trace_buf_t tb = {NULL, 0, 0, o->trace_path != NULL, me};
+    mem_t mem = {o->backend == MOE_BACKEND_CUDA};
     bench_row_t *rows = NULL;
     int nrows = 0;
-    trace_buf_t tb = {NULL, 0, 0, o.trace_path != NULL};
-    float *x = NULL, *dy = NULL, *wg = NULL;
-    void *x_dev = NULL, *y_dev = NULL, *dy_dev = NULL, *dx_dev = NULL, *stage = NULL;
-    double *tf = NULL, *tbw = NULL, *tt = NULL;
     int64_t total_wrong = 0, total_checked = 0;
     double worst = 0.0;
-    mem_t mem = {0};
+    int check_failed = 0; /* not a failure of the run: the collectives below still happen */
+    const moe_layer_config_t *c = &o->cfg;
+    const int64_t D = c->d_model, F = c->d_ff, E = c->num_experts;
+    const int64_t F2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * F : F;
+    const size_t es = dtype_size(c->dtype);
 
-    if (o.routing.kind == BENCH_ROUTING_RANK_SKEW || o.routing.kind == BENCH_ROUTING_ZERO_RANK) {
-        printf("# moe_bench: routing %s: NOT_SUPPORTED (needs expert parallelism; ranks = 1). "
-               "Nothing measured.\n",
-               o.routing.text);
-        return BENCH_EXIT_NOT_SUPPORTED;
-    }
-    if (o.threads > 0) set_threads(o.threads);
-
-    /* backend: the one asked for, else CUDA when a context can be created, else CPU */
-    char backend_text[160];
-    if (o.backend_given) {
-        MOE_TRY(moe_context_create(&ctx, o.backend, o.device, NULL));
-        snprintf(backend_text, sizeof backend_text, "%s", o.backend == MOE_BACKEND_CUDA ? "cuda" : "cpu");
-    } else if (moe_context_create(&ctx, MOE_BACKEND_CUDA, o.device, NULL) == MOE_STATUS_SUCCESS) {
-        o.backend = MOE_BACKEND_CUDA;
-        snprintf(backend_text, sizeof backend_text, "cuda");
-    } else {
-        o.backend = MOE_BACKEND_CPU;
-        MOE_TRY(moe_context_create(&ctx, MOE_BACKEND_CPU, 0, NULL));
-        snprintf(backend_text, sizeof backend_text, "cpu (no CUDA context)");
-    }
-    if (o.backend == MOE_BACKEND_CUDA) {
+    mem_threads(o, P);
 #ifdef MOE_BENCH_CUDA
-        mem.gpu = 1;
-        struct cudaDeviceProp prop;
-        const char *dev = "?";
-        if (cudaGetDeviceProperties(&prop, o.device) == cudaSuccess) dev = prop.name;
-        cudaSetDevice(o.device);
-        snprintf(backend_text, sizeof backend_text, "cuda (device %d: %.100s)", o.device, dev);
-#else
-        fprintf(stderr, "moe_bench: built without the CUDA runtime: cannot feed a CUDA layer\n");
-        rc = BENCH_EXIT_NOT_SUPPORTED;
-        goto done;
+    if (mem.gpu) cudaSetDevice(o->device);
 #endif
-    }
-    MOE_TRY(moe_layer_create(&layer, ctx, &o.cfg));
-    moe_layer_config_t ref_cfg = o.cfg;
-    if (o.check) {
+    MOE_TRY(moe_context_create(&ctx, o->backend, o->device, a->comm));
+    MOE_TRY(moe_layer_create(&layer, ctx, &o->cfg));
+    moe_layer_config_t ref_cfg = o->cfg;
+    if (o->check && P == 1) {
         ref_cfg.dtype = MOE_DTYPE_F32;
         MOE_TRY(moe_context_create(&ref_ctx, MOE_BACKEND_CPU, 0, NULL));
         MOE_TRY(moe_layer_create(&ref, ref_ctx, &ref_cfg));
     }
-
-    const int omp_threads = omp_get_max_threads(), blas_thr = blas_threads();
-    print_header(&o, backend_text, omp_threads, blas_thr);
-    fflush(stdout);
-
-    const moe_layer_config_t *c = &o.cfg;
-    const int64_t D = c->d_model, F = c->d_ff, E = c->num_experts, K = c->top_k;
-    const int64_t F2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * F : F;
-    const size_t es = dtype_size(c->dtype);
-    const int fwd_bwd = o.mode == BENCH_MODE_FWD_BWD;
-
-    /* router weight as f32 on the host: the routing workloads aim at its columns */
+    if (me == 0) {
+        char wt[64] = "";
+        if (P > 1)
+            snprintf(wt, sizeof wt, " (%s)",
+                     w->kind == BENCH_WORLD_MPI
+                         ? (o->backend == MOE_BACKEND_CUDA ? "MPI + NCCL" : "MPI")
+                         : "local: threads of one process");
+        print_header(o, a->backend_text, wt, P, omp_get_max_threads(), blas_threads());
+        fflush(stdout);
+    }
     {
         void *wv = NULL;
         int64_t n = 0;
@@ -857,59 +1392,77 @@ int main(int argc, char **argv) {
             goto done;
         }
     }
-
     int nsizes = 0;
-    for (double t = (double)o.min_tokens; t <= (double)o.max_tokens * (1 + 1e-9); t *= o.step_factor)
-        ++nsizes;
+    if (a->rp) nsizes = 1;
+    else
+        for (double t = (double)o->min_tokens; t <= (double)o->max_tokens * (1 + 1e-9);
+             t *= o->step_factor)
+            ++nsizes;
+    const int nprof = o->iters < 3 ? o->iters : 3; /* profiled iterations per size */
+    const int ng = 3 * o->iters + G_STATS + MOE_PHASE_COUNT + G_CEIL;
     rows = calloc((size_t)nsizes, sizeof *rows);
-    tf = malloc((size_t)o.iters * sizeof(double));
-    tbw = malloc((size_t)o.iters * sizeof(double));
-    tt = malloc((size_t)o.iters * sizeof(double));
-    if (!rows || !tf || !tbw || !tt) {
+    tf = malloc((size_t)(3 * o->iters + 3) * sizeof(double));
+    gv = malloc((size_t)ng * sizeof(double)), gall = malloc((size_t)ng * P * sizeof(double));
+    if (!rows || !tf || !gv || !gall) {
         fprintf(stderr, "moe_bench: out of host memory\n");
         rc = BENCH_EXIT_FAIL;
         goto done;
     }
-    const int progress = isatty(STDERR_FILENO);
-    double tsize = (double)o.min_tokens;
-    for (int si = 0; si < nsizes; ++si, tsize *= o.step_factor) {
+    double *tbw = tf + o->iters, *tt = tf + 2 * o->iters;
+    const int progress = me == 0 && isatty(STDERR_FILENO);
+    double tsize = (double)o->min_tokens;
+    if (a->rp) {
+        int64_t sum = 0;
+        for (int64_t s = 0; s < a->rp->num_steps; ++s) sum += a->rp->tokens[s];
+        tsize = (double)sum / (double)a->rp->num_steps / P; /* mean tokens per rank and step */
+    }
+    int64_t step_base = 0; /* replay: the next recorded step to use */
+    for (int si = 0; si < nsizes; ++si, tsize *= o->step_factor) {
         const int64_t T = (int64_t)llround(tsize);
-        const size_t act = (size_t)(T * D);
-        free(x), free(dy);
+        free_workload(&wl);
         mem_free(&mem, x_dev), mem_free(&mem, y_dev), mem_free(&mem, dy_dev);
         mem_free(&mem, dx_dev), free(stage);
-        x = malloc(act * 4), dy = malloc(act * 4), stage = malloc(act * es);
+        x_dev = y_dev = dy_dev = dx_dev = stage = NULL;
+        if (make_workload(o, a->rp, wg, T, me, P, &wl) != 0) {
+            fprintf(stderr, "moe_bench: rank %d: out of memory for %lld tokens\n", me,
+                    (long long)T);
+            rc = BENCH_EXIT_FAIL;
+            goto done;
+        }
+        const size_t act = (size_t)(wl.tokens_max * D);
+        stage = malloc(act * es + 1);
         x_dev = mem_alloc(&mem, act * es), y_dev = mem_alloc(&mem, act * es);
         dy_dev = mem_alloc(&mem, act * es), dx_dev = mem_alloc(&mem, act * es);
-        if (!x || !dy || !stage || !x_dev || !y_dev || !dy_dev || !dx_dev) {
-            fprintf(stderr, "moe_bench: out of memory for %lld tokens\n", (long long)T);
+        if (!stage || !x_dev || !y_dev || !dy_dev || !dx_dev) {
+            fprintf(stderr, "moe_bench: rank %d: out of memory for %lld tokens\n", me,
+                    (long long)T);
             rc = BENCH_EXIT_FAIL;
             goto done;
         }
-        if (bench_make_input(&o.routing, wg, T, D, E, K, o.seed, x) != 0) {
-            rc = BENCH_EXIT_FAIL;
-            goto done;
-        }
-        bench_fill_uniform(dy, T * D, o.seed + 0x5151, 1.0f / (float)D);
-        to_dtype(c->dtype, x, stage, T * D);
+        to_dtype(c->dtype, wl.x, stage, wl.tokens_max * D);
         if (mem_copy(&mem, x_dev, stage, act * es, 0) != 0) goto copy_failed;
-        to_dtype(c->dtype, dy, stage, T * D);
+        to_dtype(c->dtype, wl.dy, stage, wl.tokens_max * D);
         if (mem_copy(&mem, dy_dev, stage, act * es, 0) != 0) goto copy_failed;
 
         bench_row_t *r = &rows[nrows];
-        r->tokens = T, r->wrong = -1;
-        if (o.check) {
-            if (c->noisy_gating) {
-                /* the gating noise is keyed by the layer's training-forward counter: start both
-                 * layers from 0 again so that they draw the same noise */
-                moe_layer_destroy(layer), moe_layer_destroy(ref);
-                layer = NULL, ref = NULL;
-                MOE_TRY(moe_layer_create(&layer, ctx, &o.cfg));
-                MOE_TRY(moe_layer_create(&ref, ref_ctx, &ref_cfg));
-            }
+        r->tokens = T, r->wrong = -1, r->ranks = P;
+        if (o->check) {
             check_acc_t acc = {0, 0, 0.0};
-            int crc = run_check(&mem, layer, ref, c, o.backend, T, x, dy, x_dev, dy_dev, y_dev,
-                                dx_dev, &acc);
+            int crc;
+            if (P == 1 && !a->rp) {
+                if (c->noisy_gating) {
+                    /* the gating noise is keyed by the layer's training-forward counter: start
+                     * both layers from 0 again so that they draw the same noise */
+                    moe_layer_destroy(layer), moe_layer_destroy(ref);
+                    layer = NULL, ref = NULL;
+                    MOE_TRY(moe_layer_create(&layer, ctx, &o->cfg));
+                    MOE_TRY(moe_layer_create(&ref, ref_ctx, &ref_cfg));
+                }
+                crc = run_check(&mem, layer, ref, c, o->backend, T, wl.x, wl.dy, x_dev, dy_dev,
+                                y_dev, dx_dev, &acc);
+            } else {
+                crc = run_check_ep(a, &mem, layer, wg, T, x_dev, dy_dev, y_dev, dx_dev, &acc);
+            }
             if (crc != BENCH_EXIT_OK) {
                 rc = crc;
                 goto done;
@@ -919,98 +1472,422 @@ int main(int argc, char **argv) {
             worst = fmax(worst, acc.worst);
         }
 
-        for (int it = -o.warmup; it < o.iters; ++it) {
+        /* timed pass, profiling off: the numbers of the table */
+        double st_tok = 0, st_sent = 0, st_recv = 0;
+        for (int it = -o->warmup; it < o->iters; ++it) {
             if (progress)
                 fprintf(stderr, "\r# size %d/%d: %lld tokens, %s %d/%d   ", si + 1, nsizes,
-                        (long long)T, it < 0 ? "warm-up" : "iter", it < 0 ? it + o.warmup + 1 : it + 1,
-                        it < 0 ? o.warmup : o.iters);
-            double t0 = now_s();
-            MOE_TRY(moe_layer_forward(layer, x_dev, y_dev, T, 1, NULL));
-            if (mem_sync(&mem) != 0) goto copy_failed;
-            double t1 = now_s(), t2 = t1;
-            if (fwd_bwd) {
-                MOE_TRY(moe_layer_backward(layer, dy_dev, dx_dev, NULL));
-                if (mem_sync(&mem) != 0) goto copy_failed;
-                t2 = now_s();
-            }
+                        (long long)T, it < 0 ? "warm-up" : "iter",
+                        it < 0 ? it + o->warmup + 1 : it + 1, it < 0 ? o->warmup : o->iters);
+            double t[3];
+            int64_t step = step_base++;
+            if (bench_world_barrier(w)) goto peer_failed;
+            MOE_TRY(step_layer(a, layer, &mem, T, step, x_dev, y_dev, dy_dev, dx_dev, fwd_bwd, t));
             if (it < 0) continue;
-            tf[it] = t1 - t0, tbw[it] = t2 - t1, tt[it] = t2 - t0;
-            trace_add(&tb, "forward", 1, T, it, t0, t1);
-            if (fwd_bwd) trace_add(&tb, "backward", 2, T, it, t1, t2);
+            tf[it] = t[1] - t[0], tbw[it] = t[2] - t[1], tt[it] = t[2] - t[0];
+            trace_add(&tb, "forward", 1, T, it, t[0], t[1]);
+            if (fwd_bwd) trace_add(&tb, "backward", 2, T, it, t[1], t[2]);
+            moe_routing_stats_t st;
+            MOE_TRY(moe_layer_stats(layer, &st, NULL, NULL));
+            st_tok += (double)rank_tokens(o, a->rp, T, step, me, P, NULL);
+            st_sent += (double)st.rows_sent, st_recv += (double)st.rows_received;
+            r->imbalance += st.imbalance / o->iters;
+            r->assignments = st.num_assignments, r->dropped = st.num_dropped;
+            r->flops += (2.0 * (double)(st.num_assignments - st.num_dropped) * D * F2 +
+                         2.0 * (double)(st.num_assignments - st.num_dropped) * F * D) *
+                        (fwd_bwd ? 3.0 : 1.0) / o->iters;
         }
         if (progress) fprintf(stderr, "\r%60s\r", "");
-        r->fwd = summarize(tf, o.iters), r->total = summarize(tt, o.iters);
-        if (fwd_bwd) r->bwd = summarize(tbw, o.iters);
 
-        moe_routing_stats_t st;
-        MOE_TRY(moe_layer_stats(layer, &st, NULL, NULL));
-        r->imbalance = st.imbalance, r->assignments = st.num_assignments;
-        r->dropped = st.num_dropped;
-        const int64_t M = st.num_assignments - st.num_dropped;
-        r->flops = (2.0 * (double)M * D * F2 + 2.0 * (double)M * F * D) * (fwd_bwd ? 3.0 : 1.0);
-        r->tokens_per_s = (double)T / r->total.mean;
-        r->tflops = r->flops / r->total.mean * 1e-12;
-
-        /* ceilings, same run: dense GEMMs of the same FLOPs (CPU only), memcpy of the activation
-         * bytes the layer must touch: x, y and per kept row its copies in, H, act(H), out
-         * (forward); backward the same again */
-        const int reps = o.iters < 3 ? o.iters : 3;
-        r->gemm_s = o.backend == MOE_BACKEND_CPU ? dense_gemm_time(M, D, F, F2, fwd_bwd, reps, T, &tb)
-                                                 : -1.0;
-        r->act_bytes = (double)es * (2.0 * (double)T * D + (double)M * (2.0 * D + F2 + F)) *
-                       (fwd_bwd ? 2.0 : 1.0);
-        r->mcpy_s = memcpy_time(&mem, (size_t)r->act_bytes, reps, T, &tb);
-
-        char gemm[16] = "-", gpct[16] = "-", mcpy[16] = "-", wrong[24] = "N/A", bwd[16] = "-";
-        if (r->gemm_s >= 0) {
-            snprintf(gemm, sizeof gemm, "%.3f", 1e3 * r->gemm_s);
-            snprintf(gpct, sizeof gpct, "%.1f", 100.0 * r->gemm_s / r->total.mean);
+        /* profiled pass: the library's phase times (it waits after every phase, so these calls
+         * are slower than the timed ones and are not in the table's totals) */
+        double ph[MOE_PHASE_COUNT] = {0};
+        MOE_TRY(moe_layer_set_profiling(layer, 1));
+        for (int it = 0; it < nprof; ++it) {
+            double t[3], p[MOE_PHASE_COUNT];
+            if (bench_world_barrier(w)) goto peer_failed;
+            MOE_TRY(step_layer(a, layer, &mem, T, step_base++, x_dev, y_dev, dy_dev, dx_dev,
+                               fwd_bwd, t));
+            MOE_TRY(moe_layer_phase_times(layer, p));
+            /* the phases ran one after another: lay them end to end from the call's start
+             * (chunks interleave dispatch / experts / return; their sums are shown in plan
+             * order) */
+            double f0 = t[0], b0 = t[1];
+            for (int q = 0; q < MOE_PHASE_COUNT; ++q) {
+                ph[q] += p[q] / nprof;
+                if (p[q] <= 0) continue;
+                double *cur = q < MOE_PHASE_BWD_COMBINE ? &f0 : &b0;
+                trace_add(&tb, moe_phase_name((moe_phase_t)q), BENCH_TID_PHASE + q, T, it, *cur,
+                          *cur + p[q]);
+                *cur += p[q];
+            }
         }
-        if (r->mcpy_s >= 0) snprintf(mcpy, sizeof mcpy, "%.3f", 1e3 * r->mcpy_s);
-        if (r->wrong >= 0) snprintf(wrong, sizeof wrong, "%lld", (long long)r->wrong);
-        if (fwd_bwd) snprintf(bwd, sizeof bwd, "%.3f", 1e3 * r->bwd.mean);
-        printf("  %10lld %10.3f %10s %10.3f %12.0f %8.4g %10s %6s %9s %7.3f %8lld %7s\n",
-               (long long)T, 1e3 * r->fwd.mean, bwd, 1e3 * r->total.mean, r->tokens_per_s,
-               r->tflops, gemm, gpct, mcpy, r->imbalance, (long long)r->dropped, wrong);
-        fflush(stdout);
+        MOE_TRY(moe_layer_set_profiling(layer, 0));
+
+        /* ceilings, same run, all ranks at once as the layer runs: dense GEMMs of this rank's
+         * expert rows (CPU only), a memcpy of its activation bytes, the raw all-to-all */
+        const double M_r = P > 1 ? st_recv / o->iters : (double)(r->assignments - r->dropped);
+        const double T_r = st_tok / o->iters;
+        const int reps = o->iters < 3 ? o->iters : 3;
+        /* share of this rank's kept assignments (last forward) that leave for another rank */
+        double remote = 0.0;
+        {
+            int64_t n = rank_tokens(o, a->rp, T, step_base - 1, me, P, NULL), kept_n = 0, out_n = 0;
+            const int64_t W = moe_layer_routing_width(layer), El = E / P;
+            int32_t *ix = malloc((size_t)(n * W + 1) * 4), *kp = malloc((size_t)(n * W + 1) * 4);
+            if (!ix || !kp) {
+                free(ix), free(kp);
+                fprintf(stderr, "moe_bench: out of host memory\n");
+                rc = BENCH_EXIT_FAIL;
+                goto done;
+            }
+            moe_status_t rst = n ? moe_layer_routing(layer, ix, NULL, kp) : MOE_STATUS_SUCCESS;
+            for (int64_t i = 0; rst == MOE_STATUS_SUCCESS && i < n * W; ++i)
+                if (kp[i] && ix[i] >= 0) kept_n++, out_n += ix[i] / El != me;
+            free(ix), free(kp);
+            MOE_TRY(rst);
+            remote = kept_n ? (double)out_n / (double)kept_n : 0.0;
+        }
+        double stats3[G_STATS] = {T_r, st_sent / o->iters, st_recv / o->iters, remote};
+        double *all3 = gall;
+        if (bench_world_barrier(w)) goto peer_failed;
+        double gemm_s = o->backend == MOE_BACKEND_CPU ? dense_gemm_time((int64_t)llround(M_r), D, F,
+                                                                        F2, fwd_bwd, reps, T, &tb)
+                                                      : -1.0;
+        const double act_bytes = (double)es * (2.0 * T_r * D + M_r * (2.0 * D + F2 + F)) *
+                                 (fwd_bwd ? 2.0 : 1.0);
+        if (bench_world_barrier(w)) goto peer_failed;
+        double mcpy_s = memcpy_time(&mem, (size_t)act_bytes, reps, T, &tb);
+        if (bench_world_allgather_f64(w, stats3, G_STATS, all3)) goto peer_failed;
+        double sent_mean = 0;
+        for (int q = 0; q < P; ++q) sent_mean += all3[q * G_STATS + 1] / P;
+        double a2a_raw = -1.0;
+        /* MPI + CUDA: the NCCL exchange is not reachable through the public API, and an MPI
+         * all-to-all of host memory would be no ceiling for it: none (give --link-bw) */
+        if (P > 1 && !(w->kind == BENCH_WORLD_MPI && mem.gpu)) {
+            double t0 = now_s();
+            a2a_raw =
+                bench_world_alltoall_time(w, (size_t)(sent_mean * D * es), reps, mem.gpu, copy_cb,
+                                          alloc_cb, free_cb, &mem, tf + 3 * o->iters);
+            trace_add(&tb, "all-to-all (roofline)", 5, T, 0, t0, now_s());
+        }
+        /* everything to every rank; rank 0 fills the row */
+        memcpy(gv, tf, (size_t)(3 * o->iters) * sizeof(double));
+        memcpy(gv + 3 * o->iters, stats3, sizeof stats3);
+        memcpy(gv + 3 * o->iters + G_STATS, ph, sizeof ph);
+        gv[ng - 3] = gemm_s, gv[ng - 2] = mcpy_s, gv[ng - 1] = a2a_raw;
+        if (bench_world_allgather_f64(w, gv, ng, gall)) goto peer_failed;
+        if (me == 0) {
+            finish_row(o, P, ng, gall, tf, sent_mean, act_bytes, r);
+            print_row(o, r);
+        }
         ++nrows;
     }
-
-    {
-        double sum_tps = 0.0, sum_tf = 0.0;
-        for (int i = 0; i < nrows; ++i) sum_tps += rows[i].tokens_per_s, sum_tf += rows[i].tflops;
-        printf("# Average tokens/s : %.0f\n", nrows ? sum_tps / nrows : 0.0);
-        printf("# Average TFLOP/s  : %.4g\n", nrows ? sum_tf / nrows : 0.0);
-        if (o.check) {
-            printf("# Check            : %lld wrong of %lld compared (%s, worst %.3g of max|ref|) "
-                   "%s\n",
-                   (long long)total_wrong, (long long)total_checked,
-                   o.backend == MOE_BACKEND_CPU ? "bitwise vs a second CPU layer"
-                                                : "vs the CPU backend",
-                   worst, total_wrong ? "FAILED" : "OK");
-            if (total_wrong) rc = BENCH_EXIT_FAIL;
-        } else {
-            printf("# Check            : not run (use --check)\n");
-        }
-        printf("# Times are means over %d iterations; --json has medians, minima and maxima.\n",
-               o.iters);
-    }
-    if (o.json_path &&
-        bench_write_json(o.json_path, &o, backend_text, omp_threads, blas_thr, rows, nrows,
-                         total_wrong == 0) != 0 && rc == BENCH_EXIT_OK)
-        rc = BENCH_EXIT_FAIL;
-    if (o.trace_path && bench_write_trace(o.trace_path, tb.ev, tb.n) != 0 && rc == BENCH_EXIT_OK)
-        rc = BENCH_EXIT_FAIL;
+    if (me == 0)
+        check_failed = print_summary(o, P, rows, nrows, nprof, total_wrong, total_checked,
+                                     worst, a->rp != NULL);
     goto done;
 
+peer_failed:
+    fprintf(stderr, "moe_bench: rank %d: another rank failed\n", me);
+    rc = BENCH_EXIT_FAIL;
+    goto done;
 copy_failed:
     fprintf(stderr, "moe_bench: a copy to or from the backend failed\n");
     rc = BENCH_EXIT_FAIL;
 done:
+    if (rc != BENCH_EXIT_OK) bench_world_abort(w);
     moe_layer_destroy(layer), moe_layer_destroy(ref);
     moe_context_destroy(ctx), moe_context_destroy(ref_ctx);
-    free(x), free(dy), free(wg), free(stage), free(rows), free(tf), free(tbw), free(tt);
+    free_workload(&wl);
+    free(wg), free(stage), free(tf), free(gv), free(gall);
     mem_free(&mem, x_dev), mem_free(&mem, y_dev), mem_free(&mem, dy_dev), mem_free(&mem, dx_dev);
-    free(tb.ev);
+    /* the trace: every rank's events to rank 0 (a collective: only when every rank got here) */
+    if (o->trace_path && rc == BENCH_EXIT_OK) {
+        double n = (double)tb.n, *ns = malloc((size_t)P * sizeof(double));
+        bench_event_t *all = NULL;
+        size_t *each = NULL;
+        if (ns && bench_world_allgather_f64(w, &n, 1, ns) == 0) {
+            int64_t tot = 0;
+            for (int q = 0; q < P; ++q) tot += (int64_t)ns[q];
+            if (me == 0) {
+                all = malloc((size_t)(tot + 1) * sizeof *all);
+                each = malloc((size_t)P * sizeof *each);
+                for (int q = 0; each && q < P; ++q) each[q] = (size_t)ns[q] * sizeof *all;
+            }
+            if (bench_world_gatherv(w, tb.ev, (size_t)tb.n * sizeof *tb.ev, all, each) == 0 &&
+                me == 0) {
+                free(tb.ev);
+                tb.ev = all, tb.n = tot, all = NULL;
+            }
+        }
+        free(ns), free(all), free(each);
+    }
+    if (rc == BENCH_EXIT_OK && check_failed) rc = BENCH_EXIT_FAIL;
+    if (me == 0) {
+        g_out.check_failed = check_failed;
+        g_out.rows = rows, g_out.nrows = nrows, g_out.total_wrong = total_wrong;
+        g_out.total_checked = total_checked, g_out.worst = worst, g_out.tb = tb;
+    } else {
+        for (int i = 0; i < nrows; ++i) free(rows[i].rank_rows), free(rows[i].rank_remote);
+        free(rows), free(tb.ev);
+    }
+    a->rc = rc;
+    return NULL;
+}
+
+/* ============================================================================================
+ * --model-table: the model's predictions for many GPUs (docs/scaling.md)
+ * ========================================================================================== */
+
+static void model_table(const bench_opts_t *o) {
+    static const struct {
+        const char *name;
+        int64_t D, F, E, K;
+        double tflops; /* H100 bf16 expert GEMM rate measured at this preset's shape */
+    } presets[] = {{"mixtral", 4096, 14336, 8, 2, 671e12},
+                   {"deepseek", 7168, 2048, 256, 8, 709e12}};
+    const int gpus[] = {8, 64, 512};
+    const int64_t T = o->tokens_given ? o->min_tokens : 4096;
+    bench_model_link_t link = {8, 450e9, 48e9, 0.0};
+    if (o->link_bw > 0) link.bw_inter = o->link_bw * 1e9;
+    printf("# moe_bench --model-table: one MoE layer, bf16, %lld tokens per GPU, forward%s\n",
+           (long long)T, o->mode == BENCH_MODE_FWD_BWD ? " + backward" : " only");
+    printf("#  local phases and expert GEMM rates: H100 kernel benchmark (docs/gpu-results.md, "
+           "branch cuda run 2)\n");
+    printf("#  links: NVLink 4 %.0f GB/s per GPU within a node of %d, InfiniBand NDR %.0f GB/s "
+           "per GPU across nodes\n", link.bw_intra * 1e-9, link.ranks_per_node,
+           link.bw_inter * 1e-9);
+    printf("#  ep = expert-parallel group (E must be divisible by it: ep = min(GPUs, E)); the "
+           "other GPUs are data-parallel replicas\n#\n");
+    printf("# %8s %5s %4s %7s %9s %9s %9s %9s %9s %9s %9s %7s\n", "preset", "GPUs", "ep",
+           "E/rank", "local", "experts", "a2a", "C=1", "C=chunks", "overlap", "tok/s/GPU",
+           "chunks");
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; ++i)
+        for (size_t j = 0; j < sizeof gpus / sizeof gpus[0]; ++j) {
+            int ep = gpus[j] < presets[i].E ? gpus[j] : (int)presets[i].E;
+            bench_model_shape_t sh = {T, presets[i].D, presets[i].F, presets[i].E, presets[i].K, 1,
+                                      2};
+            bench_model_in_t m = {0};
+            double bytes;
+            bench_model_h100(&sh, presets[i].tflops, &m.t_local_fwd, &m.t_local_bwd,
+                             &m.t_experts_fwd, &m.t_experts_bwd, &bytes);
+            m.fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+            m.t_net_fwd = m.t_net_bwd = 2 * bench_model_a2a_time(&link, bytes, ep);
+            int64_t El = presets[i].E / ep;
+            int maxc = (int)(El < MOE_MAX_CHUNKS ? El : MOE_MAX_CHUNKS);
+            int hide = bench_model_hiding_chunks(&m, maxc, 0.05);
+            double t1 = bench_model_layer_time(&m, 1), tc = bench_model_layer_time(&m, hide);
+            double floor_t = bench_model_layer_time(&m, 1 << 20);
+            double loc = m.t_local_fwd + (m.fwd_bwd ? m.t_local_bwd : 0);
+            double ex = m.t_experts_fwd + (m.fwd_bwd ? m.t_experts_bwd : 0);
+            double net = m.t_net_fwd + (m.fwd_bwd ? m.t_net_bwd : 0);
+            printf("  %8s %5d %4d %7lld %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %9.0f %7d\n",
+                   presets[i].name, gpus[j], ep, (long long)El, 1e3 * loc, 1e3 * ex, 1e3 * net,
+                   1e3 * t1, 1e3 * tc, 1e3 * floor_t, (double)T / tc, hide);
+        }
+    printf("# times in ms per layer call and GPU; C=1 no pipelining; C=chunks at the chunk count "
+           "within 5%% of full overlap (capped at E/rank); overlap = infinitely many chunks\n");
+}
+
+/* ============================================================================================
+ * main: options, the world (one rank, local threads, or MPI), the backend, then run_rank
+ * ========================================================================================== */
+
+static int under_mpi(void) {
+    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
+}
+
+static int local_rank_env(void) {
+    const char *v = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    if (!v) v = getenv("MPI_LOCALRANKID");
+    if (!v) v = getenv("SLURM_LOCALID");
+    return v ? atoi(v) : -1;
+}
+
+int main(int argc, char **argv) {
+    g_t0 = now_s();
+    bench_opts_t o;
+    int pr = parse_args(argc, argv, &o);
+    if (pr != 0) return pr > 0 ? BENCH_EXIT_OK : BENCH_EXIT_USAGE;
+    if (o.model_table) {
+        model_table(&o);
+        return BENCH_EXIT_OK;
+    }
+
+    int rc = BENCH_EXIT_OK, mpi = 0, P = o.local_ranks > 0 ? o.local_ranks : 1, rank = 0;
+    bench_replay_t rp;
+    memset(&rp, 0, sizeof rp);
+    moe_comm_t **comms = NULL;
+    rank_arg_t *args = NULL;
+    pthread_t *th = NULL;
+    bench_local_shared_t *sh = NULL;
+    const char *world_err = NULL;
+
+    if (under_mpi()) {
+#ifdef MOE_BENCH_MPI
+        if (o.local_ranks > 1) {
+            fprintf(stderr, "moe_bench: --local-ranks under mpirun: use one or the other\n");
+            return BENCH_EXIT_USAGE;
+        }
+        MPI_Init(&argc, &argv);
+        MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &P);
+        mpi = 1;
+        g_t0 = now_s(); /* ranks on one machine share CLOCK_MONOTONIC; see the trace note */
+#else
+        fprintf(stderr, "moe_bench: started by mpirun but built without MPI: one rank each\n");
+#endif
+    }
+    if (o.replay_path) {
+        if (bench_replay_read(o.replay_path, &rp) != 0) {
+            rc = BENCH_EXIT_USAGE;
+            goto out;
+        }
+        moe_layer_config_t *c = &o.cfg;
+        c->num_experts = rp.num_experts, c->top_k = rp.top_k;
+        c->activation = (moe_activation_t)rp.activation, c->gate = (moe_gate_t)rp.gate;
+        c->priority = (moe_priority_t)rp.priority;
+        if (!o.cap_given) c->capacity_factor = rp.capacity_factor;
+        if (!o.dims_given[0] && rp.d_model > 0) c->d_model = rp.d_model;
+        if (!o.dims_given[1] && rp.d_ff > 0) c->d_ff = rp.d_ff;
+    }
+    if (P > 1) {
+        const moe_layer_config_t *c = &o.cfg;
+        if (c->num_experts % P) world_err = "E must be divisible by the number of ranks";
+        else if (o.check && (c->capacity_factor > 0 || c->noisy_gating))
+            world_err = "--check on several ranks needs dropless routing without gating noise "
+                        "(capacity and noise are per source rank: no single-rank reference)";
+    } else if (o.routing.kind == BENCH_ROUTING_RANK_SKEW ||
+               o.routing.kind == BENCH_ROUTING_ZERO_RANK) {
+        printf("# moe_bench: routing %s: NOT_SUPPORTED on one rank (use --local-ranks P or "
+               "mpirun). Nothing measured.\n", o.routing.text);
+        rc = BENCH_EXIT_NOT_SUPPORTED;
+        goto out;
+    }
+    if (world_err) {
+        if (rank == 0) fprintf(stderr, "moe_bench: %s\n", world_err);
+        rc = BENCH_EXIT_USAGE;
+        goto out;
+    }
+    if (o.threads > 0) set_threads(o.threads);
+
+    /* backend: the one asked for, else CUDA when a context can be created, else CPU */
+    char backend_text[160];
+    int device = o.device;
+    if (mpi && o.backend_given && o.backend == MOE_BACKEND_CUDA) {
+        int lr = local_rank_env();
+        device = lr >= 0 ? lr : rank;
+#ifdef MOE_BENCH_CUDA
+        int n = 0;
+        if (cudaGetDeviceCount(&n) == cudaSuccess && n > 0) device %= n;
+#endif
+        o.device = device;
+    }
+    {
+        moe_context_t *probe = NULL;
+        moe_status_t st = MOE_STATUS_SUCCESS;
+        if (o.backend_given) {
+            st = moe_context_create(&probe, o.backend, o.device, NULL);
+        } else if (!mpi && moe_context_create(&probe, MOE_BACKEND_CUDA, o.device, NULL) ==
+                               MOE_STATUS_SUCCESS) {
+            o.backend = MOE_BACKEND_CUDA;
+        } else {
+            /* under mpirun CUDA is used only when asked for (--backend cuda: NCCL) */
+            o.backend = MOE_BACKEND_CPU;
+            st = moe_context_create(&probe, MOE_BACKEND_CPU, 0, NULL);
+        }
+        moe_context_destroy(probe);
+        if (st != MOE_STATUS_SUCCESS) {
+            fprintf(stderr, "moe_bench: moe_context_create failed: %s\n  %s\n",
+                    moe_status_string(st), moe_last_error());
+            rc = st == MOE_STATUS_NOT_SUPPORTED ? BENCH_EXIT_NOT_SUPPORTED : BENCH_EXIT_FAIL;
+            goto out;
+        }
+    }
+    snprintf(backend_text, sizeof backend_text, "%s",
+             o.backend == MOE_BACKEND_CUDA ? "cuda"
+             : o.backend_given             ? "cpu"
+                                           : "cpu (no CUDA context)");
+    if (o.backend == MOE_BACKEND_CUDA) {
+#ifdef MOE_BENCH_CUDA
+        struct cudaDeviceProp prop;
+        const char *dev = "?";
+        if (cudaGetDeviceProperties(&prop, o.device) == cudaSuccess) dev = prop.name;
+        cudaSetDevice(o.device);
+        snprintf(backend_text, sizeof backend_text, "cuda (device %d%s: %.100s)", o.device,
+                 mpi ? " of rank 0" : "", dev);
+#else
+        fprintf(stderr, "moe_bench: built without the CUDA runtime: cannot feed a CUDA layer\n");
+        rc = BENCH_EXIT_NOT_SUPPORTED;
+        goto out;
+#endif
+    }
+
+    comms = calloc((size_t)P, sizeof *comms);
+    args = calloc((size_t)P, sizeof *args);
+    th = calloc((size_t)P, sizeof *th);
+    if (!comms || !args || !th) {
+        rc = BENCH_EXIT_FAIL;
+        goto out;
+    }
+    moe_status_t cst = MOE_STATUS_SUCCESS;
+    if (mpi) {
+#ifdef MOE_BENCH_MPI
+        cst = o.backend == MOE_BACKEND_CUDA ? moe_comm_create_nccl(&comms[0], NULL)
+                                            : moe_comm_create_mpi(&comms[0], NULL);
+#endif
+    } else if (P > 1) {
+        cst = moe_comm_create_local(comms, P);
+        sh = bench_local_shared_create(P);
+        if (!sh) cst = MOE_STATUS_ALLOC_FAILED;
+    }
+    if (cst != MOE_STATUS_SUCCESS) {
+        fprintf(stderr, "moe_bench: creating the communicator failed: %s\n  %s\n",
+                moe_status_string(cst), moe_last_error());
+        rc = cst == MOE_STATUS_NOT_SUPPORTED ? BENCH_EXIT_NOT_SUPPORTED : BENCH_EXIT_FAIL;
+        goto out;
+    }
+    if (mpi || P == 1) {
+        args[0] = (rank_arg_t){&o, o.replay_path ? &rp : NULL,
+                               {mpi ? BENCH_WORLD_MPI : BENCH_WORLD_SELF, rank, P, NULL},
+                               comms[0], backend_text, 0};
+        run_rank(&args[0]);
+        rc = args[0].rc;
+    } else {
+        for (int q = 0; q < P; ++q) {
+            args[q] = (rank_arg_t){&o, o.replay_path ? &rp : NULL,
+                                   {BENCH_WORLD_LOCAL, q, P, sh}, comms[q], backend_text, 0};
+            pthread_create(&th[q], NULL, run_rank, &args[q]);
+        }
+        for (int q = 0; q < P; ++q) {
+            pthread_join(th[q], NULL);
+            if (args[q].rc != BENCH_EXIT_OK && (rc == BENCH_EXIT_OK || q == 0)) rc = args[q].rc;
+        }
+    }
+    /* the outputs are written also when only --check failed: the JSON says "check": "FAILED" */
+    if (rank == 0 && (rc == BENCH_EXIT_OK || (g_out.check_failed && g_out.rows))) {
+        if (o.json_path &&
+            bench_write_json(o.json_path, &o, backend_text, P, omp_get_max_threads(),
+                             blas_threads(), g_out.rows, g_out.nrows, !g_out.check_failed) != 0)
+            rc = BENCH_EXIT_FAIL;
+        if (o.trace_path && bench_write_trace(o.trace_path, g_out.tb.ev, g_out.tb.n, P) != 0)
+            rc = BENCH_EXIT_FAIL;
+    }
+out:
+    for (int i = 0; i < g_out.nrows; ++i)
+        free(g_out.rows[i].rank_rows), free(g_out.rows[i].rank_remote);
+    free(g_out.rows), free(g_out.tb.ev);
+    for (int q = 0; comms && q < P; ++q) moe_comm_destroy(comms[q]);
+    free(comms), free(args), free(th);
+    bench_local_shared_destroy(sh);
+    bench_replay_free(&rp);
+#ifdef MOE_BENCH_MPI
+    if (mpi) {
+        /* a failed rank ends the job: its peers may wait in a collective that never completes */
+        if (rc != BENCH_EXIT_OK && rc != BENCH_EXIT_USAGE) MPI_Abort(MPI_COMM_WORLD, rc);
+        MPI_Finalize();
+    }
+#endif
     return rc;
 }

@@ -47,8 +47,8 @@ static void str(FILE *f, const char *s) {
 }
 
 int bench_write_json(const char *path, const bench_opts_t *o, const char *backend_text,
-                     int omp_threads, int blas_threads, const bench_row_t *rows, int nrows,
-                     int check_ok) {
+                     int ranks, int omp_threads, int blas_threads, const bench_row_t *rows,
+                     int nrows, int check_ok) {
     FILE *f = fopen(path, "w");
     if (!f) {
         fprintf(stderr, "moe_bench: cannot open --json file '%s'\n", path);
@@ -61,7 +61,7 @@ int bench_write_json(const char *path, const bench_opts_t *o, const char *backen
             patch);
     fputs("  \"backend\": ", f);
     str(f, backend_text);
-    fprintf(f, ",\n  \"device\": %d,\n  \"ranks\": 1,\n", o->device);
+    fprintf(f, ",\n  \"device\": %d,\n  \"ranks\": %d,\n", o->device, ranks);
     fprintf(f, "  \"omp_threads\": %d,\n  \"blas_threads\": %d,\n", omp_threads, blas_threads);
     fputs("  \"preset\": ", f);
     str(f, o->preset ? o->preset : "default");
@@ -76,7 +76,12 @@ int bench_write_json(const char *path, const bench_opts_t *o, const char *backen
     fprintf(f, ", \"priority\": \"%s\", \"expert_bias\": %d, \"seed\": %llu},\n",
             priority_names[c->priority], c->expert_bias, (unsigned long long)o->seed);
     fputs("  \"routing\": ", f);
-    str(f, o->routing.text);
+    str(f, o->replay_path ? "replay" : o->routing.text);
+    if (o->replay_path) {
+        fputs(",\n  \"replay\": ", f);
+        str(f, o->replay_path);
+    }
+    fprintf(f, ",\n  \"num_chunks\": %lld", (long long)o->cfg.num_chunks);
     fprintf(f, ",\n  \"mode\": \"%s\",\n  \"warmup\": %d,\n  \"iters\": %d,\n",
             o->mode == BENCH_MODE_FWD ? "fwd" : "fwd-bwd", o->warmup, o->iters);
     fprintf(f, "  \"check\": %s,\n  \"results\": [", o->check ? (check_ok ? "\"OK\"" : "\"FAILED\"")
@@ -109,8 +114,44 @@ int bench_write_json(const char *path, const bench_opts_t *o, const char *backen
         num(f, r->act_bytes);
         fputs(", \"imbalance\": ", f);
         num(f, r->imbalance);
-        fprintf(f, ", \"assignments\": %lld, \"dropped\": %lld, \"wrong\": ",
-                (long long)r->assignments, (long long)r->dropped);
+        fprintf(f, ", \"assignments\": %lld, \"dropped\": %lld, ", (long long)r->assignments,
+                (long long)r->dropped);
+        fputs("\"phases_ms\": {", f);
+        for (int p = 0; p < MOE_PHASE_COUNT; ++p) {
+            fprintf(f, "%s\"%s\": ", p ? ", " : "", moe_phase_name((moe_phase_t)p));
+            num(f, 1e3 * r->phase_s[p]);
+        }
+        fputs("}, ", f);
+        if (ranks > 1) {
+            fputs("\"rank_imbalance\": ", f);
+            num(f, r->rank_imbalance);
+            fputs(", \"rows_sent_mean\": ", f);
+            num(f, r->rows_sent_mean);
+            fputs(", \"rows_received_mean\": ", f);
+            num(f, r->rows_recv_mean);
+            fputs(", \"rows_received_max\": ", f);
+            num(f, r->rows_recv_max);
+            fputs(", \"alltoall_bytes\": ", f);
+            num(f, r->a2a_bytes);
+            fputs(", \"alltoall_ms\": ", f);
+            num(f, 1e3 * r->a2a_s);
+            fputs(", \"algbw_gbps\": ", f);
+            num(f, r->algbw);
+            fputs(", \"busbw_gbps\": ", f);
+            num(f, r->busbw);
+            fputs(", \"alltoall_ceiling_ms\": ", f);
+            if (r->ceil_s > 0) num(f, 1e3 * r->ceil_s); else fputs("null", f);
+            fputs(", \"model_ms\": ", f);
+            if (r->model_s > 0) num(f, 1e3 * r->model_s); else fputs("null", f);
+            fputs(", \"ranks\": [", f);
+            for (int q = 0; r->rank_rows && q < ranks; ++q)
+                fprintf(f, "%s{\"rank\": %d, \"tokens\": %lld, \"rows_sent\": %lld, "
+                           "\"rows_received\": %lld, \"remote_share\": %.6f}", q ? ", " : "", q,
+                        (long long)r->rank_rows[3 * q], (long long)r->rank_rows[3 * q + 1],
+                        (long long)r->rank_rows[3 * q + 2], r->rank_remote[q]);
+            fputs("], ", f);
+        }
+        fputs("\"wrong\": ", f);
         if (r->wrong >= 0)
             fprintf(f, "%lld, \"checked\": %lld}", (long long)r->wrong, (long long)r->checked);
         else
@@ -130,31 +171,48 @@ int bench_write_json(const char *path, const bench_opts_t *o, const char *backen
 }
 
 static const char *track_names[] = {"", "forward", "backward", "dense sgemm (roofline)",
-                                    "memcpy (roofline)"};
+                                    "memcpy (roofline)", "all-to-all (roofline)"};
+static const char *event_names[] = {"", "forward", "backward", "dense sgemm", "memcpy",
+                                    "all-to-all"};
 
-int bench_write_trace(const char *path, const bench_event_t *ev, int64_t nev) {
+static const char *track_name(int tid, int event) {
+    if (tid >= BENCH_TID_PHASE) return moe_phase_name((moe_phase_t)(tid - BENCH_TID_PHASE));
+    if (tid >= 1 && tid <= 5) return event ? event_names[tid] : track_names[tid];
+    return "?";
+}
+
+int bench_write_trace(const char *path, const bench_event_t *ev, int64_t nev, int ranks) {
     FILE *f = fopen(path, "w");
     if (!f) {
         fprintf(stderr, "moe_bench: cannot open --trace file '%s'\n", path);
         return -1;
     }
-    /* one process per rank (pid = rank), one thread track per phase (tid) */
+    /* one process per rank (pid = rank), one thread track per timed thing and library phase
+     * (tid); phase events come from the profiled pass */
     fputs("{\"displayTimeUnit\": \"ms\", \"traceEvents\": [\n", f);
-    fputs("  {\"name\": \"process_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": 0, "
-          "\"args\": {\"name\": \"rank 0\"}}",
-          f);
-    for (int tid = 1; tid <= 4; ++tid)
-        fprintf(f,
-                ",\n  {\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": %d, "
-                "\"args\": {\"name\": \"%s\"}},\n  {\"name\": \"thread_sort_index\", \"ph\": "
-                "\"M\", \"pid\": 0, \"tid\": %d, \"args\": {\"sort_index\": %d}}",
-                tid, track_names[tid], tid, tid);
+    int first = 1;
+    for (int q = 0; q < ranks; ++q) {
+        fprintf(f, "%s  {\"name\": \"process_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": 0, "
+                   "\"args\": {\"name\": \"rank %d\"}}",
+                first ? "" : ",\n", q, q);
+        first = 0;
+        for (int tid = 1; tid < BENCH_TID_PHASE + MOE_PHASE_COUNT; ++tid) {
+            if (tid > 5 && tid < BENCH_TID_PHASE) continue;
+            fprintf(f,
+                    ",\n  {\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": %d, "
+                    "\"args\": {\"name\": \"%s%s\"}},\n  {\"name\": \"thread_sort_index\", "
+                    "\"ph\": \"M\", \"pid\": %d, \"tid\": %d, \"args\": {\"sort_index\": %d}}",
+                    q, tid, tid >= BENCH_TID_PHASE ? "phase: " : "", track_name(tid, 0), q, tid,
+                    tid);
+        }
+    }
     for (int64_t i = 0; i < nev; ++i)
         fprintf(f,
-                ",\n  {\"name\": \"%s\", \"cat\": \"moe\", \"ph\": \"X\", \"ts\": %.3f, "
-                "\"dur\": %.3f, \"pid\": 0, \"tid\": %d, \"args\": {\"tokens\": %lld, "
+                ",\n  {\"name\": \"%s\", \"cat\": \"%s\", \"ph\": \"X\", \"ts\": %.3f, "
+                "\"dur\": %.3f, \"pid\": %d, \"tid\": %d, \"args\": {\"tokens\": %lld, "
                 "\"iter\": %d}}",
-                ev[i].name, ev[i].ts_us, ev[i].dur_us, ev[i].tid, (long long)ev[i].tokens,
+                track_name(ev[i].tid, 1), ev[i].tid >= BENCH_TID_PHASE ? "phase" : "moe",
+                ev[i].ts_us, ev[i].dur_us, ev[i].pid, ev[i].tid, (long long)ev[i].tokens,
                 ev[i].iter);
     fputs("\n]}\n", f);
     int bad = ferror(f);

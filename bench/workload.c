@@ -55,6 +55,16 @@ int bench_routing_parse(const char *text, bench_routing_t *r) {
         }
     } else if (strncmp(text, "rank-skew", 9) == 0 && (text[9] == 0 || text[9] == ':')) {
         r->kind = BENCH_ROUTING_RANK_SKEW;
+        r->param = 0.9;
+        if (text[9] == ':') {
+            r->param = strtod(text + 10, &end);
+            if (end == text + 10 || *end || !(r->param >= 0.0 && r->param <= 1.0)) {
+                fprintf(stderr,
+                        "moe_bench: --routing rank-skew:SHARE needs 0 <= SHARE <= 1, got '%s'\n",
+                        text);
+                return -1;
+            }
+        }
     } else if (strcmp(text, "zero-rank") == 0) {
         r->kind = BENCH_ROUTING_ZERO_RANK;
     } else {
@@ -67,10 +77,18 @@ int bench_routing_parse(const char *text, bench_routing_t *r) {
     return 0;
 }
 
-void bench_routing_probs(const bench_routing_t *r, int64_t E, double *p) {
+void bench_routing_probs(const bench_routing_t *r, int64_t E, int rank, int ranks, double *p) {
     double sum = 0.0;
+    /* rank-skew: the experts of rank (rank + 1) mod P share `param`, the rest the remainder */
+    const int64_t El = ranks > 0 ? E / ranks : E,
+                  first = ((rank + 1) % (ranks > 0 ? ranks : 1)) * El;
     for (int64_t e = 0; e < E; ++e) {
         switch (r->kind) {
+        case BENCH_ROUTING_RANK_SKEW:
+            if (El == E) p[e] = 1.0;
+            else p[e] = e >= first && e < first + El ? r->param / (double)El
+                                                     : (1.0 - r->param) / (double)(E - El);
+            break;
         case BENCH_ROUTING_ZIPF: p[e] = pow((double)(e + 1), -r->param); break;
         case BENCH_ROUTING_HOT:
             p[e] = E == 1 ? 1.0 : (e == 0 ? r->param : (1.0 - r->param) / (double)(E - 1));
@@ -88,9 +106,9 @@ void bench_fill_uniform(float *v, int64_t n, uint64_t seed, float scale) {
 }
 
 int bench_make_input(const bench_routing_t *r, const float *wg, int64_t T, int64_t D, int64_t E,
-                     int64_t K, uint64_t seed, float *x) {
+                     int64_t K, int rank, int ranks, uint64_t seed, float *x) {
     bench_fill_uniform(x, T * D, seed, 1.0f);
-    if (r->kind == BENCH_ROUTING_LEARNED) return 0;
+    if (r->kind == BENCH_ROUTING_LEARNED || r->kind == BENCH_ROUTING_ZERO_RANK) return 0;
 
     double *p = malloc((size_t)E * sizeof(double));
     double *inv_norm = malloc((size_t)E * sizeof(double));
@@ -100,7 +118,7 @@ int bench_make_input(const bench_routing_t *r, const float *wg, int64_t T, int64
         fprintf(stderr, "moe_bench: out of host memory for the routing workload\n");
         return -1;
     }
-    bench_routing_probs(r, E, p);
+    bench_routing_probs(r, E, rank, ranks, p);
     for (int64_t e = 0; e < E; ++e) {
         double n2 = 0.0;
         for (int64_t d = 0; d < D; ++d) n2 += (double)wg[d * E + e] * wg[d * E + e];
@@ -142,7 +160,7 @@ int bench_make_input(const bench_routing_t *r, const float *wg, int64_t T, int64
             float *xt = x + t * D;
             for (int64_t d = 0; d < D; ++d) xt[d] += a * wg[d * E + pick];
         }
-        if (modified) bench_routing_probs(r, E, p);
+        if (modified) bench_routing_probs(r, E, rank, ranks, p);
     }
     free(p), free(inv_norm), free(taken);
     return 0;

@@ -7,6 +7,10 @@
 #   trace    --trace writes a Chrome trace: traceEvents of complete events with name/ph/ts/dur/pid/tid
 #   usage    --help lists every option; bad options exit 2; rank-skew exits 3 (NOT_SUPPORTED)
 #   routing  --routing hot:0.5 with K 1 puts half the tokens on expert 0 (imbalance E/2)
+#   ep_local --local-ranks 4 --check passes (learned, rank-skew, zero-rank); rank-skew:1 sends
+#            (nearly) every assignment to another rank; multi-rank JSON and trace parse
+#   replay   --replay FILE (a trace written by test_trace's fixture) at 1 rank and 4 ranks, checked
+#   model    --model-table prints the six predictions; the model column is filled on 4 ranks
 set -euo pipefail
 case_name=$1 bench=$2 py=${3:-python3}
 tmp=$(mktemp -d)
@@ -90,7 +94,8 @@ usage)
     for opt in --tokens --d-model --d-ff --experts --top-k --dtype --activation --gate \
                --renormalize --noisy --capacity-factor --priority --backend --device --warmup \
                --iters --mode --min-tokens --max-tokens --step-factor --check --json --trace \
-               --seed --threads --preset --routing; do
+               --seed --threads --preset --routing --local-ranks --replay --link-bw --model-table \
+               --chunks; do
         grep -q -- "$opt" "$tmp/help" || fail "--help does not mention $opt"
     done
     set +e
@@ -101,6 +106,12 @@ usage)
     grep -q NOT_SUPPORTED "$tmp/o" || fail "rank-skew does not say NOT_SUPPORTED"
     "$bench" "${small[@]}" -t 8 --backend cpu --dtype bf16 >/dev/null 2>&1
     [ $? = 3 ] || fail "bf16 on the CPU backend: exit not 3"
+    "$bench" "${small[@]}" -t 8 --local-ranks 3 >/dev/null 2>&1
+    [ $? = 2 ] || fail "E 4 on 3 ranks: exit not 2"
+    "$bench" "${small[@]}" -t 8 --local-ranks 2 --check --capacity-factor 1 >/dev/null 2>&1
+    [ $? = 2 ] || fail "--check with capacity on 2 ranks: exit not 2"
+    "$bench" --replay /nonexistent.trace >/dev/null 2>&1
+    [ $? = 2 ] || fail "--replay of a missing file: exit not 2"
     set -e
     echo "usage OK"
     ;;
@@ -115,6 +126,76 @@ r = json.load(open(sys.argv[1]))["results"][0]
 assert abs(r["imbalance"] - 4.0) < 0.25, r["imbalance"]
 print("routing OK: imbalance", r["imbalance"])
 PY
+    ;;
+ep_local)
+    ep=(-d 64 -F 128 -E 8 -k 2 -w 1 -n 2 --local-ranks 4)
+    for routing in learned rank-skew zero-rank uniform; do
+        "$bench" "${ep[@]}" -b 32 -e 64 --check --routing "$routing" >"$tmp/out" ||
+            { cat "$tmp/out"; fail "--local-ranks 4 --check --routing $routing exited $?"; }
+        grep -qE '^# Check +: 0 wrong of [1-9][0-9]* compared .* OK$' "$tmp/out" ||
+            { cat "$tmp/out"; fail "--local-ranks 4 --check --routing $routing not OK"; }
+        [ "$(grep -cE '^ +[0-9]+ ' "$tmp/out")" = 2 ] || fail "sweep 32..64 should print 2 rows"
+    done
+    cat "$tmp/out"
+    grep -q '^# moe_bench: .* ranks 4 (local' "$tmp/out" || fail "header does not say 4 local ranks"
+    # rank-skew:1: every rank's assignments go to the next rank's experts (the router follows
+    # the inputs' targets up to a few ties at this small D)
+    "$bench" "${ep[@]}" -t 200 --routing rank-skew:1 --json "$tmp/skew.json" >"$tmp/out" ||
+        fail "rank-skew:1 exited $?"
+    "$bench" "${ep[@]}" -t 64 --routing zero-rank --json "$tmp/ep.json" --trace "$tmp/ep.trace" \
+        >"$tmp/out" || fail "zero-rank with --json/--trace exited $?"
+    "$py" - "$tmp/skew.json" "$tmp/ep.json" "$tmp/ep.trace" <<'PY'
+import json, sys
+skew = json.load(open(sys.argv[1]))["results"][0]
+assert all(r["remote_share"] > 0.95 for r in skew["ranks"]), skew["ranks"]
+d = json.load(open(sys.argv[2]))
+assert d["ranks"] == 4 and d["routing"] == "zero-rank", d
+r = d["results"][0]
+assert [q["tokens"] for q in r["ranks"]] == [0, 64, 64, 64], r["ranks"]
+assert r["ranks"][0]["rows_sent"] == 0 and r["ranks"][0]["rows_received"] > 0, r["ranks"]
+assert sum(q["rows_sent"] for q in r["ranks"]) == sum(q["rows_received"] for q in r["ranks"])
+assert r["algbw_gbps"] > 0 and abs(r["busbw_gbps"] - r["algbw_gbps"] * 3 / 4) < 1e-6 * r["algbw_gbps"] + 1e-9
+assert r["rank_imbalance"] >= 1.0 and r["alltoall_ms"] > 0 and r["model_ms"] > 0
+for name in ("gate", "dispatch", "experts", "return", "combine", "bwd_experts"):
+    assert r["phases_ms"][name] > 0, (name, r["phases_ms"])
+t = json.load(open(sys.argv[3]))["traceEvents"]
+x = [e for e in t if e.get("ph") == "X"]
+assert {e["pid"] for e in x} == {0, 1, 2, 3}, "one process per rank"
+ph = {(e["pid"], e["name"]) for e in x if e["tid"] >= 10}
+for pid in range(4):
+    for name in ("gate", "dispatch", "experts", "return", "bwd_dispatch"):
+        assert (pid, name) in ph, (pid, name)
+print("ep_local OK: busbw", r["busbw_gbps"], "GB/s, remote share", [q["remote_share"] for q in skew["ranks"]])
+PY
+    ;;
+replay)
+    trace=${4:?replay needs the trace file}
+    "$bench" --replay "$trace" -w 1 -n 3 --check >"$tmp/out" || { cat "$tmp/out"; fail "replay on 1 rank exited $?"; }
+    grep -qE '^# Check +: 0 wrong .* OK$' "$tmp/out" || { cat "$tmp/out"; fail "replay 1 rank: check not OK"; }
+    # dropless so that one CPU layer over all tokens is the reference at 4 ranks
+    "$bench" --replay "$trace" --local-ranks 4 --capacity-factor 0 -w 1 -n 3 --check \
+        --json "$tmp/r.json" >"$tmp/out" || { cat "$tmp/out"; fail "replay on 4 ranks exited $?"; }
+    cat "$tmp/out"
+    grep -qE '^# Check +: 0 wrong .* OK$' "$tmp/out" || fail "replay 4 ranks: check not OK"
+    # the trace's own capacity on 2 ranks: drops happen per source rank (not checked)
+    "$bench" --replay "$trace" --local-ranks 2 -w 0 -n 2 >"$tmp/out2" || fail "replay on 2 ranks exited $?"
+    "$py" - "$tmp/r.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["routing"] == "replay" and d["ranks"] == 4 and d["check"] == "OK", d
+assert d["config"]["experts"] == 8 and d["config"]["top_k"] == 2, d["config"]
+print("replay OK:", d["results"][0]["tokens"], "tokens per rank and step")
+PY
+    ;;
+model)
+    "$bench" --model-table >"$tmp/out" || fail "--model-table exited $?"
+    cat "$tmp/out"
+    [ "$(grep -cE '^ +(mixtral|deepseek) +(8|64|512) ' "$tmp/out")" = 6 ] || fail "not six predictions"
+    "$bench" -d 64 -F 128 -E 8 -w 1 -n 2 -t 64 --local-ranks 4 --link-bw 10 >"$tmp/out" ||
+        fail "--link-bw run exited $?"
+    grep -q 'model = bench/model.c at --link-bw' "$tmp/out" || fail "header does not name --link-bw"
+    grep -E '^ +64 ' "$tmp/out" | awk '{ if ($16 !~ /^[0-9.]+$/) exit 1 }' || fail "model column empty"
+    echo "model OK"
     ;;
 *) fail "unknown case '$case_name'" ;;
 esac
