@@ -864,7 +864,7 @@ static int run(options_t *o_, moe_comm_t *comm) {
     if (moe_loss < 0.0) return 1;
     double purity = specialisation(&moe, &o, &eval, p.R);
     if (purity < 0.0) return 1;
-    double dense_loss = -1.0;
+    double dense_loss = NAN; /* printed as nan with --no-dense */
     if (o.dense && (dense_loss = train(&dense, &p, &o, &eval, NULL)) < 0.0) return 1;
 
     if (o.rank == 0) {

@@ -161,6 +161,21 @@ def smooth(v, n=5):
     return out
 
 
+def save(fig, path, dpi):
+    """A PNG small enough for docs/img: line plots need few colours, so with Pillow (which
+    matplotlib's Debian package depends on) the image is stored with a 256-colour palette."""
+    try:
+        import io
+        from PIL import Image
+    except ImportError:
+        fig.savefig(path, dpi=dpi)
+        return
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def make_plots(d, runs):
     import matplotlib
     matplotlib.use("Agg")
@@ -195,7 +210,7 @@ def make_plots(d, runs):
     fig.suptitle("tokens each expert processes per step (moving mean of 5 logged steps)",
                  fontsize=11)
     fig.tight_layout()
-    fig.savefig(os.path.join(d, "load_per_expert.png"), dpi=dpi)
+    save(fig, os.path.join(d, "load_per_expert.png"), dpi)
     plt.close(fig)
 
     def over_steps(name, key, ylabel, title, logy=False):
@@ -213,7 +228,7 @@ def make_plots(d, runs):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(d, name), dpi=dpi)
+        save(fig, os.path.join(d, name), dpi)
         plt.close(fig)
 
     over_steps("imbalance.png", "imbalance", "max / mean load",
@@ -244,7 +259,7 @@ def make_plots(d, runs):
     fig.suptitle("dropped fraction: assignments over capacity (token choice), tokens no expert "
                  "picked (expert choice); moving mean of 5", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(d, "dropped.png"), dpi=dpi)
+    save(fig, os.path.join(d, "dropped.png"), dpi)
     plt.close(fig)
     print(f"plots: {', '.join(os.path.join(d, p) for p in PLOTS)}")
 
