@@ -816,7 +816,8 @@ static int run(options_t *o_, moe_comm_t *comm) {
         }
 
     const char *noise = o.noisy ? "noisy top-k" : "top-k";
-    if (o.router == MOE_ROUTER_EXPERT_CHOICE) noise = o.noisy ? "noisy expert choice" : "expert choice";
+    if (o.router == MOE_ROUTER_EXPERT_CHOICE)
+        noise = o.noisy ? "noisy expert choice" : "expert choice";
     if (o.rank == 0) {
         printf("train_mixture: %d regimes, D=%d, targets %d-dim from per-regime tanh teachers "
                "(width %d)\n", p.R, p.D, p.O, p.H);

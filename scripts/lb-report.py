@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""lb-report.py - the summary table and plots of a load-balancing experiment (scripts/lb-experiment).
+"""lb-report.py - the summary table and plots of a load-balancing experiment (lb-experiment).
 
 Reads DIR/runs.txt (one line per run: strategy, capacity factor, seed, CSV file, log file) and
 every run's CSV (columns of examples/train_mixture.c --csv, described in docs/load-balancing.md)
