@@ -11,6 +11,16 @@
  * At the end it prints both held-out losses and, for the MoE, which experts each regime's
  * tokens went to: the experts specialise, one regime each.
  *
+ * Load-balancing experiments: --strategy picks how the router is kept balanced (aux losses,
+ * loss-free bias, expert choice), --capacity-factor the expert capacity, --csv FILE writes the
+ * per-expert load, imbalance, drops and aux losses of every logged step (columns in
+ * docs/load-balancing.md) and --trace FILE records the routing of every training forward.
+ *
+ * Under mpirun (built with MPI) every process is one rank of an expert-parallel layer: each
+ * rank draws its own shard of every batch, owns E/P experts, and the replicated weights (router,
+ * noise network, readout) get their gradients summed over ranks before each step; the dense
+ * baseline, one expert that cannot be split, is trained data-parallel. Rank 0 prints.
+ *
  * usage: train_mixture [--steps N] [--seed S] [--backend cpu|cuda] [--check] [--help] ... */
 #define _POSIX_C_SOURCE 199309L
 
@@ -24,6 +34,9 @@
 
 #ifdef MOE_EXAMPLE_WITH_CUDA
 #include <cuda_runtime_api.h>
+#endif
+#ifdef MOE_EXAMPLE_WITH_MPI
+#include <mpi.h>
 #endif
 
 #define CHECK(call)                                                                     \
@@ -40,15 +53,40 @@
  * options
  * ------------------------------------------------------------------------------------------- */
 
+/* load-balancing strategies: which mechanism keeps the experts' loads even */
+typedef enum {
+    STRATEGY_DEFAULT = 0,   /* the example's own choice: noisy top-k, switch 1e-2, z 1e-3 */
+    STRATEGY_NONE,          /* plain top-k, no aux loss, no bias */
+    STRATEGY_SWITCH,        /* Switch Transformer loss (Fedus et al.) */
+    STRATEGY_IMPORTANCE_LOAD, /* importance + load losses with noisy top-k (Shazeer et al.) */
+    STRATEGY_Z_LOSS,        /* router z-loss only (Zoph et al., ST-MoE) */
+    STRATEGY_LOSS_FREE,     /* auxiliary-loss-free selection bias (Wang et al., DeepSeek-V3) */
+    STRATEGY_EXPERT_CHOICE  /* experts pick their top-C tokens (Zhou et al.) */
+} strategy_t;
+
+static const char *const strategy_names[] = {"default",   "none",      "switch",
+                                             "importance-load", "z-loss", "loss-free",
+                                             "expert-choice"};
+#define NUM_STRATEGIES 7
+
 typedef struct {
     int steps, batch, log_every, eval_tokens;
     unsigned long long seed;
     moe_backend_t backend;
-    int check;
+    int check, dense;
     double check_threshold; /* --check: MoE eval loss must be below this and the dense one */
     int regimes, experts, top_k, d_model, d_ff, d_out, teacher_width;
-    double lr, capacity_factor, switch_coef, z_coef;
-    int sgd, noisy;
+    double lr, capacity_factor;
+    strategy_t strategy;
+    /* balancing knobs; < 0 (or noisy < 0) until resolved from the strategy, explicit options
+     * override the strategy's values */
+    double switch_coef, importance_coef, load_coef, z_coef, bias_rate;
+    int noisy;
+    moe_router_type_t router;
+    int sgd;
+    const char *csv_path, *trace_path;
+    int expect_ranks; /* --expect-ranks: refuse to run on another number of ranks (tests) */
+    int rank, world; /* this process's rank of the expert-parallel run (0 of 1 without MPI) */
 } options_t;
 
 static void usage(FILE *f, const char *argv0) {
@@ -56,30 +94,46 @@ static void usage(FILE *f, const char *argv0) {
             "usage: %s [options]\n"
             "  --steps N            training steps for each model (default 2000)\n"
             "  --seed S             data, teachers and parameter init (default 1)\n"
-            "  --backend cpu|cuda   libmoe backend (default cpu)\n"
+            "  --backend cpu|cuda   libmoe backend (default cpu; expert parallelism needs cpu)\n"
             "  --check              exit 1 unless the MoE's held-out loss is below the threshold\n"
             "                       and below the dense baseline's\n"
             "  --threshold X        the --check threshold on the MoE's held-out MSE (default 0.08)\n"
-            "  --batch N            tokens per step (default 256)\n"
-            "  --log-every N        progress line every N steps (default steps/10)\n"
+            "  --expect-ranks N     exit 2 unless running on N ranks (tests of mpirun runs)\n"
+            "  --no-dense           skip the dense baseline (--check then tests the threshold)\n"
+            "  --batch N            tokens per step over all ranks (default 256)\n"
+            "  --log-every N        progress line (and CSV row) every N steps (default steps/10)\n"
             "  --regimes R          generating processes (default 4)\n"
             "  --experts E          experts (default 4)\n"
-            "  --top-k K            experts per token (default 1)\n"
+            "  --top-k K            experts per token (default 1; expert choice: C = cf*T*K/E)\n"
             "  --d-model D --d-ff F --d-out O   sizes (default 16, 32, 4)\n"
             "  --lr X               learning rate (default 1e-2)\n"
             "  --sgd                SGD with momentum 0.9 instead of Adam\n"
-            "  --no-noise           plain top-k gating instead of Shazeer's noisy top-k\n"
-            "  --capacity-factor X  expert capacity (default 0: dropless)\n"
-            "  --switch-coef X --z-coef X   aux loss coefficients (default 1e-2, 1e-3)\n",
+            "  --strategy S         load balancing: none | switch | importance-load | z-loss |\n"
+            "                       loss-free | expert-choice (default: noisy top-k with\n"
+            "                       switch 1e-2 and z 1e-3)\n"
+            "  --capacity-factor X  expert capacity (default 0: dropless; expert choice: 1)\n"
+            "  --switch-coef X --importance-coef X --load-coef X --z-coef X   aux loss\n"
+            "                       coefficients (override the strategy's: switch 1e-2,\n"
+            "                       importance-load 1e-1 each, z-loss 1e-3)\n"
+            "  --bias-rate X        loss-free bias update rate (loss-free default 1e-2)\n"
+            "  --noise | --no-noise Shazeer's noisy top-k on or off (default: on for the\n"
+            "                       default and importance-load strategies, off otherwise)\n"
+            "  --csv FILE           one row per logged step: loss, per-expert load, imbalance,\n"
+            "                       dropped fraction, aux losses (docs/load-balancing.md)\n"
+            "  --trace FILE         routing trace of the MoE's training forwards (docs/trace.md;\n"
+            "                       under mpirun each rank writes FILE.rank<r>)\n",
             argv0);
 }
 
 static int parse(int argc, char **argv, options_t *o) {
     *o = (options_t){.steps = 2000, .batch = 256, .log_every = 0, .eval_tokens = 4096,
-                     .seed = 1, .backend = MOE_BACKEND_CPU, .check = 0, .check_threshold = 0.08,
-                     .regimes = 4, .experts = 4, .top_k = 1, .d_model = 16, .d_ff = 32,
-                     .d_out = 4, .teacher_width = 16, .lr = 1e-2, .capacity_factor = 0.0,
-                     .switch_coef = 1e-2, .z_coef = 1e-3, .sgd = 0, .noisy = 1};
+                     .seed = 1, .backend = MOE_BACKEND_CPU, .check = 0, .dense = 1,
+                     .check_threshold = 0.08, .regimes = 4, .experts = 4, .top_k = 1,
+                     .d_model = 16, .d_ff = 32, .d_out = 4, .teacher_width = 16, .lr = 1e-2,
+                     .capacity_factor = 0.0, .strategy = STRATEGY_DEFAULT,
+                     .switch_coef = -1.0, .importance_coef = -1.0, .load_coef = -1.0,
+                     .z_coef = -1.0, .bias_rate = -1.0, .noisy = -1,
+                     .router = MOE_ROUTER_TOKEN_CHOICE, .sgd = 0, .rank = 0, .world = 1};
     for (int i = 1; i < argc; ++i) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -90,6 +144,7 @@ static int parse(int argc, char **argv, options_t *o) {
         INT_OPT("--steps", steps)
         INT_OPT("--batch", batch)
         INT_OPT("--log-every", log_every)
+        INT_OPT("--expect-ranks", expect_ranks)
         INT_OPT("--regimes", regimes)
         INT_OPT("--experts", experts)
         INT_OPT("--top-k", top_k)
@@ -100,13 +155,33 @@ static int parse(int argc, char **argv, options_t *o) {
         DBL_OPT("--threshold", check_threshold)
         DBL_OPT("--capacity-factor", capacity_factor)
         DBL_OPT("--switch-coef", switch_coef)
+        DBL_OPT("--importance-coef", importance_coef)
+        DBL_OPT("--load-coef", load_coef)
         DBL_OPT("--z-coef", z_coef)
+        DBL_OPT("--bias-rate", bias_rate)
 #undef INT_OPT
 #undef DBL_OPT
         if (!strcmp(a, "--seed") && v) { o->seed = strtoull(v, NULL, 10); ++i; continue; }
+        if (!strcmp(a, "--csv") && v) { o->csv_path = v; ++i; continue; }
+        if (!strcmp(a, "--trace") && v) { o->trace_path = v; ++i; continue; }
         if (!strcmp(a, "--check")) { o->check = 1; continue; }
+        if (!strcmp(a, "--no-dense")) { o->dense = 0; continue; }
         if (!strcmp(a, "--sgd")) { o->sgd = 1; continue; }
+        if (!strcmp(a, "--noise")) { o->noisy = 1; continue; }
         if (!strcmp(a, "--no-noise")) { o->noisy = 0; continue; }
+        if (!strcmp(a, "--strategy") && v) {
+            int found = -1;
+            for (int s = 1; s < NUM_STRATEGIES; ++s)
+                if (!strcmp(v, strategy_names[s])) found = s;
+            if (found < 0) {
+                fprintf(stderr, "--strategy must be none, switch, importance-load, z-loss, "
+                                "loss-free or expert-choice, not '%s'\n", v);
+                return 2;
+            }
+            o->strategy = (strategy_t)found;
+            ++i;
+            continue;
+        }
         if (!strcmp(a, "--backend") && v) {
             if (!strcmp(v, "cpu")) o->backend = MOE_BACKEND_CPU;
             else if (!strcmp(v, "cuda")) o->backend = MOE_BACKEND_CUDA;
@@ -127,6 +202,26 @@ static int parse(int argc, char **argv, options_t *o) {
         return 2;
     }
     if (o->log_every <= 0) o->log_every = o->steps >= 10 ? o->steps / 10 : 1;
+
+    /* the strategy's settings, then the explicit options on top */
+    double sw = 0.0, imp = 0.0, ld = 0.0, z = 0.0, rate = 0.0;
+    int noisy = 0;
+    switch (o->strategy) {
+    case STRATEGY_DEFAULT: sw = 1e-2, z = 1e-3, noisy = 1; break;
+    case STRATEGY_NONE: break;
+    case STRATEGY_SWITCH: sw = 1e-2; break;
+    /* Shazeer et al. used w_importance = w_load = 0.1 */
+    case STRATEGY_IMPORTANCE_LOAD: imp = 1e-1, ld = 1e-1, noisy = 1; break;
+    case STRATEGY_Z_LOSS: z = 1e-3; break;
+    case STRATEGY_LOSS_FREE: rate = 1e-2; break;
+    case STRATEGY_EXPERT_CHOICE: o->router = MOE_ROUTER_EXPERT_CHOICE; break;
+    }
+    if (o->switch_coef < 0.0) o->switch_coef = sw;
+    if (o->importance_coef < 0.0) o->importance_coef = imp;
+    if (o->load_coef < 0.0) o->load_coef = ld;
+    if (o->z_coef < 0.0) o->z_coef = z;
+    if (o->bias_rate < 0.0) o->bias_rate = rate;
+    if (o->noisy < 0) o->noisy = noisy;
     return 0;
 }
 
@@ -236,6 +331,30 @@ static int dev_copy(moe_backend_t b, void *dst, const void *src, size_t bytes, i
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * ranks: sums over the processes of an expert-parallel run (no-ops on one rank)
+ * ------------------------------------------------------------------------------------------- */
+
+static void sum_over_ranks_d(const options_t *o, double *v, int n) {
+#ifdef MOE_EXAMPLE_WITH_MPI
+    if (o->world > 1) MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+#endif
+    (void)o, (void)v, (void)n;
+}
+static void sum_over_ranks_f(const options_t *o, float *v, int64_t n) {
+#ifdef MOE_EXAMPLE_WITH_MPI
+    if (o->world > 1) MPI_Allreduce(MPI_IN_PLACE, v, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+#endif
+    (void)o, (void)v, (void)n;
+}
+
+/* this rank's share [*lo, *hi) of T tokens split as evenly as possible */
+static void shard(const options_t *o, int T, int *lo, int *hi) {
+    int q = T / o->world, r = T % o->world;
+    *lo = o->rank * q + (o->rank < r ? o->rank : r);
+    *hi = *lo + q + (o->rank < r ? 1 : 0);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * the model: one libmoe layer and a linear readout (host, plain C, its own Adam)
  * ------------------------------------------------------------------------------------------- */
 
@@ -244,6 +363,7 @@ typedef struct {
     moe_layer_t *layer;
     moe_optimizer_t *opt;
     int D, O, E, K;
+    int expert_parallel;      /* the layer spans the ranks: sum the router gradients */
     float *Wh, *bh;           /* (D, O), (O) readout */
     float *gWh, *gbh;         /* their gradients */
     float *mW, *vW, *mb, *vb; /* readout Adam moments (SGD: mW, mb are momentum) */
@@ -254,10 +374,11 @@ typedef struct {
 } model_t;
 
 static int model_create(model_t *m, const char *name, moe_context_t *ctx, const options_t *o,
-                        int E, int K, int F, rng_t *rng) {
+                        int E, int K, int F, int expert_parallel, rng_t *rng) {
     memset(m, 0, sizeof *m);
     m->name = name;
     m->D = o->d_model, m->O = o->d_out, m->E = E, m->K = K;
+    m->expert_parallel = expert_parallel;
     moe_layer_config_t cfg = moe_layer_config_default();
     cfg.d_model = o->d_model;
     cfg.d_ff = F;
@@ -271,10 +392,15 @@ static int model_create(model_t *m, const char *name, moe_context_t *ctx, const 
     /* noisy top-k (Shazeer et al.): with K = 1 the router only learns from the expert it
      * picked; the noise lets it try the others, without which a regime split over two experts
      * early on tends to stay split */
-    cfg.noisy_gating = E > 1 ? o->noisy : 0;
-    cfg.capacity_factor = o->capacity_factor;
-    cfg.switch_loss_coef = E > 1 ? o->switch_coef : 0.0;
-    cfg.z_loss_coef = E > 1 ? o->z_coef : 0.0;
+    int moe = E > 1; /* the dense baseline gets no routing options */
+    cfg.noisy_gating = moe ? o->noisy : 0;
+    cfg.capacity_factor = moe ? o->capacity_factor : 0.0;
+    cfg.switch_loss_coef = moe ? o->switch_coef : 0.0;
+    cfg.importance_loss_coef = moe ? o->importance_coef : 0.0;
+    cfg.load_loss_coef = moe ? o->load_coef : 0.0;
+    cfg.z_loss_coef = moe ? o->z_coef : 0.0;
+    cfg.bias_update_rate = moe ? o->bias_rate : 0.0;
+    cfg.router = moe ? o->router : MOE_ROUTER_TOKEN_CHOICE;
     cfg.seed = o->seed * 7919ull + 17ull;
     CHECK(moe_layer_create(&m->layer, ctx, &cfg));
     moe_optimizer_config_t oc = moe_optimizer_config_default(o->sgd ? MOE_OPTIMIZER_SGD
@@ -320,11 +446,12 @@ static void model_free(model_t *m, moe_backend_t b) {
     free(m->bh), free(m->gbh), free(m->mb), free(m->vb);
 }
 
-/* forward of the whole model on T tokens; returns the MSE against y (or -1 on error) */
+/* forward of the whole model on this rank's T tokens (collective when the layer spans the
+ * ranks); returns the sum of squared errors against y (or -1 on error) */
 static double model_forward(model_t *m, moe_backend_t b, const float *x, const float *y, int T,
                             int training) {
     size_t bytes = sizeof(float) * (size_t)T * (size_t)m->D;
-    if (model_reserve(m, b, T) || dev_copy(b, m->x_d, x, bytes, 1)) return -1.0;
+    if (model_reserve(m, b, T > 0 ? T : 1) || dev_copy(b, m->x_d, x, bytes, 1)) return -1.0;
     moe_status_t st = moe_layer_forward(m->layer, m->x_d, m->h_d, T, training, NULL);
     if (st != MOE_STATUS_SUCCESS) {
         fprintf(stderr, "error: moe_layer_forward: %s\n  %s\n", moe_status_string(st),
@@ -341,14 +468,29 @@ static double model_forward(model_t *m, moe_backend_t b, const float *x, const f
             double e = a - y[t * m->O + o];
             se += e * e;
         }
-    return se / ((double)T * m->O);
+    return se;
 }
 
-/* backward of the MSE through the readout and the layer, then one optimizer step of both */
-static int model_backward_step(model_t *m, moe_backend_t b, const float *y, int T,
+/* sums the gradients of a layer every rank holds a full copy of (data parallel) */
+static int sum_layer_grads(model_t *m, const options_t *o) {
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        float *g = NULL;
+        int64_t n = 0;
+        CHECK(moe_layer_param(m->layer, (moe_param_t)p, NULL, (void **)&g, &n));
+        if (n > 0) sum_over_ranks_f(o, g, n);
+    }
+    return 0;
+}
+
+/* backward of the global batch's MSE (T_all tokens over all ranks, T of them here) through the
+ * readout and the layer, the replicated weights' gradients summed over the ranks, then one
+ * optimizer step of both */
+static int model_backward_step(model_t *m, moe_backend_t b, const float *y, int T, int T_all,
                                const options_t *o) {
     const int D = m->D, O = m->O;
-    const float scale = 2.0f / ((float)T * (float)O); /* d mean((pred - y)^2) / d pred */
+    /* d mean((pred - y)^2) / d pred over the global batch: the per-rank gradients then add up
+     * to the single-rank layer's, and the aux losses (global in the library) keep their weight */
+    const float scale = 2.0f / ((float)T_all * (float)O);
     memset(m->gWh, 0, sizeof(float) * (size_t)(D * O));
     memset(m->gbh, 0, sizeof(float) * (size_t)O);
     for (int t = 0; t < T; ++t) {
@@ -365,6 +507,13 @@ static int model_backward_step(model_t *m, moe_backend_t b, const float *y, int 
     if (dev_copy(b, m->dh_d, m->dh, sizeof(float) * (size_t)T * (size_t)D, 1)) return 1;
     CHECK(moe_layer_zero_grad(m->layer, NULL));
     CHECK(moe_layer_backward(m->layer, m->dh_d, m->dx_d, NULL));
+    if (o->world > 1) {
+        /* experts are owned by one rank each; the router (and noise network) is replicated */
+        if (m->expert_parallel) CHECK(moe_layer_allreduce_router_grads(m->layer, NULL));
+        else if (sum_layer_grads(m, o)) return 1;
+        sum_over_ranks_f(o, m->gWh, (int64_t)D * O);
+        sum_over_ranks_f(o, m->gbh, O);
+    }
     CHECK(moe_optimizer_step(m->opt, NULL));
     /* the readout takes the same kind of step as the layer (formulas of moe.h) */
     m->head_steps++;
@@ -405,95 +554,251 @@ typedef struct {
 
 static int batch_alloc(batch_t *b, const problem_t *p, int T) {
     b->T = T;
-    b->x = malloc(sizeof(float) * (size_t)T * (size_t)p->D);
-    b->y = malloc(sizeof(float) * (size_t)T * (size_t)p->O);
-    b->regime = malloc(sizeof(int) * (size_t)T);
+    b->x = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1) * (size_t)p->D);
+    b->y = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1) * (size_t)p->O);
+    b->regime = malloc(sizeof(int) * (size_t)(T > 0 ? T : 1));
     return !b->x || !b->y || !b->regime;
 }
 static void batch_free(batch_t *b) { free(b->x), free(b->y), free(b->regime); }
 
-/* trains m for o->steps on fresh batches (the data seed is the same for every model, so the
- * MoE and the dense baseline see the same tokens); returns the held-out MSE, or -1 */
-static double train(model_t *m, const problem_t *p, const options_t *o, const batch_t *eval) {
+/* the balancing record of one logged step, global over ranks (the CSV columns) */
+typedef struct {
+    int64_t *tokens, *dropped; /* (E) moe_layer_stats: routed before capacity, dropped */
+    float *bias;               /* (E) loss-free selection bias */
+    int32_t *kept;             /* (T, W) this rank's kept flags */
+} logbuf_t;
+
+static void csv_header(FILE *f, int E) {
+    fprintf(f, "step,loss,tokens");
+    for (int e = 0; e < E; ++e) fprintf(f, ",load_%d", e);
+    for (int e = 0; e < E; ++e) fprintf(f, ",routed_%d", e);
+    fprintf(f, ",imbalance,imbalance_routed,dropped_frac,unrouted_frac,switch_loss,"
+               "importance_loss,load_loss,z_loss,aux_loss");
+    for (int e = 0; e < E; ++e) fprintf(f, ",bias_%d", e);
+    fprintf(f, "\n");
+}
+
+/* one progress line (and CSV row) of the layer's last training forward; loss is the mean
+ * training MSE since the previous one. Every rank calls it (it sums over ranks). */
+static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double loss, int T,
+                    FILE *csv) {
+    moe_routing_stats_t st;
+    CHECK(moe_layer_stats(m->layer, &st, lb->tokens, lb->dropped));
+    const int E = m->E;
+    const int64_t W = moe_layer_routing_width(m->layer);
+    /* tokens of this rank that no expert processes: every choice dropped (token choice) or
+     * picked by no expert (expert choice) */
+    double unrouted = 0.0;
+    if (T > 0) {
+        CHECK(moe_layer_routing(m->layer, NULL, NULL, lb->kept));
+        for (int t = 0; t < T; ++t) {
+            int any = 0;
+            for (int64_t j = 0; j < W; ++j) any |= lb->kept[(int64_t)t * W + j];
+            unrouted += any ? 0.0 : 1.0;
+        }
+    }
+    sum_over_ranks_d(o, &unrouted, 1);
+    CHECK(moe_layer_score_bias(m->layer, lb->bias));
+    if (!m->expert_parallel && o->world > 1) {
+        /* a replicated layer's counts are this rank's own (aux losses too): add them up */
+        double c[3] = {(double)st.num_tokens, (double)st.num_assignments,
+                       (double)st.num_dropped};
+        sum_over_ranks_d(o, c, 3);
+        st.num_tokens = (int64_t)c[0], st.num_assignments = (int64_t)c[1];
+        st.num_dropped = (int64_t)c[2];
+        for (int e = 0; e < E; ++e) {
+            double v[2] = {(double)lb->tokens[e], (double)lb->dropped[e]};
+            sum_over_ranks_d(o, v, 2);
+            lb->tokens[e] = (int64_t)v[0], lb->dropped[e] = (int64_t)v[1];
+        }
+    }
+    if (o->rank != 0) return 0;
+
+    /* load: assignments the experts compute, after capacity (for expert choice every expert
+     * fills its C slots, so the load is flat by construction) */
+    double total = 0.0, peak = 0.0;
+    for (int e = 0; e < E; ++e) {
+        double l = (double)(lb->tokens[e] - lb->dropped[e]);
+        total += l;
+        peak = l > peak ? l : peak;
+    }
+    double imbalance = total > 0.0 ? peak / (total / E) : 0.0;
+    double unrouted_frac = st.num_tokens > 0 ? unrouted / (double)st.num_tokens : 0.0;
+    /* token choice: assignments dropped by capacity over T*K; expert choice has no drops of a
+     * wanted assignment, its counterpart is the token that no expert picked */
+    double dropped_frac = o->router == MOE_ROUTER_EXPERT_CHOICE
+                              ? unrouted_frac
+                              : (st.num_assignments > 0
+                                     ? (double)st.num_dropped / (double)st.num_assignments
+                                     : 0.0);
+    printf("step %5d  loss %.5f  load/expert", s, loss);
+    for (int e = 0; e < E; ++e) printf(" %4lld", (long long)(lb->tokens[e] - lb->dropped[e]));
+    printf("  imbalance %.3f  dropped %.3f  switch %.3f  z %.3f  aux %.5f\n", imbalance,
+           dropped_frac, st.switch_loss, st.z_loss, st.aux_loss);
+    if (csv) {
+        fprintf(csv, "%d,%.6g,%lld", s, loss, (long long)st.num_tokens);
+        for (int e = 0; e < E; ++e)
+            fprintf(csv, ",%lld", (long long)(lb->tokens[e] - lb->dropped[e]));
+        for (int e = 0; e < E; ++e) fprintf(csv, ",%lld", (long long)lb->tokens[e]);
+        fprintf(csv, ",%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g", imbalance, st.imbalance,
+                dropped_frac, unrouted_frac, st.switch_loss, st.importance_loss, st.load_loss,
+                st.z_loss, st.aux_loss);
+        for (int e = 0; e < E; ++e) fprintf(csv, ",%.6g", lb->bias[e]);
+        fprintf(csv, "\n");
+    }
+    return 0;
+}
+
+/* trains m for o->steps on fresh batches of o->batch tokens over all ranks (the data seed is
+ * the same for every model, so the MoE and the dense baseline see the same tokens); writes the
+ * CSV rows when csv is given; returns the held-out MSE, or -1. Each rank trains on its own
+ * shard of every batch: every rank draws the batch from the one stream and keeps its slice, so a
+ * run on P ranks sees exactly the tokens of the one-process run (drawing is cheap here; a real
+ * loader would read only its shard). */
+static double train(model_t *m, const problem_t *p, const options_t *o, const batch_t *eval,
+                    FILE *csv) {
     rng_t rng = {o->seed * 1000003ull + 5ull};
+    int lo, hi;
+    shard(o, o->batch, &lo, &hi);
+    const int T = hi - lo;
     batch_t bt;
     if (batch_alloc(&bt, p, o->batch)) return -1.0;
-    int64_t *tpe = calloc((size_t)m->E, sizeof(int64_t));
+    const float *x = bt.x + (size_t)lo * p->D, *y = bt.y + (size_t)lo * p->O;
+    logbuf_t lb = {calloc((size_t)m->E, sizeof(int64_t)), calloc((size_t)m->E, sizeof(int64_t)),
+                   calloc((size_t)m->E, sizeof(float)),
+                   calloc((size_t)(T > 0 ? T : 1) * (size_t)m->E, sizeof(int32_t))};
+    double result = -1.0;
+    if (!lb.tokens || !lb.dropped || !lb.bias || !lb.kept) goto done;
+    if (csv && o->rank == 0) csv_header(csv, m->E);
     double run = 0.0, t0 = now_s();
     int nrun = 0;
-    printf("\n== %s: E=%d K=%d ==\n", m->name, m->E, m->K);
+    if (o->rank == 0) printf("\n== %s: E=%d K=%d ==\n", m->name, m->E, m->K);
     for (int s = 1; s <= o->steps; ++s) {
         sample(p, &rng, o->batch, bt.x, bt.y, bt.regime);
-        double loss = model_forward(m, o->backend, bt.x, bt.y, o->batch, 1);
-        if (loss < 0.0 || model_backward_step(m, o->backend, bt.y, o->batch, o)) {
-            batch_free(&bt), free(tpe);
-            return -1.0;
-        }
-        run += loss, ++nrun;
+        double se = model_forward(m, o->backend, x, y, T, 1);
+        if (se < 0.0 || model_backward_step(m, o->backend, y, T, o->batch, o)) goto done;
+        sum_over_ranks_d(o, &se, 1);
+        run += se / ((double)o->batch * m->O), ++nrun;
         if (s % o->log_every == 0 || s == o->steps) {
-            moe_routing_stats_t st;
-            if (moe_layer_stats(m->layer, &st, tpe, NULL) != MOE_STATUS_SUCCESS) break;
-            printf("step %5d  loss %.5f  tokens/expert", s, run / nrun);
-            for (int e = 0; e < m->E; ++e) printf(" %4lld", (long long)tpe[e]);
-            printf("  dropped %lld  switch %.3f  z %.3f  aux %.5f\n", (long long)st.num_dropped,
-                   st.switch_loss, st.z_loss, st.aux_loss);
+            if (log_step(m, o, &lb, s, run / nrun, T, csv)) goto done;
             run = 0.0, nrun = 0;
         }
     }
+    if (o->trace_path) moe_layer_trace_close(m->layer); /* the training forwards only */
     double secs = now_s() - t0;
-    double ev = model_forward(m, o->backend, eval->x, eval->y, eval->T, 0);
-    printf("%s: held-out MSE %.5f after %d steps (%.1f s)\n", m->name, ev, o->steps,
-           secs);
-    batch_free(&bt), free(tpe);
-    return ev;
+    shard(o, eval->T, &lo, &hi);
+    double ev = model_forward(m, o->backend, eval->x + (size_t)lo * p->D,
+                              eval->y + (size_t)lo * p->O, hi - lo, 0);
+    if (ev < 0.0) goto done;
+    sum_over_ranks_d(o, &ev, 1);
+    result = ev / ((double)eval->T * m->O);
+    if (o->rank == 0)
+        printf("%s: held-out MSE %.5f after %d steps (%.1f s)\n", m->name, result, o->steps,
+               secs);
+done:
+    batch_free(&bt), free(lb.tokens), free(lb.dropped), free(lb.bias), free(lb.kept);
+    return result;
 }
 
-/* regime x expert table of the last (held-out) forward; returns the mean over regimes of the
- * largest fraction (1.0 = every regime goes to one expert) */
-static double specialisation(model_t *m, const batch_t *eval, int R) {
-    const int T = eval->T, K = m->K, E = m->E;
-    int32_t *idx = malloc(sizeof(int32_t) * (size_t)T * (size_t)K);
-    int32_t *kept = malloc(sizeof(int32_t) * (size_t)T * (size_t)K);
+/* regime x expert table of the last (held-out) forward, over all ranks; returns the mean over
+ * regimes of the largest fraction of the regime's processed assignments that one expert took
+ * (1.0 = every regime goes to one expert) */
+static double specialisation(model_t *m, const options_t *o, const batch_t *eval, int R) {
+    int lo, hi;
+    shard(o, eval->T, &lo, &hi);
+    const int T = hi - lo, E = m->E;
+    const int64_t W = moe_layer_routing_width(m->layer);
+    int32_t *idx = malloc(sizeof(int32_t) * (size_t)(T > 0 ? T : 1) * (size_t)W);
+    int32_t *kept = malloc(sizeof(int32_t) * (size_t)(T > 0 ? T : 1) * (size_t)W);
     double *frac = calloc((size_t)(R * E), sizeof(double));
-    int *count = calloc((size_t)R, sizeof(int));
+    double *count = calloc((size_t)R, sizeof(double));
     double purity = 0.0;
     if (!idx || !kept || !frac || !count ||
-        moe_layer_routing(m->layer, idx, NULL, kept) != MOE_STATUS_SUCCESS) {
+        (T > 0 && moe_layer_routing(m->layer, idx, NULL, kept) != MOE_STATUS_SUCCESS)) {
         fprintf(stderr, "error: routing table: %s\n", moe_last_error());
         purity = -1.0;
         goto done;
     }
     for (int t = 0; t < T; ++t) {
-        int r = eval->regime[t];
-        count[r]++;
-        for (int j = 0; j < K; ++j)
-            if (kept[t * K + j]) frac[r * E + idx[t * K + j]] += 1.0 / K;
+        int r = eval->regime[lo + t];
+        for (int64_t j = 0; j < W; ++j)
+            if (kept[t * W + j]) frac[r * E + idx[t * W + j]] += 1.0, count[r] += 1.0;
     }
-    printf("\nfraction of each regime's held-out tokens routed to each expert (K=%d choices "
-           "count 1/K each):\n  regime ", K);
-    for (int e = 0; e < E; ++e) printf("  exp%-3d", e);
-    printf("\n");
+    sum_over_ranks_d(o, frac, R * E);
+    sum_over_ranks_d(o, count, R);
+    if (o->rank == 0)
+        printf("\nfraction of each regime's processed held-out assignments that each expert "
+               "took:\n  regime ");
+    for (int e = 0; e < E && o->rank == 0; ++e) printf("  exp%-3d", e);
+    if (o->rank == 0) printf("\n");
     for (int r = 0; r < R; ++r) {
         double best = 0.0;
-        printf("  %6d ", r);
+        if (o->rank == 0) printf("  %6d ", r);
         for (int e = 0; e < E; ++e) {
-            double f = count[r] ? frac[r * E + e] / count[r] : 0.0;
+            double f = count[r] > 0.0 ? frac[r * E + e] / count[r] : 0.0;
             best = f > best ? f : best;
-            printf("  %5.3f ", f);
+            if (o->rank == 0) printf("  %5.3f ", f);
         }
-        printf("\n");
+        if (o->rank == 0) printf("\n");
         purity += best / R;
     }
-    printf("  specialisation (mean over regimes of the largest fraction): %.3f\n", purity);
+    if (o->rank == 0)
+        printf("  specialisation (mean over regimes of the largest fraction): %.3f\n", purity);
 done:
     free(idx), free(kept), free(frac), free(count);
     return purity;
 }
 
+/* started by mpirun/srun? */
+static int under_mpi(void) {
+    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
+}
+
+static int run(options_t *o, moe_comm_t *comm);
+
 int main(int argc, char **argv) {
     options_t o;
     int rc = parse(argc, argv, &o);
     if (rc) return rc;
+    moe_comm_t *comm = NULL;
+#ifdef MOE_EXAMPLE_WITH_MPI
+    int mpi = under_mpi();
+    if (mpi) {
+        MPI_Init(&argc, &argv);
+        CHECK(moe_comm_create_mpi(&comm, NULL));
+        o.rank = moe_comm_rank(comm);
+        o.world = moe_comm_size(comm);
+    }
+#else
+    if (under_mpi())
+        fprintf(stderr, "note: train_mixture was built without MPI: every process trains "
+                        "alone\n");
+#endif
+    rc = run(&o, comm);
+#ifdef MOE_EXAMPLE_WITH_MPI
+    /* a rank that failed cannot leave its peers waiting in a collective */
+    if (rc == 1 && o.world > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+    moe_comm_destroy(comm);
+    if (mpi) MPI_Finalize();
+#endif
+    return rc == 3 ? 1 : rc;
+}
+
+static int run(options_t *o_, moe_comm_t *comm) {
+    const options_t o = *o_;
+    if (o.world > 1 && o.backend != MOE_BACKEND_CPU) {
+        fprintf(stderr, "error: expert parallelism over MPI needs --backend cpu\n");
+        return 2;
+    }
+    if (o.expect_ranks > 0 && o.world != o.expect_ranks) {
+        fprintf(stderr, "error: running on %d rank%s, --expect-ranks %d\n", o.world,
+                o.world == 1 ? "" : "s", o.expect_ranks);
+        return 2;
+    }
+    if (o.experts % o.world) {
+        fprintf(stderr, "error: %d experts cannot be split over %d ranks\n", o.experts, o.world);
+        return 2;
+    }
     rng_t rng = {o.seed};
     problem_t p;
     if (problem_init(&p, &o, &rng)) return 1;
@@ -510,40 +815,89 @@ int main(int argc, char **argv) {
             var += e * e / ((double)eval.T * p.O);
         }
 
-    printf("train_mixture: %d regimes, D=%d, targets %d-dim from per-regime tanh teachers "
-           "(width %d)\n", p.R, p.D, p.O, p.H);
-    printf("  MoE E=%d K=%d F=%d (%s) vs dense F=%d (same active parameters per token), %s, lr %g, "
-           "%d steps x %d tokens, seed %llu, backend %s\n",
-           o.experts, o.top_k, o.d_ff, o.noisy ? "noisy top-k" : "top-k", o.top_k * o.d_ff, o.sgd ? "SGD momentum 0.9" : "Adam",
-           o.lr, o.steps, o.batch, o.seed, o.backend == MOE_BACKEND_CPU ? "cpu" : "cuda");
-    printf("  held-out MSE of predicting the mean: %.5f\n", var);
+    const char *noise = o.noisy ? "noisy top-k" : "top-k";
+    if (o.router == MOE_ROUTER_EXPERT_CHOICE)
+        noise = o.noisy ? "noisy expert choice" : "expert choice";
+    if (o.rank == 0) {
+        printf("train_mixture: %d regimes, D=%d, targets %d-dim from per-regime tanh teachers "
+               "(width %d)\n", p.R, p.D, p.O, p.H);
+        printf("  MoE E=%d K=%d F=%d (%s) vs dense F=%d (same active parameters per token), %s, "
+               "lr %g, %d steps x %d tokens, seed %llu, backend %s\n",
+               o.experts, o.top_k, o.d_ff, noise, o.top_k * o.d_ff,
+               o.sgd ? "SGD momentum 0.9" : "Adam", o.lr, o.steps, o.batch, o.seed,
+               o.backend == MOE_BACKEND_CPU ? "cpu" : "cuda");
+        printf("  balancing: strategy %s, capacity factor %g%s, switch %g, importance %g, "
+               "load %g, z %g, bias rate %g\n", strategy_names[o.strategy], o.capacity_factor,
+               o.capacity_factor > 0.0 || o.router == MOE_ROUTER_EXPERT_CHOICE ? "" : " (dropless)",
+               o.switch_coef, o.importance_coef, o.load_coef, o.z_coef, o.bias_rate);
+        if (o.world > 1)
+            printf("  %d ranks (expert parallel over MPI): %d experts and %d-token shards each\n",
+                   o.world, o.experts / o.world, o.batch / o.world);
+        printf("  held-out MSE of predicting the mean: %.5f\n", var);
+    }
 
-    moe_context_t *ctx = NULL;
-    CHECK(moe_context_create(&ctx, o.backend, 0, NULL));
+    /* the MoE spans the ranks; the dense baseline (one expert) is replicated on each */
+    moe_context_t *ctx = NULL, *ctx_dense = NULL;
+    CHECK(moe_context_create(&ctx, o.backend, 0, comm));
+    CHECK(moe_context_create(&ctx_dense, o.backend, 0, NULL));
     model_t moe, dense;
     rng_t hrng = {o.seed * 4099ull + 11ull};
-    if (model_create(&moe, "moe", ctx, &o, o.experts, o.top_k, o.d_ff, &hrng)) return 1;
+    if (model_create(&moe, "moe", ctx, &o, o.experts, o.top_k, o.d_ff, 1, &hrng)) return 1;
     hrng.s = o.seed * 4099ull + 11ull; /* the same readout init for both */
-    if (model_create(&dense, "dense", ctx, &o, 1, 1, o.top_k * o.d_ff, &hrng)) return 1;
+    if (model_create(&dense, "dense", ctx_dense, &o, 1, 1, o.top_k * o.d_ff, 0, &hrng)) return 1;
+    if (o.trace_path) {
+        char path[4096];
+        if (o.world > 1) snprintf(path, sizeof path, "%s.rank%d", o.trace_path, o.rank);
+        else snprintf(path, sizeof path, "%s", o.trace_path);
+        CHECK(moe_layer_trace_open(moe.layer, path, 0));
+    }
+    FILE *csv = NULL;
+    if (o.csv_path && o.rank == 0 && !(csv = fopen(o.csv_path, "w"))) {
+        fprintf(stderr, "error: cannot write %s\n", o.csv_path);
+        return 1;
+    }
 
-    double moe_loss = train(&moe, &p, &o, &eval);
+    double moe_loss = train(&moe, &p, &o, &eval, csv);
+    if (csv && fclose(csv)) {
+        fprintf(stderr, "error: writing %s\n", o.csv_path);
+        return 1;
+    }
     if (moe_loss < 0.0) return 1;
-    double purity = specialisation(&moe, &eval, p.R);
-    double dense_loss = train(&dense, &p, &o, &eval);
-    if (dense_loss < 0.0) return 1;
+    double purity = specialisation(&moe, &o, &eval, p.R);
+    if (purity < 0.0) return 1;
+    double dense_loss = NAN; /* printed as nan with --no-dense */
+    if (o.dense && (dense_loss = train(&dense, &p, &o, &eval, NULL)) < 0.0) return 1;
 
-    printf("\nfinal held-out MSE: moe %.5f  dense %.5f  (mean predictor %.5f); moe/dense %.3f; "
-           "specialisation %.3f\n", moe_loss, dense_loss, var, moe_loss / dense_loss, purity);
-    rc = 0;
+    if (o.rank == 0) {
+        if (o.dense)
+            printf("\nfinal held-out MSE: moe %.5f  dense %.5f  (mean predictor %.5f); moe/dense "
+                   "%.3f; specialisation %.3f\n", moe_loss, dense_loss, var,
+                   moe_loss / dense_loss, purity);
+        else
+            printf("\nfinal held-out MSE: moe %.5f  (mean predictor %.5f); specialisation %.3f\n",
+                   moe_loss, var, purity);
+        /* one machine-readable line for scripts (scripts/lb-experiment) */
+        printf("result strategy=%s capacity_factor=%g eval_mse=%.6f dense_mse=%.6f "
+               "specialisation=%.4f\n", strategy_names[o.strategy], o.capacity_factor, moe_loss,
+               dense_loss, purity);
+    }
+    int rc = 0;
     if (o.check) {
-        int ok = moe_loss < o.check_threshold && moe_loss < dense_loss;
-        printf("check: moe %.5f < threshold %.5f and < dense %.5f: %s\n", moe_loss,
-               o.check_threshold, dense_loss, ok ? "PASS" : "FAIL");
-        rc = ok ? 0 : 1;
+        int ok = moe_loss < o.check_threshold && (!o.dense || moe_loss < dense_loss);
+        if (o.rank == 0) {
+            if (o.dense)
+                printf("check: moe %.5f < threshold %.5f and < dense %.5f: %s\n", moe_loss,
+                       o.check_threshold, dense_loss, ok ? "PASS" : "FAIL");
+            else
+                printf("check: moe %.5f < threshold %.5f: %s\n", moe_loss, o.check_threshold,
+                       ok ? "PASS" : "FAIL");
+        }
+        rc = ok ? 0 : 3; /* 3: the check failed (main exits 1), not an error */
     }
     model_free(&moe, o.backend);
     model_free(&dense, o.backend);
     CHECK(moe_context_destroy(ctx));
+    CHECK(moe_context_destroy(ctx_dense));
     batch_free(&eval);
     problem_free(&p);
     return rc;

@@ -29,6 +29,9 @@ MOE_BUILD_PACKAGES=(cmake ninja-build g++ make libopenblas-openmp-dev libgtest-d
 # be another one, without numpy)
 MOE_PYTHON_PACKAGES=(python3-numpy python3-pytest)
 
+# what the plots of scripts/lb-experiment need (for Debian's interpreter)
+MOE_PLOT_PACKAGES=(python3-matplotlib)
+
 # usage: py=$(moe_python module...) - the first interpreter that imports every module:
 # $MOE_PYTHON if set, then Debian's /usr/bin/python3, then python3 on PATH
 moe_python() {

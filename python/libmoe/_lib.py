@@ -25,6 +25,7 @@ DTYPES = {"f32": 0, "bf16": 1, "f16": 2}
 ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swiglu": 3}
 GATES = {"softmax_of_topk": 0, "topk_of_softmax": 1}
 PRIORITIES = {"position": 0, "score": 1}
+ROUTERS = {"token_choice": 0, "expert_choice": 1}
 OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
 PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5}
 
@@ -128,6 +129,8 @@ def _declare(lib):
         "moe_layer_zero_grad": (c_int, [c_void_p, c_void_p]),
         "moe_layer_stats": (c_int, [c_void_p, P(RoutingStats), P(c_int64), P(c_int64)]),
         "moe_layer_routing": (c_int, [c_void_p, P(c_int32), P(c_float), P(c_int32)]),
+        "moe_layer_routing_width": (c_int64, [c_void_p]),
+        "moe_layer_score_bias": (c_int, [c_void_p, P(c_float)]),
         "moe_optimizer_config_default": (OptimizerConfig, [c_int]),
         "moe_optimizer_create": (c_int, [P(c_void_p), c_void_p, P(OptimizerConfig)]),
         "moe_optimizer_step": (c_int, [c_void_p, c_void_p]),

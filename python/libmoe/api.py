@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import (ACTIVATIONS, BACKENDS, DTYPES, GATES, OPTIMIZERS, PARAMS, PRIORITIES,
-                   STATUS_NAMES, LayerConfig, OptimizerConfig, RoutingStats)
+                   ROUTERS, STATUS_NAMES, LayerConfig, OptimizerConfig, RoutingStats)
 
 SUCCESS = 0
 INVALID_ARGUMENT = 1
@@ -114,7 +114,7 @@ class Context:
 
 
 _CONFIG_ENUMS = {"activation": (ACTIVATIONS,), "dtype": (DTYPES,),
-                 "gate": (GATES,), "priority": (PRIORITIES,)}
+                 "gate": (GATES,), "priority": (PRIORITIES,), "router": (ROUTERS,)}
 
 
 def layer_config(**kw):
@@ -287,10 +287,11 @@ class Layer:
         return out
 
     def routing(self):
-        """(expert_index int32 (T, K), gate float32 (T, K), kept bool (T, K)) of the last
-        forward, best choice first."""
+        """(expert_index int32 (T, W), gate float32 (T, W), kept bool (T, W)) of this rank's
+        tokens in the last forward, best choice first. W = moe_layer_routing_width: top_k for
+        token choice, num_experts for expert choice (every (token, expert) pair)."""
         T = self.stats()["num_tokens"]
-        K = self.top_k
+        K = self._lib.moe_layer_routing_width(self._live())
         idx = np.zeros((T, K), dtype=np.int32)
         gate = np.zeros((T, K), dtype=np.float32)
         kept = np.zeros((T, K), dtype=np.int32)
@@ -300,6 +301,16 @@ class Layer:
                                            kept.ctypes.data_as(ctypes.POINTER(c_int32))),
                "moe_layer_routing")
         return idx, gate, kept.astype(bool)
+
+
+    def score_bias(self):
+        """The loss-free balancing selection bias, float32 (E,) (zeros unless
+        bias_update_rate > 0)."""
+        b = np.zeros(self.num_experts, dtype=np.float32)
+        _check(self._lib.moe_layer_score_bias(self._live(),
+                                              b.ctypes.data_as(ctypes.POINTER(c_float))),
+               "moe_layer_score_bias")
+        return b
 
 
 class Optimizer:

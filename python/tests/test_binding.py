@@ -249,3 +249,33 @@ def test_cuda_backend_reports_status():
     with pytest.raises(MoeError):
         layer.param("w1")  # numpy views are CPU-only; param_ptr gives device pointers
     assert layer.param_ptr("w1")[2] == 2 * 8 * 8
+
+
+# ---- load balancing: expert choice and the loss-free bias --------------------------------------
+
+def test_expert_choice_routing_is_num_experts_wide(ctx):
+    # routing arrays are (T, moe_layer_routing_width) = (T, E) for expert choice; a (T, top_k)
+    # buffer would be overrun by the library
+    T, E, k = 300, 8, 1
+    layer = libmoe.Layer(ctx, d_model=8, d_ff=16, num_experts=E, top_k=k,
+                         router="expert_choice", capacity_factor=1.0)
+    layer.forward(rand((T, 8), 5))
+    idx, gate, kept = layer.routing()
+    assert idx.shape == gate.shape == kept.shape == (T, E)
+    C = math.ceil(1.0 * T * k / E)
+    picked = np.bincount(idx[kept], minlength=E)
+    assert np.all(picked == C)  # every expert fills exactly its C slots
+    st = layer.stats()
+    assert np.all(st["tokens_per_expert"] - st["dropped_per_expert"] == C)
+
+
+def test_score_bias_moves_only_with_the_update_rate(ctx):
+    x = rand((256, 8), 6)
+    plain = libmoe.Layer(ctx, d_model=8, d_ff=16, num_experts=4, top_k=1)
+    plain.forward(x)
+    assert np.all(plain.score_bias() == 0.0)
+    lf = libmoe.Layer(ctx, d_model=8, d_ff=16, num_experts=4, top_k=1, bias_update_rate=0.01)
+    lf.forward(x)
+    counts = lf.stats()["tokens_per_expert"]
+    expect = np.where(counts < counts.mean(), 0.01, np.where(counts > counts.mean(), -0.01, 0.0))
+    np.testing.assert_allclose(lf.score_bias(), expect, atol=1e-7)

@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""lb-report.py - the summary table and plots of a load-balancing experiment (lb-experiment).
+
+Reads DIR/runs.txt (one line per run: strategy, capacity factor, seed, CSV file, log file) and
+every run's CSV (columns of examples/train_mixture.c --csv, described in docs/load-balancing.md)
+and log (its 'result ...' line), then writes
+  DIR/summary.md   the table: one row per (strategy, capacity factor), means over the seeds
+  DIR/*.png        the plots (only with --plots; needs matplotlib)
+--verify checks what is there instead: every CSV parses with the expected columns and rows,
+summary.md has one table row per (strategy, capacity factor), and with --plots every PNG is a PNG.
+
+    python3 scripts/lb-report.py DIR [--plots] [--verify]
+
+The table and --verify need only the standard library (any python3); --plots needs matplotlib.
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+
+ORDER = ["none", "switch", "importance-load", "z-loss", "loss-free", "expert-choice"]
+PLOTS = ["load_per_expert.png", "imbalance.png", "dropped.png", "loss.png"]
+FIXED = ["step", "loss", "tokens"]
+TAIL = ["imbalance", "imbalance_routed", "dropped_frac", "unrouted_frac", "switch_loss",
+        "importance_loss", "load_loss", "z_loss", "aux_loss"]
+
+
+def read_runs(d):
+    runs = []
+    with open(os.path.join(d, "runs.txt")) as f:
+        for line in f:
+            if not line.strip() or line.startswith("#"):
+                continue
+            strategy, cf, seed, csv_name, log_name = line.split()
+            runs.append(dict(strategy=strategy, cf=float(cf), seed=int(seed),
+                             csv=os.path.join(d, csv_name), log=os.path.join(d, log_name)))
+    if not runs:
+        raise SystemExit(f"lb-report: no runs listed in {d}/runs.txt")
+    return runs
+
+
+def read_csv(path):
+    """Rows as dicts of floats; checks the header against the documented columns."""
+    with open(path, newline="") as f:
+        rd = csv.reader(f)
+        header = next(rd)
+        E = sum(1 for h in header if h.startswith("load_") and h != "load_loss")
+        want = (FIXED + [f"load_{e}" for e in range(E)] + [f"routed_{e}" for e in range(E)] +
+                TAIL + [f"bias_{e}" for e in range(E)])
+        if E < 1 or header != want:
+            raise ValueError(f"{path}: unexpected columns {header}")
+        rows = []
+        for i, r in enumerate(rd, 2):
+            if len(r) != len(header):
+                raise ValueError(f"{path}:{i}: {len(r)} fields, the header has {len(header)}")
+            try:
+                row = {h: float(v) for h, v in zip(header, r)}
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: {e}") from None
+            if not all(math.isfinite(v) for v in row.values()):
+                raise ValueError(f"{path}:{i}: a value is not finite")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return E, rows
+
+
+def read_result(path):
+    """The 'result key=value ...' line of a run's log."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("result "):
+                return {k: v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
+    raise ValueError(f"{path}: no 'result' line (did the run fail?)")
+
+
+def mean(v):
+    return sum(v) / len(v) if v else float("nan")
+
+
+def cf_label(cf, strategy):
+    if cf <= 0:
+        return "1 (default)" if strategy == "expert-choice" else "dropless"
+    return f"{cf:g}"
+
+
+def run_metrics(run):
+    E, rows = read_csv(run["csv"])
+    res = read_result(run["log"])
+    last = rows[-max(1, len(rows) // 10):]  # the last tenth of the logged steps
+    return dict(E=E, rows=rows, eval_mse=float(res["eval_mse"]),
+                specialisation=float(res["specialisation"]),
+                final_imbalance=mean([r["imbalance"] for r in last]),
+                mean_imbalance=mean([r["imbalance"] for r in rows]),
+                dropped=mean([r["dropped_frac"] for r in rows]),
+                final_loss=mean([r["loss"] for r in last]))
+
+
+def groups(runs):
+    """(strategy, cf) -> its runs, in the order of ORDER then capacity factor."""
+    g = {}
+    for r in runs:
+        g.setdefault((r["strategy"], r["cf"]), []).append(r)
+    rank = {s: i for i, s in enumerate(ORDER)}
+    return dict(sorted(g.items(), key=lambda kv: (rank.get(kv[0][0], 99), kv[0][0],
+                                                  kv[0][1] if kv[0][1] > 0 else -1)))
+
+
+def write_summary(d, runs):
+    g = groups(runs)
+    seeds = sorted({r["seed"] for r in runs})
+    out = [f"| strategy | capacity factor | held-out MSE | train loss (final) | imbalance "
+           f"(final) | imbalance (mean) | dropped (mean) | specialisation |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (strategy, cf), rs in g.items():
+        m = [run_metrics(r) for r in rs]
+
+        def col(key, fmt):
+            v = [x[key] for x in m]
+            s = fmt.format(mean(v))
+            if len(v) > 1:
+                s += (" (" + fmt.format(min(v)) + "–" + fmt.format(max(v)) + ")")
+            return s
+        out.append(f"| {strategy} | {cf_label(cf, strategy)} | {col('eval_mse', '{:.4f}')} | "
+                   f"{col('final_loss', '{:.4f}')} | {col('final_imbalance', '{:.2f}')} | "
+                   f"{col('mean_imbalance', '{:.2f}')} | {col('dropped', '{:.3f}')} | "
+                   f"{col('specialisation', '{:.3f}')} |")
+    note = (f"Means over seeds {', '.join(map(str, seeds))}" +
+            (" (min–max in brackets)" if len(seeds) > 1 else "") +
+            "; final = mean over the last tenth of the logged steps. Columns: "
+            "docs/load-balancing.md.\n")
+    with open(os.path.join(d, "summary.md"), "w") as f:
+        f.write("\n".join(out) + "\n\n" + note)
+    print("\n".join(out) + "\n\n" + note)
+
+
+def headline(runs, seed):
+    """Per strategy, the run the over-time plots show: dropless for token choice, capacity
+    factor 1 (its default) for expert choice; else the smallest capacity factor run."""
+    pick = {}
+    for r in runs:
+        if r["seed"] != seed:
+            continue
+        ec = r["strategy"] == "expert-choice"
+        preferred = (r["cf"] <= 0 or r["cf"] == 1.0) if ec else r["cf"] <= 0
+        key = (0 if preferred else 1, r["cf"])
+        if r["strategy"] not in pick or key < pick[r["strategy"]][0]:
+            pick[r["strategy"]] = (key, r)
+    rank = {s: i for i, s in enumerate(ORDER)}
+    return [pick[s][1] for s in sorted(pick, key=lambda s: rank.get(s, 99))]
+
+
+def smooth(v, n=5):
+    out, acc = [], []
+    for x in v:
+        acc.append(x)
+        if len(acc) > n:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def save(fig, path, dpi):
+    """A PNG small enough for docs/img: line plots need few colours, so with Pillow (which
+    matplotlib's Debian package depends on) the image is stored with a 256-colour palette."""
+    try:
+        import io
+        from PIL import Image
+    except ImportError:
+        fig.savefig(path, dpi=dpi)
+        return
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def make_plots(d, runs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = min(r["seed"] for r in runs)
+    heads = headline(runs, seed)
+    data = {id(r): read_csv(r["csv"]) for r in runs if r["seed"] == seed}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dpi = 80
+
+    # per-expert load over steps, one panel per strategy
+    n = len(heads)
+    cols = min(3, n)
+    rows_n = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 2.9 * rows_n), squeeze=False,
+                             sharey=True)
+    for ax, r in zip(axes.flat, heads):
+        E, rows = data[id(r)]
+        steps = [x["step"] for x in rows]
+        for e in range(E):
+            frac = [x[f"load_{e}"] / x["tokens"] for x in rows]
+            ax.plot(steps, smooth(frac), lw=1.2, color=colors[e % len(colors)], label=f"expert {e}")
+        ax.set_title(f"{r['strategy']} ({cf_label(r['cf'], r['strategy'])})", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("load / tokens")
+    axes.flat[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("tokens each expert processes per step (moving mean of 5 logged steps)",
+                 fontsize=11)
+    fig.tight_layout()
+    save(fig, os.path.join(d, "load_per_expert.png"), dpi)
+    plt.close(fig)
+
+    def over_steps(name, key, ylabel, title, logy=False):
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        for i, r in enumerate(heads):
+            _, rows = data[id(r)]
+            ax.plot([x["step"] for x in rows], smooth([x[key] for x in rows]), lw=1.3,
+                    color=colors[i % len(colors)],
+                    label=f"{r['strategy']} ({cf_label(r['cf'], r['strategy'])})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=11)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save(fig, os.path.join(d, name), dpi)
+        plt.close(fig)
+
+    over_steps("imbalance.png", "imbalance", "max / mean load",
+               "load imbalance per step (moving mean of 5 logged steps)")
+    over_steps("loss.png", "loss", "training MSE", "training loss", logy=True)
+
+    # dropped fraction: one panel per capacity factor that drops
+    cfs = sorted({r["cf"] for r in runs if r["cf"] > 0})
+    if not cfs:
+        cfs = [0.0]
+    fig, axes = plt.subplots(1, len(cfs), figsize=(4.2 * len(cfs), 3.4), squeeze=False,
+                             sharey=True)
+    for ax, cf in zip(axes.flat, cfs):
+        i = 0
+        for s in ORDER + sorted({r["strategy"] for r in runs} - set(ORDER)):
+            rs = [r for r in runs if r["seed"] == seed and r["strategy"] == s and r["cf"] == cf]
+            if not rs:
+                continue
+            _, rows = data[id(rs[0])]
+            ax.plot([x["step"] for x in rows], smooth([x["dropped_frac"] for x in rows]), lw=1.2,
+                    color=colors[ORDER.index(s) % len(colors) if s in ORDER else i], label=s)
+            i += 1
+        ax.set_title(f"capacity factor {cf_label(cf, '')}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("dropped fraction")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("dropped fraction: assignments over capacity (token choice), tokens no expert "
+                 "picked (expert choice); moving mean of 5", fontsize=10)
+    fig.tight_layout()
+    save(fig, os.path.join(d, "dropped.png"), dpi)
+    plt.close(fig)
+    print(f"plots: {', '.join(os.path.join(d, p) for p in PLOTS)}")
+
+
+def verify(d, runs, plots):
+    problems = []
+    for r in runs:
+        try:
+            E, rows = read_csv(r["csv"])
+            read_result(r["log"])
+            steps = [x["step"] for x in rows]
+            if steps != sorted(steps) or len(set(steps)) != len(steps):
+                problems.append(f"{r['csv']}: steps not increasing")
+            for x in rows:
+                load = sum(x[f"load_{e}"] for e in range(E))
+                routed = sum(x[f"routed_{e}"] for e in range(E))
+                if load > routed or not 0.0 <= x["dropped_frac"] <= 1.0 or x["imbalance"] < 0:
+                    problems.append(f"{r['csv']}: step {x['step']:.0f} out of range")
+                    break
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(str(e))
+    path = os.path.join(d, "summary.md")
+    try:
+        with open(path) as f:
+            table = [ln for ln in f if ln.startswith("|")]
+        body = [ln.strip().strip("|").split("|") for ln in table[2:]]
+        if len(body) != len(groups(runs)) or any(len(c) != 8 for c in body):
+            problems.append(f"{path}: {len(body)} table rows, expected {len(groups(runs))}")
+        for c in body:
+            float(c[2].split()[0]), float(c[7].split()[0])
+    except (OSError, ValueError, IndexError) as e:
+        problems.append(f"{path}: {e}")
+    if plots:
+        for p in PLOTS:
+            try:
+                with open(os.path.join(d, p), "rb") as f:
+                    if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                        problems.append(f"{p}: not a PNG")
+            except OSError as e:
+                problems.append(str(e))
+    for p in problems:
+        print(f"lb-report: {p}", file=sys.stderr)
+    print(f"verify: {len(runs)} runs, {len(groups(runs))} table rows"
+          f"{', ' + str(len(PLOTS)) + ' PNGs' if plots else ''}: "
+          f"{'FAIL' if problems else 'OK'}")
+    return 1 if problems else 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("dir")
+    p.add_argument("--plots", action="store_true", help="write the PNGs (needs matplotlib)")
+    p.add_argument("--verify", action="store_true", help="check the outputs instead")
+    a = p.parse_args()
+    runs = read_runs(a.dir)
+    if a.verify:
+        return verify(a.dir, runs, a.plots)
+    write_summary(a.dir, runs)
+    if a.plots:
+        make_plots(a.dir, runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
