@@ -159,12 +159,13 @@ void bench_model_h100(const bench_model_shape_t *s, double gemm_tflops, double *
 
 typedef struct bench_replay {
     int64_t num_experts, top_k, d_model, d_ff;
-    int activation, gate, priority, world;
+    int64_t width; /* entries per token: top_k, or num_experts for expert choice */
+    int activation, gate, priority, world, router;
     double capacity_factor;
     int64_t num_steps;
     int64_t *tokens;  /* (num_steps) global tokens of each step (as recorded by one rank) */
-    int32_t **index;  /* (num_steps) -> (tokens, K) */
-    float **gate_w;   /* (num_steps) -> (tokens, K) */
+    int32_t **index;  /* (num_steps) -> (tokens, width) */
+    float **gate_w;   /* (num_steps) -> (tokens, width) */
 } bench_replay_t;
 
 int bench_replay_read(const char *path, bench_replay_t *r);

@@ -691,7 +691,8 @@ static double check_tolerance(moe_backend_t backend, moe_dtype_t t) {
 static int run_check(const mem_t *m, moe_layer_t *A, moe_layer_t *R, const moe_layer_config_t *cfg,
                      moe_backend_t backend, int64_t T, const float *x, const float *dy,
                      void *x_dev, void *dy_dev, void *y_dev, void *dx_dev, check_acc_t *acc) {
-    const int64_t D = cfg->d_model, K = cfg->top_k;
+    /* routing arrays are routing-width wide: top_k, or E for expert choice */
+    const int64_t D = cfg->d_model, K = moe_layer_routing_width(A);
     const moe_dtype_t dt = cfg->dtype;
     const double tol = check_tolerance(backend, dt);
     int rc = BENCH_EXIT_OK;
@@ -852,12 +853,12 @@ static void free_workload(workload_t *wl) { free(wl->x), free(wl->dy), wl->x = w
 static moe_status_t step_layer(const rank_arg_t *a, moe_layer_t *layer, const mem_t *m,
                                int64_t T, int64_t step, void *x_dev, void *y_dev, void *dy_dev,
                                void *dx_dev, int bwd, double *t) {
-    const int64_t K = a->o->cfg.top_k;
     int64_t b = 0, n = rank_tokens(a->o, a->rp, T, step, a->w.rank, a->w.size, &b);
     moe_status_t st;
     if (a->rp) {
         int64_t s = step % a->rp->num_steps;
-        st = moe_layer_force_routing(layer, a->rp->index[s] + b * K, a->rp->gate_w[s] + b * K, n);
+        st = moe_layer_force_routing(layer, a->rp->index[s] + b * a->rp->width,
+                                     a->rp->gate_w[s] + b * a->rp->width, n);
         if (st != MOE_STATUS_SUCCESS) return st;
     }
     double t0 = now_s();
@@ -916,7 +917,8 @@ static int run_check_ep(const rank_arg_t *a, const mem_t *m, moe_layer_t *layer,
     const bench_opts_t *o = a->o;
     const moe_layer_config_t *c = &o->cfg;
     const int P = a->w.size, me = a->w.rank;
-    const int64_t D = c->d_model, K = c->top_k;
+    const int64_t D = c->d_model,
+                  K = c->router == MOE_ROUTER_EXPERT_CHOICE ? c->num_experts : c->top_k;
     const double tol =
         a->o->backend == MOE_BACKEND_CPU ? 1e-5 : check_tolerance(o->backend, c->dtype);
     int rc = BENCH_EXIT_OK;
@@ -1746,6 +1748,7 @@ int main(int argc, char **argv) {
         }
         moe_layer_config_t *c = &o.cfg;
         c->num_experts = rp.num_experts, c->top_k = rp.top_k;
+        c->router = (moe_router_type_t)rp.router;
         c->activation = (moe_activation_t)rp.activation, c->gate = (moe_gate_t)rp.gate;
         c->priority = (moe_priority_t)rp.priority;
         if (!o.cap_given) c->capacity_factor = rp.capacity_factor;
@@ -1755,9 +1758,11 @@ int main(int argc, char **argv) {
     if (P > 1) {
         const moe_layer_config_t *c = &o.cfg;
         if (c->num_experts % P) world_err = "E must be divisible by the number of ranks";
-        else if (o.check && (c->capacity_factor > 0 || c->noisy_gating))
-            world_err = "--check on several ranks needs dropless routing without gating noise "
-                        "(capacity and noise are per source rank: no single-rank reference)";
+        else if (o.check && (c->capacity_factor > 0 || c->noisy_gating ||
+                             c->router == MOE_ROUTER_EXPERT_CHOICE))
+            world_err = "--check on several ranks needs dropless token-choice routing without "
+                        "gating noise (capacity, expert choice and noise are per source rank: no "
+                        "single-rank reference)";
     } else if (o.routing.kind == BENCH_ROUTING_RANK_SKEW ||
                o.routing.kind == BENCH_ROUTING_ZERO_RANK) {
         printf("# moe_bench: routing %s: NOT_SUPPORTED on one rank (use --local-ranks P or "

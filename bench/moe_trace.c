@@ -65,13 +65,13 @@ static int read_trace(const char *path, trace_t *t) {
         memset(&r, 0, sizeof r);
         size_t got = fread(&r.r, sizeof r.r, 1, f);
         if (got != 1) break;
-        if (r.r.magic != MOE_TRACE_RECORD_MAGIC || r.r.num_tokens < 0 || r.r.top_k < 1) {
+        if (r.r.magic != MOE_TRACE_RECORD_MAGIC || r.r.num_tokens < 0 || r.r.width != t->h.routing_width) {
             fprintf(stderr, "moe_trace: record %lld of %s is damaged\n", (long long)t->n, path);
             fclose(f);
             free_trace(t);
             return 1;
         }
-        size_t n = (size_t)(r.r.num_tokens * r.r.top_k);
+        size_t n = (size_t)(r.r.num_tokens * r.r.width);
         r.idx = malloc((n + 1) * sizeof(int32_t));
         r.gate = malloc((n + 1) * sizeof(float));
         r.kept = malloc(n + 1);
@@ -175,7 +175,7 @@ static double now_s(void) {
 static void *replay_rank(void *p) {
     replay_arg_t *a = (replay_arg_t *)p;
     const trace_t *t = a->t;
-    const int64_t K = t->h.top_k, D = a->cfg.d_model;
+    const int64_t K = t->h.routing_width, D = a->cfg.d_model;
     moe_context_t *ctx = NULL;
     moe_layer_t *layer = NULL;
     float *x = NULL, *y = NULL, *gate = NULL;
@@ -261,6 +261,7 @@ static int replay(const trace_t *t, int argc, char **argv) {
     cfg.d_ff = F;
     cfg.num_experts = t->h.num_experts;
     cfg.top_k = t->h.top_k;
+    cfg.router = (moe_router_type_t)t->h.router;
     cfg.activation = (moe_activation_t)t->h.activation;
     cfg.gate = (moe_gate_t)t->h.gate;
     cfg.priority = (moe_priority_t)t->h.priority;

@@ -29,13 +29,15 @@ int bench_replay_read(const char *path, bench_replay_t *r) {
         return -1;
     }
     if (h.version != MOE_TRACE_VERSION || h.header_bytes != sizeof h || h.num_experts < 1 ||
-        h.top_k < 1 || h.top_k > h.num_experts) {
+        h.top_k < 1 || h.top_k > h.num_experts || h.routing_width < 1 ||
+        h.routing_width > h.num_experts) {
         fprintf(stderr, "moe_bench: --replay: '%s' has trace version %u (this tool reads %u) or a "
                         "damaged header\n", path, h.version, MOE_TRACE_VERSION);
         fclose(f);
         return -1;
     }
     r->num_experts = h.num_experts, r->top_k = h.top_k, r->d_model = h.d_model, r->d_ff = h.d_ff;
+    r->width = h.routing_width, r->router = h.router;
     r->activation = h.activation, r->gate = h.gate, r->priority = h.priority, r->world = h.world;
     r->capacity_factor = h.capacity_factor;
     int64_t cap = 0;
@@ -43,7 +45,7 @@ int bench_replay_read(const char *path, bench_replay_t *r) {
     for (;;) {
         moe_trace_record_t rec;
         if (fread(&rec, sizeof rec, 1, f) != 1) break;
-        if (rec.magic != MOE_TRACE_RECORD_MAGIC || rec.num_tokens < 0 || rec.top_k != h.top_k) {
+        if (rec.magic != MOE_TRACE_RECORD_MAGIC || rec.num_tokens < 0 || rec.width != h.routing_width) {
             fprintf(stderr, "moe_bench: --replay: record %lld of '%s' is damaged\n",
                     (long long)r->num_steps, path);
             goto fail;
@@ -58,7 +60,7 @@ int bench_replay_read(const char *path, bench_replay_t *r) {
             if (g) r->gate_w = g;
             if (!t || !ix || !g) goto oom;
         }
-        const size_t n = (size_t)(rec.num_tokens * rec.top_k);
+        const size_t n = (size_t)(rec.num_tokens * rec.width);
         int32_t *idx = malloc((n + 1) * sizeof *idx);
         float *gw = malloc((n + 1) * sizeof *gw);
         r->index[r->num_steps] = idx, r->gate_w[r->num_steps] = gw;

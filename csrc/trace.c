@@ -37,6 +37,8 @@ moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t
     h.rank = layer->ctx->rank;
     h.layer_id = layer_id;
     h.capacity_factor = c->capacity_factor;
+    h.router = (int32_t)c->router;
+    h.routing_width = layer->s.K;
     if (fwrite(&h, sizeof h, 1, f) != 1) {
         fclose(f);
         return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "cannot write trace header to '%s'", path);

@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 #define MOE_TRACE_MAGIC "MOETRACE"
-#define MOE_TRACE_VERSION 1u
+#define MOE_TRACE_VERSION 2u /* 2: router type and routing width in the header */
 #define MOE_TRACE_RECORD_MAGIC 0x50455453u /* "STEP" */
 
 typedef struct moe_trace_header {
@@ -25,16 +25,20 @@ typedef struct moe_trace_header {
     int32_t rank;           /* the writing rank */
     uint32_t layer_id;
     double capacity_factor; /* <= 0 dropless */
+    int32_t router;         /* moe_router_type_t */
+    int32_t reserved;       /* 0 */
+    int64_t routing_width;  /* W: entries per token in every record (top_k, or E for expert
+                               choice) */
 } moe_trace_header_t;
 
-/* followed by: int32 expert_index[T*K], float gate[T*K], uint8 kept[T*K],
+/* followed by: int32 expert_index[T*W], float gate[T*W], uint8 kept[T*W],
  * int64 tokens_per_expert[E], int64 dropped_per_expert[E] (global over ranks) */
 typedef struct moe_trace_record {
     uint32_t magic; /* MOE_TRACE_RECORD_MAGIC */
     uint32_t layer_id;
     int64_t step;       /* forward calls since the trace was opened */
     int64_t num_tokens; /* T of this rank */
-    int64_t top_k;      /* K */
+    int64_t width;      /* W, the header's routing_width */
 } moe_trace_record_t;
 
 #endif
