@@ -22,6 +22,11 @@
 
 #define MOE_CPU_BLOCK 256 /* tokens per reduction block */
 
+/* Loops with less work than this many elements run on the calling thread: waking the OpenMP
+ * team costs more than it saves, and on a loaded machine a descheduled worker stalls the call. */
+#define MOE_CPU_MIN_PARALLEL ((int64_t)1 << 15)
+#define MOE_PAR(work) if ((int64_t)(work) >= MOE_CPU_MIN_PARALLEL)
+
 static moe_status_t cpu_context_init(moe_context_t *ctx) {
     ctx->impl = NULL;
     return MOE_STATUS_SUCCESS;
@@ -68,7 +73,7 @@ static moe_status_t cpu_count_nonfinite(moe_context_t *ctx, const void *x, int64
     (void)ctx, (void)stream;
     const float *v = (const float *)x;
     int64_t bad = 0;
-#pragma omp parallel for reduction(+ : bad) schedule(static)
+#pragma omp parallel for reduction(+ : bad) schedule(static) MOE_PAR(n)
     for (int64_t i = 0; i < n; ++i) bad += !isfinite(v[i]);
     *num_bad = bad;
     return MOE_STATUS_SUCCESS;
@@ -108,7 +113,7 @@ static moe_status_t cpu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void 
         return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "gate scratch for %lld tokens", (long long)T);
     }
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel reduction(| : failed) MOE_PAR(T * E * 8)
     {
         /* per-thread rows: p, sigma, phi (E each), top-k values (K1) */
         float *scr = (float *)malloc((size_t)(3 * E + K1) * sizeof(float));
@@ -199,7 +204,7 @@ static moe_status_t cpu_route(moe_context_t *ctx, moe_layer_state_t *s, void *st
 static moe_status_t cpu_permute(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
     (void)ctx, (void)stream;
     const int64_t T = s->T, K = s->K, D = s->D;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(T * K * D)
     for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < K; ++j) {
             int32_t r = s->row[t * K + j];
@@ -213,7 +218,7 @@ static moe_status_t cpu_combine_fwd(moe_context_t *ctx, moe_layer_state_t *s, vo
     (void)ctx, (void)stream;
     const int64_t T = s->T, K = s->K, D = s->D;
     float *y = (float *)y_;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(T * K * D)
     for (int64_t t = 0; t < T; ++t) {
         float *yt = y + t * D;
         memset(yt, 0, (size_t)D * sizeof(float));
@@ -233,7 +238,7 @@ static moe_status_t cpu_combine_bwd(moe_context_t *ctx, moe_layer_state_t *s, co
     (void)ctx, (void)stream;
     const int64_t T = s->T, K = s->K, D = s->D;
     const float *dy = (const float *)dy_;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(T * K * D)
     for (int64_t t = 0; t < T; ++t) {
         const float *dyt = dy + t * D;
         for (int64_t j = 0; j < K; ++j) {
@@ -259,7 +264,7 @@ static moe_status_t cpu_unpermute_bwd(moe_context_t *ctx, moe_layer_state_t *s, 
     (void)ctx, (void)stream;
     const int64_t T = s->T, K = s->K, D = s->D;
     float *dx = (float *)dx_;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(T * K * D)
     for (int64_t t = 0; t < T; ++t) {
         float *o = dx + t * D;
         memset(o, 0, (size_t)D * sizeof(float));
@@ -279,7 +284,7 @@ static moe_status_t cpu_unpermute_bwd(moe_context_t *ctx, moe_layer_state_t *s, 
 
 /* rows [r0, r1) of C (ld n) = broadcast bias row (n) or zero */
 static void fill_rows(float *C, int64_t rows, int64_t n, const float *bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(rows * n)
     for (int64_t r = 0; r < rows; ++r) {
         if (bias)
             memcpy(C + r * n, bias, (size_t)n * sizeof(float));
@@ -288,13 +293,20 @@ static void fill_rows(float *C, int64_t rows, int64_t n, const float *bias) {
     }
 }
 
-/* out (n) += column sums of A (rows, n), rows in order */
+/* out (n) += column sums of A (rows, n), each column summed in row order: threads take blocks
+ * of columns and walk the rows, so every read is contiguous */
 static void add_colsum(float *out, const float *A, int64_t rows, int64_t n) {
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < n; ++c) {
-        float acc = 0.0f;
-        for (int64_t r = 0; r < rows; ++r) acc += A[r * n + c];
-        out[c] += acc;
+    enum { CB = 256 };
+#pragma omp parallel for schedule(static) MOE_PAR(rows * n)
+    for (int64_t c0 = 0; c0 < n; c0 += CB) {
+        const int64_t w = n - c0 < CB ? n - c0 : CB;
+        float acc[CB];
+        for (int64_t c = 0; c < w; ++c) acc[c] = 0.0f;
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *row = A + r * n + c0;
+            for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+        }
+        for (int64_t c = 0; c < w; ++c) out[c0 + c] += acc[c];
     }
 }
 
@@ -314,12 +326,12 @@ static moe_status_t cpu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *
         fill_rows(H, n, F2, B1 ? B1 + le * F2 : NULL);
         sgemm(0, 0, n, F2, D, s->xp + r0 * D, D, W1 + le * D * F2, F2, 1.0f, H, F2);
         if (act == MOE_ACT_SWIGLU) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(n * F)
             for (int64_t r = 0; r < n; ++r)
                 for (int64_t f = 0; f < F; ++f)
                     A[r * F + f] = moe_swiglu_fwd(H[r * F2 + f], H[r * F2 + F + f]);
         } else {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(n * F)
             for (int64_t i = 0; i < n * F; ++i) A[i] = moe_act_fwd(act, H[i]);
         }
         fill_rows(Y, n, D, B2 ? B2 + le * D : NULL);
@@ -348,13 +360,13 @@ static moe_status_t cpu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *
         sgemm(1, 0, F, D, n, A, F, dY, D, 1.0f, dW2 + le * F * D, D);
         if (dB2) add_colsum(dB2 + le * D, dY, n, D);
         if (act == MOE_ACT_SWIGLU) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(n * F)
             for (int64_t r = 0; r < n; ++r)
                 for (int64_t f = 0; f < F; ++f)
                     moe_swiglu_bwd(H[r * F2 + f], H[r * F2 + F + f], dA[r * F + f],
                                    &dH[r * F2 + f], &dH[r * F2 + F + f]);
         } else {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) MOE_PAR(n * F)
             for (int64_t i = 0; i < n * F; ++i) dH[i] = dA[i] * moe_act_grad(act, H[i]);
         }
         /* dW1 += X^T dH;  db1 += colsum dH;  dX = dH W1^T */
@@ -377,7 +389,7 @@ static moe_status_t cpu_gate_bwd(moe_context_t *ctx, moe_layer_state_t *s, void 
     const int gate_mode = (int)s->cfg.gate, renorm = s->cfg.renormalize;
     const moe_aux_coefs_t *c = &s->coefs;
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel reduction(| : failed) MOE_PAR(T * E * 8)
     {
         float *scr = (float *)malloc((size_t)(4 * E + K) * sizeof(float));
         if (!scr) failed = 1;
