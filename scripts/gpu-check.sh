@@ -87,11 +87,12 @@ fi
 # ---- build, tests, benchmarks, sanitizers -----------------------------------------------------
 # ctest runs 8 programs at a time: idle OpenMP threads must sleep, and a few each are plenty for
 # the CPU reference layers (16 spinning threads per program starve each other)
+CORES=$(nproc --all) # before OMP_NUM_THREADS is set: nproc honours it
 export OMP_WAIT_POLICY=passive OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 TB="$BUILD/tests/cuda/test_cuda_layer"
 if step "configure" build.log 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DMOE_ENABLE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" "${cmake_extra[@]}" &&
-   step "build (-Werror, arch $ARCH)" build.log 300 cmake --build "$BUILD" -j "$(nproc)"; then
+   step "build (-Werror, arch $ARCH)" build.log 300 cmake --build "$BUILD" -j "$CORES"; then
     step "test suite (ctest)" ctest.log 200 ctest --test-dir "$BUILD" -j 8 --output-on-failure
     # the same GPU tests through the other code paths: the per-thread gate kernel and one
     # grouped cuBLAS call per expert GEMM (the defaults are the warp gate and a GEMM loop)
@@ -105,6 +106,8 @@ if step "configure" build.log 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_
     MB="$BUILD/moe_bench"
     step "moe_bench --check (CUDA vs CPU layer, f32)" moebench.log 90 \
         "$MB" --backend cuda --check -b 256 -e 4096 -f 4
+    step "moe_bench --local-ranks 4 --check (expert parallel on one GPU vs the CPU layer)" \
+        moebench.log 90 "$MB" --backend cuda --local-ranks 4 --check -t 2048
     step "moe_bench mixtral bf16 (T 8192)" moebench.log 90 \
         "$MB" --backend cuda --preset mixtral --dtype bf16 -t 8192 -w 2 -n 5
     # deepseek's 256 experts are 15 GB of bf16 weights initialised on the host: time one rank's

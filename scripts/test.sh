@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-moe_need_packages "${MOE_BUILD_PACKAGES[@]}"
+# everything the suite needs, in one apt call up front (no test installs anything itself):
+# the build, the Python binding's tests, and the plots of the load-balancing experiment's test
+moe_need_packages "${MOE_BUILD_PACKAGES[@]}" "${MOE_PYTHON_PACKAGES[@]}" "${MOE_PLOT_PACKAGES[@]}"
 
 dir=build
 args=(-DCMAKE_BUILD_TYPE=Release)
