@@ -1,8 +1,8 @@
 /* optim.c - moe_optimizer_*: SGD (momentum, Nesterov) and Adam/AdamW over one layer's parameters.
  *
  * The optimizer owns one or two moment buffers per parameter, allocated through the layer's
- * backend. The per-element math is in core/optim_update.h so a CUDA kernel can share it; the
- * only backend-specific piece is update_fn() below. */
+ * backend. The per-element math is in core/optim_update.h, shared by the CPU loop here and the
+ * backends' optim_update op (the CUDA kernel in kernels/optim.cu); update_fn() picks one. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,9 +70,12 @@ static moe_status_t validate(const moe_optimizer_config_t *c) {
  * the update loop of each backend
  * ------------------------------------------------------------------------------------------- */
 
-typedef void (*update_fn_t)(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c);
+typedef moe_status_t (*update_fn_t)(const moe_optimizer_t *o, int p,
+                                    const moe_optim_scalars_t *c, void *stream);
 
-static void cpu_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c) {
+static moe_status_t cpu_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c,
+                               void *stream) {
+    (void)stream;
     const moe_layer_state_t *s = &o->layer->s;
     float *w = (float *)s->param[p];
     const float *g = (const float *)s->grad[p];
@@ -86,23 +89,37 @@ static void cpu_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_
 #pragma omp parallel for schedule(static) if (n > 65536)
         for (long long i = 0; i < n; ++i) moe_sgd_update(w, g, m, i, c);
     }
+    return MOE_STATUS_SUCCESS;
 }
 
-/* BACKEND DISPATCH: the one place that picks the update loop of a backend. The CUDA backend
- * has none yet; when it gains one (a kernel calling moe_sgd_update / moe_adam_update), return
- * it here for MOE_BACKEND_CUDA. */
+/* a backend's own update loop (the CUDA kernel) on its memory */
+static moe_status_t backend_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c,
+                                   void *stream) {
+    const moe_layer_state_t *s = &o->layer->s;
+    return o->ctx->ops->optim_update(o->ctx, is_adam(&o->cfg), (float *)s->param[p],
+                                     (const float *)s->grad[p], (float *)o->m[p],
+                                     (float *)o->v[p], s->numel[p], c, stream);
+}
+
+/* BACKEND DISPATCH: the one place that picks the update loop of a backend: the CPU loop above,
+ * or the backend's optim_update op (CUDA). f32 parameters only: 16-bit parameters would need
+ * f32 master weights, which the optimizer does not keep. */
 static moe_status_t update_fn(const moe_layer_t *layer, update_fn_t *fn) {
     *fn = NULL;
+    if (layer->s.cfg.dtype != MOE_DTYPE_F32)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "the optimizer updates f32 parameters only (this layer stores %s: update "
+                       "its parameters from moe_layer_param() with f32 master weights)",
+                       layer->s.cfg.dtype == MOE_DTYPE_BF16 ? "bf16" : "f16");
     if (layer->ctx->backend == MOE_BACKEND_CPU) {
-        if (layer->s.cfg.dtype != MOE_DTYPE_F32)
-            return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
-                           "the CPU optimizer updates f32 parameters only");
         *fn = cpu_update;
         return MOE_STATUS_SUCCESS;
     }
-    return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
-                   "optimizer on backend '%s': only the CPU backend has an optimizer update "
-                   "loop so far; update the parameters from moe_layer_param() yourself",
+    if (layer->ctx->ops->optim_update) {
+        *fn = backend_update;
+        return MOE_STATUS_SUCCESS;
+    }
+    return MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "optimizer on backend '%s': it has no update loop",
                    layer->ctx->ops->name ? layer->ctx->ops->name : "?");
 }
 
@@ -203,7 +220,7 @@ moe_status_t moe_optimizer_step(moe_optimizer_t *opt, void *stream) {
         sc.inv_sqrt_bc2 = (float)(1.0 / sqrt(1.0 - pow(c->beta2, t)));
     }
     for (int p = 0; p < MOE_PARAM_COUNT; ++p)
-        if (s->param[p] && s->numel[p] > 0) fn(opt, p, &sc);
+        if (s->param[p] && s->numel[p] > 0) MOE_CHECK(fn(opt, p, &sc, stream));
     opt->num_steps++;
     return MOE_STATUS_SUCCESS;
 }

@@ -153,6 +153,15 @@ cudaError_t moe_k_add_f32(void *dst, int dtype, const float *src, int64_t n,
 cudaError_t moe_k_colsum_add(void *dB, const void *A, int64_t n, const int64_t *offsets,
                              int64_t E_local, int dtype, cudaStream_t stream);
 
+/* ---- optimizer ------------------------------------------------------------------------------ */
+
+struct moe_optim_scalars;
+
+/* one optimizer step over n f32 elements (core/optim_update.h): Adam/AdamW when adam, else SGD
+ * (m = momentum buffer or NULL) */
+cudaError_t moe_k_optim_update(int adam, float *w, const float *g, float *m, float *v, int64_t n,
+                               const struct moe_optim_scalars *c, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

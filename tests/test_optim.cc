@@ -270,19 +270,5 @@ TEST(Optim, BadInput) {
     EXPECT_EQ(moe_optimizer_destroy(o), MOE_STATUS_SUCCESS);
 }
 
-TEST(Optim, CudaBackendIsNotSupportedYet) {
-    moe_context_t *ctx = nullptr;
-    if (moe_context_create(&ctx, MOE_BACKEND_CUDA, 0, nullptr) != MOE_STATUS_SUCCESS)
-        GTEST_SKIP() << "no CUDA context here: " << moe_last_error();
-    moe_layer_config_t cfg = moe_layer_config_default();
-    cfg.d_model = 8, cfg.d_ff = 8, cfg.num_experts = 2, cfg.top_k = 1;
-    moe_layer_t *layer = nullptr;
-    ASSERT_EQ(moe_layer_create(&layer, ctx, &cfg), MOE_STATUS_SUCCESS) << moe_last_error();
-    moe_optimizer_config_t c = moe_optimizer_config_default(MOE_OPTIMIZER_ADAM);
-    moe_optimizer_t *o = nullptr;
-    // when the CUDA update loop lands this becomes SUCCESS and the test moves to tests/cuda/
-    EXPECT_EQ(moe_optimizer_create(&o, layer, &c), MOE_STATUS_NOT_SUPPORTED);
-    EXPECT_NE(std::strstr(moe_last_error(), "backend"), nullptr) << moe_last_error();
-    EXPECT_EQ(moe_layer_destroy(layer), MOE_STATUS_SUCCESS);
-    EXPECT_EQ(moe_context_destroy(ctx), MOE_STATUS_SUCCESS);
-}
+// The CUDA update loop is tested against this CPU one in tests/cuda/test_cuda_ep.cc
+// (CudaOptimizer.*).

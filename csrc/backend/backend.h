@@ -22,6 +22,7 @@ extern "C" {
 #define MOE_LAYER_MAGIC 0x4D4F454Cu   /* "MOEL" */
 
 typedef struct moe_backend_ops moe_backend_ops_t;
+struct moe_optim_scalars; /* core/optim_update.h */
 
 struct moe_context {
     uint32_t magic;
@@ -134,6 +135,13 @@ struct moe_backend_ops {
     moe_status_t (*unpermute_bwd)(moe_context_t *ctx, moe_layer_state_t *s, void *dx,
                                   void *stream);
     moe_status_t (*gate_bwd)(moe_context_t *ctx, moe_layer_state_t *s, void *dx, void *stream);
+
+    /* optional (NULL: no optimizer on this backend): one optimizer step over n f32 elements in
+     * backend memory, the per-element bodies of core/optim_update.h; adam selects Adam/AdamW,
+     * else SGD (m is the momentum buffer, or NULL; v unused) */
+    moe_status_t (*optim_update)(moe_context_t *ctx, int adam, float *w, const float *g, float *m,
+                                 float *v, int64_t n, const struct moe_optim_scalars *c,
+                                 void *stream);
 };
 
 extern const moe_backend_ops_t moe_cpu_backend;

@@ -411,8 +411,9 @@ typedef struct moe_optimizer moe_optimizer_t;
 /* Creates an optimizer for every parameter of layer (those the config turns off are skipped).
  * The config is validated (INVALID_ARGUMENT naming the field); moment buffers are allocated on
  * the layer's backend (ALLOC_FAILED, nothing leaked) and zeroed. The optimizer keeps a pointer
- * to layer, not ownership: destroy the optimizer before the layer. Only f32 parameters on the
- * CPU backend are served for now: the CUDA backend gives NOT_SUPPORTED. */
+ * to layer, not ownership: destroy the optimizer before the layer. f32 parameters only, on the
+ * CPU and CUDA backends alike (the same per-element code; steps enqueue on `stream` on CUDA);
+ * 16-bit parameters give NOT_SUPPORTED (keep f32 master weights yourself). */
 MOE_API moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
                                           const moe_optimizer_config_t *cfg);
 

@@ -633,6 +633,14 @@ static moe_status_t cu_gate_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *
     return MOE_STATUS_SUCCESS;
 }
 
+static moe_status_t cu_optim_update(moe_context_t *ctx, int adam, float *w, const float *g,
+                                    float *m, float *v, int64_t n,
+                                    const struct moe_optim_scalars *c, void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CUDA_CHECK(moe_k_optim_update(adam, w, g, m, v, n, c, (cudaStream_t)stream));
+    return MOE_STATUS_SUCCESS;
+}
+
 const moe_backend_ops_t moe_cuda_backend = {
     .name = "cuda",
     .context_init = cu_context_init,
@@ -655,4 +663,5 @@ const moe_backend_ops_t moe_cuda_backend = {
     .ffn_bwd = cu_ffn_bwd,
     .unpermute_bwd = cu_unpermute_bwd,
     .gate_bwd = cu_gate_bwd,
+    .optim_update = cu_optim_update,
 };
