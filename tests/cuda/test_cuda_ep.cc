@@ -19,29 +19,12 @@
 #include <thread>
 #include <vector>
 
+#include "gpu_test.h"
 #include "moe/moe.h"
 
 namespace {
 
 constexpr double kTol = 1e-5;
-
-bool gpu_present(std::string *why) {
-    int n = 0;
-    cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess || n == 0) {
-        *why = std::string("no GPU: cudaGetDeviceCount returned ") + cudaGetErrorName(e) +
-               ", count " + std::to_string(n);
-        (void)cudaGetLastError();
-        return false;
-    }
-    return true;
-}
-
-#define REQUIRE_GPU()                                                                          \
-    do {                                                                                       \
-        std::string why_;                                                                      \
-        if (!gpu_present(&why_)) GTEST_SKIP() << why_;                                        \
-    } while (0)
 
 double rel_err(const float *a, const float *b, size_t n) {
     double num = 0.0, den = 0.0;

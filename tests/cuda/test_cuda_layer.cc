@@ -22,30 +22,11 @@
 
 #include "core/dtype.h"
 #include "layer.h"
+#include "gpu_test.h"
 #include "moe/moe.h"
 
 namespace {
 
-bool gpu_present(std::string *why) {
-    int n = 0;
-    cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess) {
-        *why = std::string("no GPU: cudaGetDeviceCount returned ") + cudaGetErrorName(e);
-        (void)cudaGetLastError();
-        return false;
-    }
-    if (n == 0) {
-        *why = "no GPU: cudaGetDeviceCount found 0 devices";
-        return false;
-    }
-    return true;
-}
-
-#define REQUIRE_GPU()                                                                          \
-    do {                                                                                       \
-        std::string why_;                                                                      \
-        if (!gpu_present(&why_)) GTEST_SKIP() << why_;                                        \
-    } while (0)
 
 #define CK(call) ASSERT_EQ((call), MOE_STATUS_SUCCESS) << #call << ": " << moe_last_error()
 #define CU(call) ASSERT_EQ((call), cudaSuccess) << #call
