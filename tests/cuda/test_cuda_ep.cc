@@ -318,6 +318,65 @@ TEST(CudaOptimizer, StepsMatchTheCpuLoopBitwise) {
     }
 }
 
+// replayed routing (moe_layer_force_routing) on the GPU: the same forced assignments, capacity
+// drops and output as the CPU layer with the same parameters
+TEST(CudaTrace, ForcedRoutingMatchesCpu) {
+    REQUIRE_GPU();
+    const int64_t T = 150, E = 8, K = 2;
+    moe_layer_config_t cfg = config(E, K);
+    cfg.capacity_factor = 0.75;  // drops, decided by score order
+    cfg.priority = MOE_PRIORITY_SCORE;
+    auto x = tokens(T, cfg.d_model, 21);
+    std::vector<int32_t> idx((size_t)(T * K));
+    std::vector<float> gate((size_t)(T * K));
+    for (int64_t t = 0; t < T; ++t) {  // skewed on purpose: expert 0 is over capacity
+        idx[(size_t)(t * K)] = (int32_t)(t % 3 == 0 ? 0 : t % E);
+        idx[(size_t)(t * K + 1)] = (int32_t)((idx[(size_t)(t * K)] + 1 + t % 5) % E);
+        gate[(size_t)(t * K)] = 0.5f + (float)(t % 7) / 16.0f;
+        gate[(size_t)(t * K + 1)] = 1.0f - gate[(size_t)(t * K)];
+    }
+    moe_context_t *cctx = nullptr, *gctx = nullptr;
+    moe_layer_t *cl = nullptr, *gl = nullptr;
+    ASSERT_EQ(moe_context_create(&cctx, MOE_BACKEND_CPU, 0, nullptr), 0);
+    ASSERT_EQ(moe_context_create(&gctx, MOE_BACKEND_CUDA, 0, nullptr), 0) << moe_last_error();
+    ASSERT_EQ(moe_layer_create(&cl, cctx, &cfg), 0);
+    ASSERT_EQ(moe_layer_create(&gl, gctx, &cfg), 0) << moe_last_error();
+    for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+        void *cv = nullptr, *gv = nullptr;
+        int64_t n = 0;
+        moe_layer_param(cl, (moe_param_t)p, &cv, nullptr, &n);
+        moe_layer_param(gl, (moe_param_t)p, &gv, nullptr, nullptr);
+        if (n) {
+            ASSERT_EQ(cudaMemcpy(gv, cv, (size_t)n * 4, cudaMemcpyHostToDevice), 0);
+        }
+    }
+    const size_t bytes = x.size() * sizeof(float);
+    std::vector<float> yc(x.size()), yg(x.size());
+    float *dx_ = nullptr, *dy_ = nullptr;
+    ASSERT_EQ(cudaMalloc(&dx_, bytes), 0);
+    ASSERT_EQ(cudaMalloc(&dy_, bytes), 0);
+    ASSERT_EQ(cudaMemcpy(dx_, x.data(), bytes, cudaMemcpyHostToDevice), 0);
+    ASSERT_EQ(moe_layer_force_routing(cl, idx.data(), gate.data(), T), 0);
+    ASSERT_EQ(moe_layer_force_routing(gl, idx.data(), gate.data(), T), 0);
+    ASSERT_EQ(moe_layer_forward(cl, x.data(), yc.data(), T, 1, nullptr), 0) << moe_last_error();
+    ASSERT_EQ(moe_layer_forward(gl, dx_, dy_, T, 1, nullptr), 0) << moe_last_error();
+    ASSERT_EQ(cudaMemcpy(yg.data(), dy_, bytes, cudaMemcpyDeviceToHost), 0);
+    std::vector<int32_t> ic((size_t)(T * K)), ig((size_t)(T * K)), kc((size_t)(T * K)),
+        kg((size_t)(T * K));
+    ASSERT_EQ(moe_layer_routing(cl, ic.data(), nullptr, kc.data()), 0);
+    ASSERT_EQ(moe_layer_routing(gl, ig.data(), nullptr, kg.data()), 0);
+    EXPECT_EQ(ic, idx);
+    EXPECT_EQ(ig, idx);
+    EXPECT_EQ(kg, kc);
+    int64_t dropped = 0;
+    for (int32_t k : kc) dropped += !k;
+    EXPECT_GT(dropped, 0) << "the case must exercise capacity";
+    EXPECT_LE(rel_err(yg.data(), yc.data(), yc.size()), kTol);
+    cudaFree(dx_), cudaFree(dy_);
+    moe_layer_destroy(cl), moe_layer_destroy(gl);
+    moe_context_destroy(cctx), moe_context_destroy(gctx);
+}
+
 TEST(CudaEpNccl, NullCommunicatorIsRefused) {
     // no GPU needed: refused before anything touches a device
     moe_comm_t *comm = nullptr;

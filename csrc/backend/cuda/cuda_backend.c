@@ -361,8 +361,11 @@ static moe_status_t cu_route(moe_context_t *ctx, moe_layer_state_t *s, void *str
         s->offsets_h[e + 1] = s->offsets_h[e] + kept;
     }
     s->num_rows = s->offsets_h[E];
-    /* pageable source: staged before the call returns */
+    /* pageable source: staged before the call returns. The claims are uploaded too: the host
+     * counts are the truth (the gate pass's, or forced routing's for a replay) */
     MOE_CUDA_CHECK(cudaMemcpyAsync(L->offsets_d, s->offsets_h, (size_t)(E + 1) * sizeof(int64_t),
+                                   cudaMemcpyHostToDevice, st));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->counts_d, s->counts_h, (size_t)E * sizeof(int64_t),
                                    cudaMemcpyHostToDevice, st));
     moe_k_route_args_t a;
     memset(&a, 0, sizeof a);
