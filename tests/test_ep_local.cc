@@ -191,6 +191,69 @@ TEST(EpLocalChunks, ChunkCountsGiveIdenticalResults) {
     }
 }
 
+// Loss-free balancing with experts spread over ranks: every rank updates its (replicated)
+// selection bias from the global counts, so the ranks agree with each other and with the
+// single-rank layer on the concatenated tokens, step after step.
+TEST(EpLocalBalancing, SelectionBiasStaysReplicated) {
+    const int P = 2;
+    const int64_t T = 90, E = 8, D = 12;
+    moe_layer_config_t cfg = ep::small_config(E, 2);
+    cfg.bias_update_rate = 0.05;
+    auto begin = ep::split(T, P);
+    std::vector<std::vector<float>> xs;
+    for (int step = 0; step < 4; ++step) xs.push_back(tokens(T, D, 50u + (uint32_t)step));
+    // the single-rank layer
+    std::vector<std::vector<float>> ref_bias;
+    {
+        moe_context_t *ctx = nullptr;
+        moe_layer_t *layer = nullptr;
+        ASSERT_EQ(moe_context_create(&ctx, MOE_BACKEND_CPU, 0, nullptr), 0);
+        ASSERT_EQ(moe_layer_create(&layer, ctx, &cfg), 0);
+        for (auto &x : xs) {
+            std::vector<float> y(x.size()), b((size_t)E);
+            ASSERT_EQ(moe_layer_forward(layer, x.data(), y.data(), T, 1, nullptr), 0);
+            moe_layer_score_bias(layer, b.data());
+            ref_bias.push_back(b);
+        }
+        moe_layer_destroy(layer);
+        moe_context_destroy(ctx);
+    }
+    EXPECT_NE(ref_bias.back(), std::vector<float>((size_t)E, 0.0f)) << "the bias must move";
+    std::vector<moe_comm_t *> comms((size_t)P);
+    ASSERT_EQ(moe_comm_create_local(comms.data(), P), 0);
+    std::vector<std::vector<std::vector<float>>> got((size_t)P);
+    std::vector<std::string> err((size_t)P);
+    std::vector<std::thread> th;
+    for (int r = 0; r < P; ++r)
+        th.emplace_back([&, r] {
+            moe_context_t *ctx = nullptr;
+            moe_layer_t *layer = nullptr;
+            if (moe_context_create(&ctx, MOE_BACKEND_CPU, 0, comms[(size_t)r]) ||
+                moe_layer_create(&layer, ctx, &cfg)) {
+                err[(size_t)r] = moe_last_error();
+            } else {
+                int64_t b = begin[(size_t)r], n = begin[(size_t)r + 1] - b;
+                for (auto &x : xs) {
+                    std::vector<float> y((size_t)(n * D)), bias((size_t)E);
+                    if (moe_layer_forward(layer, x.data() + b * D, y.data(), n, 1, nullptr)) {
+                        err[(size_t)r] = moe_last_error();
+                        break;
+                    }
+                    moe_layer_score_bias(layer, bias.data());
+                    got[(size_t)r].push_back(bias);
+                }
+            }
+            moe_layer_destroy(layer);
+            moe_context_destroy(ctx);
+        });
+    for (auto &t : th) t.join();
+    for (int r = 0; r < P; ++r) {
+        ASSERT_TRUE(err[(size_t)r].empty()) << "rank " << r << ": " << err[(size_t)r];
+        EXPECT_EQ(got[(size_t)r], ref_bias) << "rank " << r;
+    }
+    for (auto *c : comms) EXPECT_EQ(moe_comm_destroy(c), 0);
+}
+
 TEST(EpLocalErrors, ConfigMismatchNamesTheRank) {
     moe_comm_t *comms[2];
     ASSERT_EQ(moe_comm_create_local(comms, 2), MOE_STATUS_SUCCESS);
