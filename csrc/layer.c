@@ -286,10 +286,6 @@ moe_status_t moe__layer_reserve_rows(moe_layer_t *L, int64_t rows) {
  * public API
  * ------------------------------------------------------------------------------------------- */
 
-#define MOE_LAYER_ARG(layer)                                                                  \
-    MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC,                             \
-            "layer is %s", (layer) == NULL ? "NULL" : "not a live moe_layer_t")
-
 /* FNV-1a over the fields that must agree on every rank */
 static uint64_t config_hash(const moe_layer_config_t *c) {
     uint64_t h = 1469598103934665603ull;

@@ -3,6 +3,7 @@
 #define MOE_LAYER_H
 
 #include "backend/backend.h"
+#include "core/status.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -48,6 +49,11 @@ struct moe_layer {
 
 moe_status_t moe__trace_write(moe_layer_t *layer);
 moe_status_t moe__apply_forced_routing(moe_layer_t *layer, void *stream);
+
+/* argument check at the entry of a public moe_layer_* call */
+#define MOE_LAYER_ARG(layer)                                                                  \
+    MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC, "layer is %s",              \
+            (layer) == NULL ? "NULL" : "not a live moe_layer_t")
 
 /* grows the per-token buffers to hold T tokens; on failure the layer is unchanged */
 moe_status_t moe__layer_reserve(moe_layer_t *layer, int64_t T);

@@ -144,8 +144,7 @@ moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
                                   const moe_optimizer_config_t *cfg) {
     MOE_ARG(opt != NULL, "opt is NULL");
     *opt = NULL;
-    MOE_ARG(layer != NULL && layer->magic == MOE_LAYER_MAGIC, "layer is %s",
-            layer == NULL ? "NULL" : "not a live moe_layer_t");
+    MOE_LAYER_ARG(layer);
     MOE_ARG(cfg != NULL, "cfg is NULL");
     MOE_CHECK(validate(cfg));
     update_fn_t fn;

@@ -10,10 +10,6 @@
 #include "router/router.h"
 #include "trace_format.h"
 
-#define MOE_LAYER_ARG(layer)                                                                  \
-    MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC, "layer is %s",              \
-            (layer) == NULL ? "NULL" : "not a live moe_layer_t")
-
 moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t layer_id) {
     MOE_LAYER_ARG(layer);
     MOE_ARG(path != NULL, "path is NULL");

@@ -23,8 +23,6 @@ const char *moe_status_string(moe_status_t status) {
 
 const char *moe_last_error(void) { return moe_tls_error; }
 
-void moe__clear_error(void) { moe_tls_error[0] = '\0'; }
-
 moe_status_t moe__error(moe_status_t status, const char *func, const char *file, int line,
                         const char *fmt, ...) {
     /* keep the path from the project root on: "csrc/layer.c", not the build machine's */

@@ -20,7 +20,6 @@ extern "C" {
 
 moe_status_t moe__error(moe_status_t status, const char *func, const char *file, int line,
                         const char *fmt, ...) MOE_PRINTF(5, 6);
-void moe__clear_error(void);
 
 #ifdef __cplusplus
 }

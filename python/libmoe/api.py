@@ -81,23 +81,15 @@ class _View:
                                     "data": (ptr, False), "version": 3}
 
 
-class Context:
-    """One backend on one device: Context('cpu') or Context('cuda', device=0)."""
+class _Handle:
+    """A library handle owned by a Python object: close() destroys it once (also on garbage
+    collection and at the end of a with-block). Subclasses set _h and name their destroy call."""
 
-    def __init__(self, backend="cpu", device=0):
-        self._lib = _lib.lib()
-        self.backend = _enum(BACKENDS, backend, "backend")
-        self._h = c_void_p()
-        _check(self._lib.moe_context_create(byref(self._h), self.backend, int(device), None),
-               "moe_context_create")
-
-    @property
-    def is_cpu(self):
-        return self.backend == BACKENDS["cpu"]
+    _destroy = None  # name of the moe_*_destroy function
 
     def close(self):
         if getattr(self, "_h", None):
-            _check(self._lib.moe_context_destroy(self._h), "moe_context_destroy")
+            _check(getattr(self._lib, self._destroy)(self._h), self._destroy)
             self._h = None
 
     def __del__(self):
@@ -111,6 +103,23 @@ class Context:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Context(_Handle):
+    """One backend on one device: Context('cpu') or Context('cuda', device=0)."""
+
+    _destroy = "moe_context_destroy"
+
+    def __init__(self, backend="cpu", device=0):
+        self._lib = _lib.lib()
+        self.backend = _enum(BACKENDS, backend, "backend")
+        self._h = c_void_p()
+        _check(self._lib.moe_context_create(byref(self._h), self.backend, int(device), None),
+               "moe_context_create")
+
+    @property
+    def is_cpu(self):
+        return self.backend == BACKENDS["cpu"]
 
 
 _CONFIG_ENUMS = {"activation": (ACTIVATIONS,), "dtype": (DTYPES,),
@@ -133,9 +142,13 @@ def _config_dict(cfg):
     return {f[0]: getattr(cfg, f[0]) for f in cfg._fields_ if f[0] != "struct_size"}
 
 
-class Layer:
+class Layer(_Handle):
     """One MoE layer on a context: Layer(ctx, d_model=64, d_ff=128, num_experts=8, top_k=2, ...)
-    takes any field of moe_layer_config_t as a keyword (enums by name: activation='gelu')."""
+    takes any field of moe_layer_config_t as a keyword (enums by name: activation='gelu').
+    close() destroys the layer: parameter views taken from it must not be used afterwards; let
+    the layer be garbage collected instead to keep them safe."""
+
+    _destroy = "moe_layer_destroy"
 
     def __init__(self, ctx, **config):
         _arg(isinstance(ctx, Context) and ctx._h, "ctx must be a live Context")
@@ -154,20 +167,6 @@ class Layer:
         f2 = 2 * got.d_ff if got.activation == ACTIVATIONS["swiglu"] else got.d_ff
         self._f2 = f2
         self._out = None  # y of the last forward on the CPU, reused for its dx
-
-    # ---- lifetime ----
-    def close(self):
-        """Destroys the layer. Parameter views taken from it must not be used afterwards; let the
-        layer be garbage collected instead to keep them safe."""
-        if getattr(self, "_h", None):
-            _check(self._lib.moe_layer_destroy(self._h), "moe_layer_destroy")
-            self._h = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def _live(self):
         _arg(self._h, "the layer was closed")
@@ -313,9 +312,11 @@ class Layer:
         return b
 
 
-class Optimizer:
+class Optimizer(_Handle):
     """The library's optimizer over every parameter of a layer:
     Optimizer(layer, 'adam', lr=1e-3, ...) with any field of moe_optimizer_config_t."""
+
+    _destroy = "moe_optimizer_destroy"
 
     def __init__(self, layer, kind="adam", **config):
         _arg(isinstance(layer, Layer) and layer._h, "layer must be a live Layer")
@@ -362,13 +363,3 @@ class Optimizer:
     def set_lr(self, lr):
         _check(self._lib.moe_optimizer_set_lr(self._h, float(lr)), "moe_optimizer_set_lr")
 
-    def close(self):
-        if getattr(self, "_h", None):
-            _check(self._lib.moe_optimizer_destroy(self._h), "moe_optimizer_destroy")
-            self._h = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
