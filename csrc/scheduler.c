@@ -16,25 +16,19 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "comm/comm.h"
+#include "core/clock.h"
 #include "core/dtype.h"
 #include "core/status.h"
 #include "layer.h"
 #include "router/router_host.h"
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* with profiling on: wait for the stream, add the time since *t0 to phase, restart */
 static moe_status_t mark(moe_layer_t *L, moe_phase_t phase, double *t0, void *stream) {
     if (!L->profiling) return MOE_STATUS_SUCCESS;
     MOE_CHECK(L->ctx->ops->sync(L->ctx, stream));
-    double t = now_s();
+    double t = moe_now_s();
     L->phase_s[phase] += t - *t0;
     *t0 = t;
     return MOE_STATUS_SUCCESS;
@@ -300,7 +294,7 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
 
     /* from here the previous forward's state is overwritten */
     memset(L->phase_s, 0, sizeof L->phase_s);
-    double t0 = now_s();
+    double t0 = moe_now_s();
     s->have_forward = 0;
     s->T = T;
     s->noisy_now = s->cfg.noisy_gating && training;
@@ -382,7 +376,7 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     const int ep = ctx->world > 1;
     const int64_t T = s->T;
     for (int p = MOE_PHASE_BWD_COMBINE; p < MOE_PHASE_COUNT; ++p) L->phase_s[p] = 0.0;
-    double t0 = now_s();
+    double t0 = moe_now_s();
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
     if (T > 0) MOE_CHECK(ops->combine_bwd(ctx, s, dy, stream));
