@@ -83,6 +83,16 @@ else
     echo "OpenBLAS: the system's" >>"$OUTDIR/build.log"
 fi
 [ -d "$ROOT/.gtest-src" ] && cmake_extra+=("-DMOE_GTEST_SOURCE_DIR=$ROOT/.gtest-src")
+# CUTLASS headers (the grouped expert GEMMs on sm_90a): the carried tarball, else the cache
+if [ -f "$ROOT/.gpu-deps/cutlass.tar.xz" ]; then
+    mkdir -p "$BUILD/deps/cutlass"
+    tar -C "$BUILD/deps/cutlass" -xJf "$ROOT/.gpu-deps/cutlass.tar.xz"
+    cmake_extra+=("-DMOE_CUTLASS_DIR=$BUILD/deps/cutlass/include")
+    echo "CUTLASS: carried .gpu-deps/cutlass.tar.xz" >>"$OUTDIR/build.log"
+else
+    echo "CUTLASS: no .gpu-deps/cutlass.tar.xz (run scripts/gpu-deps.sh): cuBLAS expert GEMMs only" \
+        | tee -a "$OUTDIR/build.log"
+fi
 
 # ---- build, tests, benchmarks, sanitizers -----------------------------------------------------
 # ctest runs 8 programs at a time: idle OpenMP threads must sleep, and a few each are plenty for
@@ -94,6 +104,10 @@ if step "configure" build.log 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_
         -DMOE_ENABLE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" "${cmake_extra[@]}" &&
    step "build (-Werror, arch $ARCH)" build.log 300 cmake --build "$BUILD" -j "$CORES"; then
     step "test suite (ctest)" ctest.log 200 ctest --test-dir "$BUILD" -j 8 --output-on-failure
+    [ -x "$BUILD/tests/cuda/test_grouped_gemm" ] &&
+        step "compute-sanitizer memcheck (CUTLASS grouped GEMMs)" memcheck.log 90 \
+            compute-sanitizer --tool memcheck --error-exitcode 1 \
+            "$BUILD/tests/cuda/test_grouped_gemm" --gtest_brief=1
     # the same GPU tests through the other code paths: the per-thread gate kernel and one
     # grouped cuBLAS call per expert GEMM (the defaults are the warp gate and a GEMM loop)
     step "GPU tests, alternate paths (MOE_CUDA_GATE=thread MOE_CUDA_GEMM=grouped)" ctest.log 150 \
