@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test.sh - build libmoe (CUDA kernels included when nvcc is present) and run every test.
-# usage: scripts/test.sh          Release build in build/, the whole suite through ctest, then
-#                                 the Python binding's pytest suite
+# usage: scripts/test.sh          the docs' cited paths (scripts/check-doc-paths.sh), a Release
+#                                 build in build/, the whole suite through ctest, then the
+#                                 Python binding's pytest suite
 #        scripts/test.sh --asan   AddressSanitizer + UBSan build in build-asan/, the CPU suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ source scripts/deps.sh
 # everything the suite needs, in one apt call up front (no test installs anything itself):
 # the build, the Python binding's tests, and the plots of the load-balancing experiment's test
 moe_need_packages "${MOE_BUILD_PACKAGES[@]}" "${MOE_PYTHON_PACKAGES[@]}" "${MOE_PLOT_PACKAGES[@]}"
+
+# every file path the docs cite must exist (cheap, so it runs first)
+scripts/check-doc-paths.sh
 
 dir=build
 args=(-DCMAKE_BUILD_TYPE=Release)

@@ -378,8 +378,8 @@ TEST(ApiNumeric, NanInfLargerBatchKeepsLastForward) { numeric_error_keeps_last_f
 
 // Allocation failure: buffers for T tokens that no malloc can give. x itself is T x D floats of
 // calloc'd (untouched, lazily mapped) memory; the per-token buffers of K copies are K times that.
-// With D = 2^18, K = E = 16 and T = 4096: x is 4 GiB, each expert-major buffer 64 GiB, more than
-// this machine's RAM + swap (24 GiB, none), which the overcommit heuristic refuses.
+// With D = 2^18, K = E = 64 and T = 4096: x is 4 GiB, each expert-major buffer 256 GiB, more than
+// the RAM + swap of any machine this runs on, which the overcommit heuristic refuses.
 // With vm.overcommit_memory = 1 ("always") the kernel grants any allocation and kills the process
 // when the pages are touched: ALLOC_FAILED cannot happen there, and the test would only be killed.
 static bool overcommit_always() {

@@ -1,5 +1,6 @@
-// test_determinism.cc - bitwise reproducibility: run to run (docs/semantics.md promises it) and
-// across OpenMP thread counts (cpu_backend.c promises it for everything but the BLAS GEMMs).
+// test_determinism.cc - reproducibility: bitwise run to run (docs/semantics.md promises it); across
+// OpenMP thread counts the same routing, drops and counts, and numbers equal to f32 rounding (the
+// BLAS GEMMs block by thread count); two layers on two threads as each alone.
 #include <gtest/gtest.h>
 
 #include <algorithm>

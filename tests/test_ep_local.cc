@@ -163,8 +163,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{4, 4, 1, 64, -1, 2, 0},  // every token to expert 0
                       Case{8, 16, 2, 99, 0, 0, 0}, Case{8, 8, 2, 33, 7, 0, 0}));
 
-// Each expert's rows are complete within one pipeline chunk, so the chunk count changes only the
-// overlap, never a number: results are bitwise identical.
+// Each expert's rows are complete within one chunk, so the chunk count changes only how the
+// exchanges and the experts' GEMMs are interleaved, never a number: results are bitwise identical.
 TEST(EpLocalChunks, ChunkCountsGiveIdenticalResults) {
     const Case c{2, 8, 2, 71, -1, 0, 0};
     const int64_t D = 12;

@@ -139,8 +139,8 @@ TEST_P(LayerVsReference, ForwardBackwardMatch) {
     }
     Model m = Model::from_layer(L);
 
-    // pick an input whose routing has no near-tie (see Forward::num_fragile): f32 and f64 may
-    // then legitimately decide differently. Virtually always the first try.
+    // pick an input whose routing has no near-tie (see Forward::num_fragile): at a near-tie f32
+    // and f64 may legitimately decide differently. Virtually always the first try.
     std::vector<float> x;
     Forward f;
     int tries = 0;
@@ -245,7 +245,8 @@ TEST(LayerInit, ParametersFollowTheSpecRule) {
                                                     (uint32_t)p, 0x494E4954u, cfg.seed);
                 double u = ((double)(o.v[0] >> 8) + 0.5) / 16777216.0;
                 double expect = (2.0 * u - 1.0) * bound;
-                // f32 storage of a value computed in f32 from an exact u: 2 ulp of the bound
+                // computed in double from an exact u and an f32 bound, rounded to f32 once:
+                // about one ulp of the bound off the double formula (2.5e-7 leaves a margin)
                 EXPECT_NEAR(v[i], expect, 2.5e-7 * bound) << moetest::param_name(p) << "[" << i << "]";
             }
         }
@@ -306,10 +307,10 @@ TEST(LayerNoise, FormulaAndDistribution) {
     EXPECT_NEAR(sum2 / n, 1.0, 0.08);
 }
 
-// docs/semantics.md: u = ((r >> 8) + 0.5) / 2^24, and philox.h says moe_u01 is "exact in float
-// and double". It is not for u >= 1/2: k / 2^24 + 2^-25 needs 25 significant bits there, so the
-// f32 sum rounds (to even) and u is off by 2^-25 for half of all draws. This moves every gating
-// noise value (and init value) away from the spec formula by up to a few 1e-7.
+// docs/semantics.md: u = ((r >> 8) + 0.5) / 2^24, exact in double. It must not be computed in
+// float: for u >= 1/2, k / 2^24 + 2^-25 needs 25 significant bits, so an f32 sum would round (to
+// even) and u would be off by 2^-25 for half of all draws, moving every gating noise value (and
+// init value) away from the spec formula by up to a few 1e-7. This pins moe_u01 to the spec.
 TEST(LayerNoise, UniformsAreExactAsSpecified) {
     int wrong = 0, first = -1;
     for (uint32_t k = 0; k < (1u << 24); k += 4097) {

@@ -5,12 +5,16 @@
 #   check    --check passes (bitwise CPU vs CPU) on several layer configurations
 #   json     --json writes valid JSON with the numbers of the table
 #   trace    --trace writes a Chrome trace: traceEvents of complete events with name/ph/ts/dur/pid/tid
-#   usage    --help lists every option; bad options exit 2; rank-skew exits 3 (NOT_SUPPORTED)
+#   usage    --help lists every option; bad options and impossible runs exit 2 (K > E, E not
+#            divisible by the ranks, --check with capacity on 2 ranks, a missing --replay file);
+#            rank-skew on one rank and bf16 on the CPU exit 3 (NOT_SUPPORTED)
 #   routing  --routing hot:0.5 with K 1 puts half the tokens on expert 0 (imbalance E/2)
-#   ep_local --local-ranks 4 --check passes (learned, rank-skew, zero-rank); rank-skew:1 sends
-#            (nearly) every assignment to another rank; multi-rank JSON and trace parse
-#   replay   --replay FILE (a trace written by test_trace's fixture) at 1 rank and 4 ranks, checked
+#   ep_local --local-ranks 4 --check passes (learned, rank-skew, zero-rank, uniform); rank-skew:1
+#            sends (nearly) every assignment to another rank; multi-rank JSON and trace parse
+#   replay   --replay FILE (a trace written by test_trace's fixture) at 1 rank and 4 ranks,
+#            checked, and at 2 ranks with the trace's capacity (runs, not checked)
 #   model    --model-table prints the six predictions; the model column is filled on 4 ranks
+#            with --link-bw
 set -euo pipefail
 case_name=$1 bench=$2 py=${3:-python3}
 tmp=$(mktemp -d)

@@ -1,7 +1,7 @@
 // test_cuda_ep.cc - the CUDA backend beyond the single-rank layer, each against the CPU layer on
 // the same tokens and parameters: expert parallelism with P ranks as threads on one GPU (the
 // local communicator; NCCL refuses two ranks on a device) and one NCCL rank; the balancing
-// strategies; the optimizer's update loop.
+// strategies; the optimizer's update loop; forced (replayed) routing.
 //
 // x and the router weights are small dyadic numbers, so the logits are exact on both backends
 // and the routing agrees bit for bit; outputs and gradients are compared by max-norm relative
