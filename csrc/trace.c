@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/check_io.h"
 #include "core/status.h"
 #include "layer.h"
 #include "router/router.h"
@@ -15,7 +16,7 @@ moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t
     MOE_ARG(path != NULL, "path is NULL");
     MOE_CHECK(moe_layer_trace_close(layer));
     FILE *f = fopen(path, "wb");
-    if (!f) return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "cannot open trace file '%s'", path);
+    MOE_IO_CHECK(f != NULL, "cannot open trace file '%s'", path);
     const moe_layer_config_t *c = &layer->s.cfg;
     moe_trace_header_t h;
     memset(&h, 0, sizeof h);
@@ -36,8 +37,9 @@ moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t
     h.router = (int32_t)c->router;
     h.routing_width = layer->s.K;
     if (fwrite(&h, sizeof h, 1, f) != 1) {
+        moe_status_t st = MOE_IO_ERR("cannot write trace header to '%s'", path);
         fclose(f);
-        return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "cannot write trace header to '%s'", path);
+        return st;
     }
     layer->trace = f;
     layer->trace_layer_id = layer_id;
@@ -48,9 +50,9 @@ moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t
 moe_status_t moe_layer_trace_close(moe_layer_t *layer) {
     MOE_LAYER_ARG(layer);
     if (!layer->trace) return MOE_STATUS_SUCCESS;
-    int bad = fclose(layer->trace) != 0;
+    int ok = fclose(layer->trace) == 0;
     layer->trace = NULL;
-    if (bad) return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "closing the trace file failed");
+    MOE_IO_CHECK(ok, "closing the trace file failed");
     return MOE_STATUS_SUCCESS;
 }
 
@@ -73,8 +75,7 @@ moe_status_t moe__trace_write(moe_layer_t *L) {
             fwrite(gate, sizeof(float), n, f) != n || fwrite(kept8, 1, n, f) != n ||
             fwrite(s->counts_h, sizeof(int64_t), (size_t)E, f) != (size_t)E ||
             fwrite(s->dropped_h, sizeof(int64_t), (size_t)E, f) != (size_t)E)
-            st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "writing trace record %lld failed",
-                         (long long)L->trace_step);
+            st = MOE_IO_ERR("writing trace record %lld failed", (long long)L->trace_step);
     }
     free(idx), free(gate), free(kept), free(kept8);
     L->trace_step++;

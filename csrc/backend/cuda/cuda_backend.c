@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
-#include "backend/cuda/cuda_check.h"
+#include "core/check_cuda.h"
 #include "core/dtype.h"
 #include "core/status.h"
 #include "kernels/kernels.h"
