@@ -8,8 +8,8 @@
 #include "core/check_io.h"
 #include "core/status.h"
 #include "layer.h"
+#include "moe/trace_format.h"
 #include "router/router.h"
-#include "trace_format.h"
 
 moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t layer_id) {
     MOE_LAYER_ARG(layer);

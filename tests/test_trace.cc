@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "ep_common.h"
-#include "trace_format.h"
+#include "moe/trace_format.h"
 
 namespace {
 
