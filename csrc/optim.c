@@ -7,9 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
 #include "core/optim_update.h"
 #include "core/status.h"
-#include "layer.h"
+#include "handle.h"
 
 #define MOE_OPTIMIZER_MAGIC 0x4D4F454Fu /* "MOEO" */
 
@@ -134,8 +135,8 @@ static moe_status_t update_fn(const moe_layer_t *layer, update_fn_t *fn) {
 static void free_moments(moe_optimizer_t *o) {
     moe_context_t *ctx = o->ctx;
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
-        ctx->ops->free(ctx, o->m[p]);
-        ctx->ops->free(ctx, o->v[p]);
+        ctx->ops->mem.free(ctx, o->m[p]);
+        ctx->ops->mem.free(ctx, o->v[p]);
         o->m[p] = o->v[p] = NULL;
     }
 }
@@ -163,11 +164,11 @@ moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
         if (!layer->s.param[p] || bytes == 0) continue;
         for (int b = 0; b < nbuf; ++b) {
             void **slot = b == 0 ? &o->m[p] : &o->v[p];
-            MOE_CHECK_GOTO(ctx->ops->alloc(ctx, slot, bytes), st, fail);
-            MOE_CHECK_GOTO(ctx->ops->memset_zero(ctx, *slot, bytes, NULL), st, fail);
+            MOE_CHECK_GOTO(ctx->ops->mem.alloc(ctx, slot, bytes), st, fail);
+            MOE_CHECK_GOTO(ctx->ops->mem.memset_zero(ctx, *slot, bytes, NULL), st, fail);
         }
     }
-    MOE_CHECK_GOTO(ctx->ops->sync(ctx, NULL), st, fail);
+    MOE_CHECK_GOTO(ctx->ops->mem.sync(ctx, NULL), st, fail);
     o->magic = MOE_OPTIMIZER_MAGIC;
     *opt = o;
     return MOE_STATUS_SUCCESS;

@@ -17,17 +17,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
+#include "buffers.h"
 #include "comm/comm.h"
 #include "core/clock.h"
 #include "core/dtype.h"
 #include "core/status.h"
-#include "layer.h"
+#include "handle.h"
 #include "router/router_host.h"
+#include "scheduler.h"
+#include "trace.h"
 
 /* with profiling on: wait for the stream, add the time since *t0 to phase, restart */
 static moe_status_t mark(moe_layer_t *L, moe_phase_t phase, double *t0, void *stream) {
     if (!L->profiling) return MOE_STATUS_SUCCESS;
-    MOE_CHECK(L->ctx->ops->sync(L->ctx, stream));
+    MOE_CHECK(L->ctx->ops->mem.sync(L->ctx, stream));
     double t = moe_now_s();
     L->phase_s[phase] += t - *t0;
     *t0 = t;
@@ -81,8 +85,8 @@ static moe_status_t update_score_bias(moe_layer_t *L, void *stream) {
         double c = (double)s->counts_h[e];
         L->score_bias_h[e] += c < mean ? rate : (c > mean ? -rate : 0.0f);
     }
-    return L->ctx->ops->copy(L->ctx, s->score_bias, L->score_bias_h,
-                             (size_t)s->E * sizeof(float), MOE_COPY_H2D, stream);
+    return L->ctx->ops->mem.copy(L->ctx, s->score_bias, L->score_bias_h,
+                                 (size_t)s->E * sizeof(float), MOE_COPY_H2D, stream);
 }
 
 /* the exchange plan from this rank's expert offsets and the peers' counts: what each source
@@ -163,8 +167,8 @@ static moe_status_t regroup(moe_layer_t *L, int64_t c, float *arrival, float *ex
                 for (int p = 0; p < q; ++p) dst += x->recv_counts[p * El + le];
                 char *a = (char *)arrival + (size_t)src * row;
                 char *b = (char *)expert_side + (size_t)dst * row;
-                MOE_CHECK(ctx->ops->copy(ctx, to_expert ? b : a, to_expert ? a : b,
-                                         (size_t)n * row, MOE_COPY_D2D, stream));
+                MOE_CHECK(ctx->ops->mem.copy(ctx, to_expert ? b : a, to_expert ? a : b,
+                                             (size_t)n * row, MOE_COPY_D2D, stream));
             }
             src += n;
         }
@@ -224,14 +228,14 @@ static moe_status_t expert_pipeline(moe_layer_t *L, int backward, void *stream, 
     for (int64_t c = 0; c < n && st == MOE_STATUS_SUCCESS; ++c) {
         const int64_t *sr = chunk_plan(L, c), *so = sr + P, *rr = sr + 2 * P, *ro = sr + 3 * P;
         if (c == 0)
-            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, out, sr, so, arrival, rr, ro, row,
+            st = moe__comm_ialltoallv_rows(ctx->comm, &ctx->mem, out, sr, so, arrival, rr, ro, row,
                                            stream, &disp[0]);
         if (st == MOE_STATUS_SUCCESS) st = moe__comm_wait(ctx->comm, disp[c]);
         disp[c] = NULL;
         if (st == MOE_STATUS_SUCCESS && c + 1 < n) {
             const int64_t *nsr = chunk_plan(L, c + 1);
-            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, out, nsr, nsr + P, arrival, nsr + 2 * P,
-                                           nsr + 3 * P, row, stream, &disp[c + 1]);
+            st = moe__comm_ialltoallv_rows(ctx->comm, &ctx->mem, out, nsr, nsr + P, arrival,
+                                           nsr + 2 * P, nsr + 3 * P, row, stream, &disp[c + 1]);
         }
         if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, arrival, in_side, 1, stream);
         if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_disp, t0, stream);
@@ -244,8 +248,8 @@ static moe_status_t expert_pipeline(moe_layer_t *L, int backward, void *stream, 
         if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, departure, out_side, 0, stream);
         /* back: what arrived from rank q returns to it, into its chunk-c rows */
         if (st == MOE_STATUS_SUCCESS)
-            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, departure, rr, ro, back, sr, so, row,
-                                           stream, &ret[c]);
+            st = moe__comm_ialltoallv_rows(ctx->comm, &ctx->mem, departure, rr, ro, back, sr, so,
+                                           row, stream, &ret[c]);
         if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_ret, t0, stream);
     }
     /* complete whatever is pending, also after a failure: the buffers must stay quiet */
@@ -290,7 +294,7 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
                        "x holds %lld NaN/Inf values among %lld tokens: nothing was routed",
                        (long long)bad, (long long)T);
     /* growing replaces the buffers only once every new one is allocated */
-    MOE_CHECK(moe__layer_reserve(L, T));
+    MOE_CHECK(moe__buffers_reserve_tokens(L, T));
 
     /* from here the previous forward's state is overwritten */
     memset(L->phase_s, 0, sizeof L->phase_s);
@@ -307,9 +311,9 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
         s->capacity = moe_router_capacity(s->cfg.capacity_factor, T, s->K, s->E);
     }
     if (T > 0) {
-        MOE_CHECK(ops->copy(ctx, s->x, x, (size_t)(T * s->D) * moe_dtype_size(s->cfg.dtype),
-                            MOE_COPY_D2D,
-                            stream));
+        MOE_CHECK(ops->mem.copy(ctx, s->x, x, (size_t)(T * s->D) * moe_dtype_size(s->cfg.dtype),
+                                MOE_COPY_D2D,
+                                stream));
         MOE_CHECK(ops->gate_fwd(ctx, s, stream));
     } else {
         for (int64_t e = 0; e < s->E; ++e) {
@@ -337,7 +341,13 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     }
     int64_t T_total = T;
     MOE_CHECK(reduce_stats(L, &T_total));
-    MOE_CHECK(moe_router_finalize(s, T_total));
+    const moe_router_sums_t sums = {.counts = s->counts_h,
+                                    .prob_sum = s->prob_sum_h,
+                                    .importance = s->importance_h,
+                                    .load = s->load_h,
+                                    .z_sum = &s->z_sum};
+    MOE_CHECK(moe_router_finalize(&s->cfg, s->E, s->K, s->noisy_now, &sums, T_total, &s->stats,
+                                  &s->coefs));
     if (s->score_bias && training) MOE_CHECK(update_score_bias(L, stream));
     int64_t dropped = 0;
     for (int64_t e = 0; e < s->E; ++e) dropped += s->dropped_h[e];
@@ -350,12 +360,12 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     if (ep) {
         MOE_CHECK(plan_exchange(L));
         plan_chunks(L);
-        MOE_CHECK(moe__layer_reserve_rows(L, L->ex.rows));
+        MOE_CHECK(moe__buffers_reserve_rows(L, L->ex.rows));
         s->stats.rows_sent = s->num_rows;
         s->stats.rows_received = L->ex.rows;
         MOE_CHECK(expert_pipeline(L, 0, stream, &t0));
     } else {
-        MOE_CHECK(moe__layer_reserve_rows(L, s->num_rows));
+        MOE_CHECK(moe__buffers_reserve_rows(L, s->num_rows));
         s->stats.rows_sent = s->stats.rows_received = s->num_rows;
         MOE_CHECK(mark(L, MOE_PHASE_DISPATCH, &t0, stream));
         MOE_CHECK(ops->ffn_fwd(ctx, s, stream));

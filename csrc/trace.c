@@ -5,11 +5,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
 #include "core/check_io.h"
 #include "core/status.h"
-#include "layer.h"
+#include "buffers.h"
+#include "handle.h"
 #include "moe/trace_format.h"
 #include "router/router.h"
+#include "trace.h"
 
 moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t layer_id) {
     MOE_LAYER_ARG(layer);
@@ -66,7 +69,7 @@ moe_status_t moe__trace_write(moe_layer_t *L) {
     uint8_t *kept8 = (uint8_t *)malloc((size_t)(T * K + 1));
     moe_status_t st = MOE_STATUS_SUCCESS;
     if (!idx || !gate || !kept || !kept8) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "trace staging");
-    if (st == MOE_STATUS_SUCCESS) st = moe_layer_routing(L, idx, gate, kept);
+    if (st == MOE_STATUS_SUCCESS) st = moe__buffers_read_routing(L, idx, gate, kept);
     if (st == MOE_STATUS_SUCCESS) {
         for (int64_t i = 0; i < T * K; ++i) kept8[i] = (uint8_t)kept[i];
         FILE *f = L->trace;
@@ -144,12 +147,12 @@ moe_status_t moe__apply_forced_routing(moe_layer_t *L, void *stream) {
         }
     }
     for (int64_t e = 0; e < E; ++e) s->load_h[e] = (double)s->counts_h[e];
-    moe_status_t st = ctx->ops->copy(ctx, s->idx, idx1, (size_t)(T * K1) * sizeof(int32_t),
-                                     MOE_COPY_H2D, stream);
+    moe_status_t st = ctx->ops->mem.copy(ctx, s->idx, idx1, (size_t)(T * K1) * sizeof(int32_t),
+                                         MOE_COPY_H2D, stream);
     if (st == MOE_STATUS_SUCCESS)
-        st = ctx->ops->copy(ctx, s->gate, L->forced_gate, (size_t)(T * K) * sizeof(float),
-                            MOE_COPY_H2D, stream);
-    if (st == MOE_STATUS_SUCCESS) st = ctx->ops->sync(ctx, stream);
+        st = ctx->ops->mem.copy(ctx, s->gate, L->forced_gate, (size_t)(T * K) * sizeof(float),
+                                MOE_COPY_H2D, stream);
+    if (st == MOE_STATUS_SUCCESS) st = ctx->ops->mem.sync(ctx, stream);
     free(idx1);
     return st;
 }

@@ -67,12 +67,12 @@ typedef struct {
     int counts[]; /* send counts, send displs, recv counts, recv displs: 4P ints */
 } mpi_pending_t;
 
-static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                         const int64_t *send_rows, const int64_t *send_off,
                                         void *recv, const int64_t *recv_rows,
                                         const int64_t *recv_off, size_t row_bytes, void *stream,
                                         void **req) {
-    (void)ctx, (void)stream;
+    (void)mem, (void)stream;
     int P = c->size;
     *req = NULL;
     mpi_pending_t *p = (mpi_pending_t *)malloc(sizeof *p + (size_t)(4 * P) * sizeof(int));
@@ -110,19 +110,19 @@ static moe_status_t mpi_wait_pending(moe_comm_t *c, void *req) {
     return st;
 }
 
-static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                        const int64_t *send_rows, const int64_t *send_off,
                                        void *recv, const int64_t *recv_rows,
                                        const int64_t *recv_off, size_t row_bytes, void *stream) {
     void *req = NULL;
-    MOE_CHECK(mpi_ialltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows, recv_off,
+    MOE_CHECK(mpi_ialltoallv_rows(c, mem, send, send_rows, send_off, recv, recv_rows, recv_off,
                                   row_bytes, stream, &req));
     return mpi_wait_pending(c, req);
 }
 
-static moe_status_t mpi_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+static moe_status_t mpi_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                       void *stream) {
-    (void)ctx, (void)stream;
+    (void)mem, (void)stream;
     MPI_Request req;
     MOE_MPI_CHECK(
         MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_OF(c), &req));

@@ -134,12 +134,12 @@ static moe_status_t nccl_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all)
                            op_allgather_u64, NULL, "allgather");
 }
 
-static moe_status_t nccl_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t nccl_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                          const int64_t *send_rows, const int64_t *send_off,
                                          void *recv, const int64_t *recv_rows,
                                          const int64_t *recv_off, size_t row_bytes,
                                          void *stream, void **req) {
-    (void)ctx;
+    (void)mem;
     nccl_impl_t *m = NCCL_OF(c);
     *req = NULL; /* stream-ordered: nothing to wait for on the host */
     MOE_NCCL_CHECK(ncclGroupStart());
@@ -157,12 +157,12 @@ static moe_status_t nccl_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, cons
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t nccl_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t nccl_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                         const int64_t *send_rows, const int64_t *send_off,
                                         void *recv, const int64_t *recv_rows,
                                         const int64_t *recv_off, size_t row_bytes, void *stream) {
     void *req = NULL;
-    return nccl_ialltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows, recv_off,
+    return nccl_ialltoallv_rows(c, mem, send, send_rows, send_off, recv, recv_rows, recv_off,
                                 row_bytes, stream, &req);
 }
 
@@ -171,9 +171,9 @@ static moe_status_t nccl_wait(moe_comm_t *c, void *req) {
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t nccl_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
-                                       void *stream) {
-    (void)ctx;
+static moe_status_t nccl_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf,
+                                       int64_t n, void *stream) {
+    (void)mem;
     MOE_NCCL_CHECK(ncclAllReduce(buf, buf, (size_t)n, ncclFloat32, ncclSum, NCCL_OF(c)->comm,
                              (cudaStream_t)stream));
     return MOE_STATUS_SUCCESS;

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "context.h"
 #include "core/activation.h"
 #include "core/philox.h"
 #include "core/status.h"
@@ -446,11 +447,11 @@ const moe_backend_ops_t moe_cpu_backend = {
     .name = "cpu",
     .context_init = cpu_context_init,
     .context_fini = cpu_context_fini,
-    .alloc = cpu_alloc,
-    .free = cpu_free,
-    .memset_zero = cpu_memset_zero,
-    .copy = cpu_copy,
-    .sync = cpu_sync,
+    .mem = {.alloc = cpu_alloc,
+            .free = cpu_free,
+            .memset_zero = cpu_memset_zero,
+            .copy = cpu_copy,
+            .sync = cpu_sync},
     .count_nonfinite = cpu_count_nonfinite,
     .gate_fwd = cpu_gate_fwd,
     .route = cpu_route,

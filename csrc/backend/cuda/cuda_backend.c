@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "context.h"
 #include "core/check_cuda.h"
 #include "core/dtype.h"
 #include "core/status.h"
@@ -648,11 +649,11 @@ const moe_backend_ops_t moe_cuda_backend = {
     .name = "cuda",
     .context_init = cu_context_init,
     .context_fini = cu_context_fini,
-    .alloc = cu_alloc,
-    .free = cu_free,
-    .memset_zero = cu_memset_zero,
-    .copy = cu_copy,
-    .sync = cu_sync,
+    .mem = {.alloc = cu_alloc,
+            .free = cu_free,
+            .memset_zero = cu_memset_zero,
+            .copy = cu_copy,
+            .sync = cu_sync},
     .layer_init = cu_layer_init,
     .layer_fini = cu_layer_fini,
     .count_nonfinite = cu_count_nonfinite,

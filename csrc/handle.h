@@ -1,13 +1,20 @@
-/* layer.h - the layer handle (internal): owner of parameters, gradients and buffers. */
-#ifndef MOE_LAYER_H
-#define MOE_LAYER_H
+/* handle.h - the layer handle (internal): what one moe_layer_t holds. The layer (layer.c) owns
+ * it; the scheduler, buffers and traces work on it. Nothing here calls anything. */
+#ifndef MOE_HANDLE_H
+#define MOE_HANDLE_H
 
-#include "backend/backend.h"
+#include <stdint.h>
+
+#include "context.h"
 #include "core/status.h"
+#include "moe/moe.h"
+#include "state.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+#define MOE_LAYER_MAGIC 0x4D4F454Cu /* "MOEL" */
 
 /* the exchange plan of one forward with expert parallelism (host arrays) */
 typedef struct moe_exchange {
@@ -47,23 +54,10 @@ struct moe_layer {
     int forced_last;
 };
 
-moe_status_t moe__trace_write(moe_layer_t *layer);
-moe_status_t moe__apply_forced_routing(moe_layer_t *layer, void *stream);
-
 /* argument check at the entry of a public moe_layer_* call */
 #define MOE_LAYER_ARG(layer)                                                                  \
     MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC, "layer is %s",              \
             (layer) == NULL ? "NULL" : "not a live moe_layer_t")
-
-/* grows the per-token buffers to hold T tokens; on failure the layer is unchanged */
-moe_status_t moe__layer_reserve(moe_layer_t *layer, int64_t T);
-/* grows the expert-side buffers to hold `rows` rows */
-moe_status_t moe__layer_reserve_rows(moe_layer_t *layer, int64_t rows);
-
-/* the plan of one forward / backward call (scheduler.c) */
-moe_status_t moe__scheduler_forward(moe_layer_t *layer, const void *x, void *y, int64_t T,
-                                    int training, void *stream);
-moe_status_t moe__scheduler_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream);
 
 #ifdef __cplusplus
 }
