@@ -1,8 +1,8 @@
 /* optim.c - moe_optimizer_*: SGD (momentum, Nesterov) and Adam/AdamW over one layer's parameters.
  *
  * The optimizer owns one or two moment buffers per parameter, allocated through the layer's
- * backend. The per-element math is in core/optim_update.h, shared by the CPU loop here and the
- * backends' optim_update op (the CUDA kernel in kernels/optim.cu); update_fn() picks one. */
+ * backend. The per-element math is in core/optim_update.h, shared by every backend's
+ * optim_update op (backend/cpu/optim.c, the CUDA kernel in kernels/optim.cu). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,26 +74,7 @@ static moe_status_t validate(const moe_optimizer_config_t *c) {
 typedef moe_status_t (*update_fn_t)(const moe_optimizer_t *o, int p,
                                     const moe_optim_scalars_t *c, void *stream);
 
-static moe_status_t cpu_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c,
-                               void *stream) {
-    (void)stream;
-    const moe_layer_state_t *s = &o->layer->s;
-    float *w = (float *)s->param[p];
-    const float *g = (const float *)s->grad[p];
-    float *m = (float *)o->m[p], *v = (float *)o->v[p];
-    const long long n = (long long)s->numel[p];
-    /* element-wise: any thread split gives the same bits */
-    if (is_adam(&o->cfg)) {
-#pragma omp parallel for schedule(static) if (n > 65536)
-        for (long long i = 0; i < n; ++i) moe_adam_update(w, g, m, v, i, c);
-    } else {
-#pragma omp parallel for schedule(static) if (n > 65536)
-        for (long long i = 0; i < n; ++i) moe_sgd_update(w, g, m, i, c);
-    }
-    return MOE_STATUS_SUCCESS;
-}
-
-/* a backend's own update loop (the CUDA kernel) on its memory */
+/* the backend's own update loop on its memory */
 static moe_status_t backend_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c,
                                    void *stream) {
     const moe_layer_state_t *s = &o->layer->s;
@@ -102,9 +83,8 @@ static moe_status_t backend_update(const moe_optimizer_t *o, int p, const moe_op
                                      (float *)o->v[p], s->numel[p], c, stream);
 }
 
-/* BACKEND DISPATCH: the one place that picks the update loop of a backend: the CPU loop above,
- * or the backend's optim_update op (CUDA). f32 parameters only: 16-bit parameters would need
- * f32 master weights, which the optimizer does not keep. */
+/* the backend's optim_update op (CPU loop or CUDA kernel), where it has one. f32 parameters
+ * only: 16-bit parameters would need f32 master weights, which the optimizer does not keep. */
 static moe_status_t update_fn(const moe_layer_t *layer, update_fn_t *fn) {
     *fn = NULL;
     if (layer->s.cfg.dtype != MOE_DTYPE_F32)
@@ -112,10 +92,6 @@ static moe_status_t update_fn(const moe_layer_t *layer, update_fn_t *fn) {
                        "the optimizer updates f32 parameters only (this layer stores %s: update "
                        "its parameters from moe_layer_param() with f32 master weights)",
                        layer->s.cfg.dtype == MOE_DTYPE_BF16 ? "bf16" : "f16");
-    if (layer->ctx->backend == MOE_BACKEND_CPU) {
-        *fn = cpu_update;
-        return MOE_STATUS_SUCCESS;
-    }
     if (layer->ctx->ops->optim_update) {
         *fn = backend_update;
         return MOE_STATUS_SUCCESS;
