@@ -60,6 +60,7 @@ static int list_row_buffers(moe_layer_t *L, moe__buf_t *b) {
     MOE_BUF(s->dhpre, F2 * v);
     MOE_BUF(s->act, F * v);
     MOE_BUF(s->dact, F * f);
+    MOE_BUF(L->ex_wire, ep ? D * v : 0);
     MOE_BUF(L->ex_x, ep ? D * v : 0);
     MOE_BUF(L->ex_y, ep ? D * v : 0);
     MOE_BUF(L->ex_dy, ep ? D * v : 0);

@@ -307,7 +307,9 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         return st;
     }
     if (ctx->ops->layer_init) {
-        st = ctx->ops->layer_init(ctx, s);
+        moe_backend_layer_t bl = moe__backend_layer(s);
+        st = ctx->ops->layer_init(ctx, &bl);
+        s->impl = bl.impl;
         if (st != MOE_STATUS_SUCCESS) {
             free_params(L);
             free_host_arrays(L);
@@ -326,7 +328,11 @@ moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     MOE_LAYER_ARG(layer);
     moe_layer_trace_close(layer);
     free(layer->forced_idx), free(layer->forced_gate);
-    if (layer->ctx->ops->layer_fini) layer->ctx->ops->layer_fini(layer->ctx, &layer->s);
+    if (layer->ctx->ops->layer_fini) {
+        moe_backend_layer_t bl = moe__backend_layer(&layer->s);
+        layer->ctx->ops->layer_fini(layer->ctx, &bl);
+        layer->s.impl = NULL;
+    }
     moe__buffers_free(layer);
     free_params(layer);
     layer->ctx->ops->mem.free(layer->ctx, layer->s.score_bias);

@@ -78,9 +78,14 @@ typedef moe_status_t (*update_fn_t)(const moe_optimizer_t *o, int p,
 static moe_status_t backend_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c,
                                    void *stream) {
     const moe_layer_state_t *s = &o->layer->s;
-    return o->ctx->ops->optim_update(o->ctx, is_adam(&o->cfg), (float *)s->param[p],
-                                     (const float *)s->grad[p], (float *)o->m[p],
-                                     (float *)o->v[p], s->numel[p], c, stream);
+    const moe_optim_args_t a = {.adam = is_adam(&o->cfg),
+                                .w = (float *)s->param[p],
+                                .g = (const float *)s->grad[p],
+                                .m = (float *)o->m[p],
+                                .v = (float *)o->v[p],
+                                .n = s->numel[p],
+                                .c = c};
+    return o->ctx->ops->optim_update(o->ctx, &a, stream);
 }
 
 /* the backend's optim_update op (CPU loop or CUDA kernel), where it has one. f32 parameters

@@ -17,7 +17,6 @@ extern "C" {
 #endif
 
 typedef struct moe_backend_ops moe_backend_ops_t;
-struct moe_optim_scalars; /* core/optim_update.h */
 
 struct moe_backend_ops {
     const char *name;
@@ -27,11 +26,11 @@ struct moe_backend_ops {
     /* alloc, free, memset_zero, copy, sync (backend/memory.h) */
     moe_memory_ops_t mem;
 
-    /* optional (NULL: nothing to do): the backend's per-layer state in s->impl, made once the
-     * layer's config, parameters and host arrays exist, and released before the layer is freed.
-     * layer_init may refuse a config the backend cannot serve (NOT_SUPPORTED). */
-    moe_status_t (*layer_init)(moe_context_t *ctx, moe_layer_state_t *s);
-    void (*layer_fini)(moe_context_t *ctx, moe_layer_state_t *s);
+    /* optional (NULL: nothing to do): the backend's per-layer state in layer->impl, made once
+     * the layer's config, parameters and host arrays exist, and released before the layer is
+     * freed. layer_init may refuse a config the backend cannot serve (NOT_SUPPORTED). */
+    moe_status_t (*layer_init)(moe_context_t *ctx, moe_backend_layer_t *layer);
+    void (*layer_fini)(moe_context_t *ctx, moe_backend_layer_t *layer);
 
     /* *num_bad = count of NaN/Inf among n floats of x (host value on return) */
     moe_status_t (*count_nonfinite)(moe_context_t *ctx, const void *x, int64_t n,
@@ -40,27 +39,24 @@ struct moe_backend_ops {
     moe_status_t (*count_nonfinite_typed)(moe_context_t *ctx, const void *x, moe_dtype_t dtype,
                                           int64_t n, int64_t *num_bad, void *stream);
 
-    /* forward ops, in call order */
-    moe_status_t (*gate_fwd)(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-    moe_status_t (*route)(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-    moe_status_t (*permute)(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-    moe_status_t (*ffn_fwd)(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-    moe_status_t (*combine_fwd)(moe_context_t *ctx, moe_layer_state_t *s, void *y, void *stream);
+    /* forward ops, in call order; each reads and writes what its argument struct names */
+    moe_status_t (*gate_fwd)(moe_context_t *ctx, const moe_gate_fwd_args_t *a, void *stream);
+    moe_status_t (*route)(moe_context_t *ctx, const moe_route_args_t *a, void *stream);
+    moe_status_t (*permute)(moe_context_t *ctx, const moe_permute_args_t *a, void *stream);
+    moe_status_t (*ffn_fwd)(moe_context_t *ctx, const moe_ffn_fwd_args_t *a, void *stream);
+    moe_status_t (*combine_fwd)(moe_context_t *ctx, const moe_combine_fwd_args_t *a,
+                                void *stream);
 
     /* backward ops, in call order */
-    moe_status_t (*combine_bwd)(moe_context_t *ctx, moe_layer_state_t *s, const void *dy,
+    moe_status_t (*combine_bwd)(moe_context_t *ctx, const moe_combine_bwd_args_t *a,
                                 void *stream);
-    moe_status_t (*ffn_bwd)(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-    moe_status_t (*unpermute_bwd)(moe_context_t *ctx, moe_layer_state_t *s, void *dx,
+    moe_status_t (*ffn_bwd)(moe_context_t *ctx, const moe_ffn_bwd_args_t *a, void *stream);
+    moe_status_t (*unpermute_bwd)(moe_context_t *ctx, const moe_unpermute_bwd_args_t *a,
                                   void *stream);
-    moe_status_t (*gate_bwd)(moe_context_t *ctx, moe_layer_state_t *s, void *dx, void *stream);
+    moe_status_t (*gate_bwd)(moe_context_t *ctx, const moe_gate_bwd_args_t *a, void *stream);
 
-    /* optional (NULL: no optimizer on this backend): one optimizer step over n f32 elements in
-     * backend memory, the per-element bodies of core/optim_update.h; adam selects Adam/AdamW,
-     * else SGD (m is the momentum buffer, or NULL; v unused) */
-    moe_status_t (*optim_update)(moe_context_t *ctx, int adam, float *w, const float *g, float *m,
-                                 float *v, int64_t n, const struct moe_optim_scalars *c,
-                                 void *stream);
+    /* optional (NULL: no optimizer on this backend): one optimizer step in backend memory */
+    moe_status_t (*optim_update)(moe_context_t *ctx, const moe_optim_args_t *a, void *stream);
 };
 
 extern const moe_backend_ops_t moe_cpu_backend;

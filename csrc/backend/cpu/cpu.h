@@ -27,24 +27,22 @@ void moe__cpu_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float
 /* gate.c */
 moe_status_t moe__cpu_count_nonfinite(moe_context_t *ctx, const void *x, int64_t n,
                                       int64_t *num_bad, void *stream);
-moe_status_t moe__cpu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-moe_status_t moe__cpu_gate_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *dx, void *stream);
+moe_status_t moe__cpu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *a, void *stream);
+moe_status_t moe__cpu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *a, void *stream);
 /* permute.c */
-moe_status_t moe__cpu_route(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-moe_status_t moe__cpu_permute(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-moe_status_t moe__cpu_unpermute_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *dx,
+moe_status_t moe__cpu_route(moe_context_t *ctx, const moe_route_args_t *a, void *stream);
+moe_status_t moe__cpu_permute(moe_context_t *ctx, const moe_permute_args_t *a, void *stream);
+moe_status_t moe__cpu_unpermute_bwd(moe_context_t *ctx, const moe_unpermute_bwd_args_t *a,
                                     void *stream);
 /* combine.c */
-moe_status_t moe__cpu_combine_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *y,
+moe_status_t moe__cpu_combine_fwd(moe_context_t *ctx, const moe_combine_fwd_args_t *a,
                                   void *stream);
-moe_status_t moe__cpu_combine_bwd(moe_context_t *ctx, moe_layer_state_t *s, const void *dy,
+moe_status_t moe__cpu_combine_bwd(moe_context_t *ctx, const moe_combine_bwd_args_t *a,
                                   void *stream);
 /* ffn.c */
-moe_status_t moe__cpu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
-moe_status_t moe__cpu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream);
+moe_status_t moe__cpu_ffn_fwd(moe_context_t *ctx, const moe_ffn_fwd_args_t *a, void *stream);
+moe_status_t moe__cpu_ffn_bwd(moe_context_t *ctx, const moe_ffn_bwd_args_t *a, void *stream);
 /* optim.c */
-moe_status_t moe__cpu_optim_update(moe_context_t *ctx, int adam, float *w, const float *g,
-                                   float *m, float *v, int64_t n,
-                                   const struct moe_optim_scalars *c, void *stream);
+moe_status_t moe__cpu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream);
 
 #endif

@@ -52,21 +52,23 @@ static void add_colsum(float *out, const float *A, int64_t rows, int64_t n) {
     }
 }
 
-moe_status_t moe__cpu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
+moe_status_t moe__cpu_ffn_fwd(moe_context_t *ctx, const moe_ffn_fwd_args_t *a, void *stream) {
     (void)ctx, (void)stream;
-    const int64_t D = s->D, F = s->F, F2 = s->F2;
-    const int act = (int)s->cfg.activation;
-    const float *W1 = (const float *)s->param[MOE_PARAM_W1];
-    const float *B1 = (const float *)s->param[MOE_PARAM_B1];
-    const float *W2 = (const float *)s->param[MOE_PARAM_W2];
-    const float *B2 = (const float *)s->param[MOE_PARAM_B2];
-    for (int64_t le = 0; le < s->E_local; ++le) {
-        int64_t e = s->expert_begin + le;
-        int64_t r0 = s->offsets_h[e], n = s->offsets_h[e + 1] - r0;
+    const moe_backend_layer_t *l = a->layer;
+    const int64_t D = l->D, F = l->F, F2 = l->F2;
+    const int act = (int)l->cfg.activation;
+    const int64_t *off = a->rows.offsets;
+    const float *W1 = (const float *)a->w1, *B1 = (const float *)a->b1;
+    const float *W2 = (const float *)a->w2, *B2 = (const float *)a->b2;
+    const float *Xs = (const float *)a->x;
+    float *Hs = a->hpre, *As = (float *)a->act, *Ys = (float *)a->y;
+    for (int64_t le = 0; le < l->E_local; ++le) {
+        int64_t e = l->expert_begin + le;
+        int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
-        float *H = s->hpre + r0 * F2, *A = s->act + r0 * F, *Y = s->yp + r0 * D;
+        float *H = Hs + r0 * F2, *A = As + r0 * F, *Y = Ys + r0 * D;
         fill_rows(H, n, F2, B1 ? B1 + le * F2 : NULL);
-        moe__cpu_sgemm(0, 0, n, F2, D, s->xp + r0 * D, D, W1 + le * D * F2, F2, 1.0f, H, F2);
+        moe__cpu_sgemm(0, 0, n, F2, D, Xs + r0 * D, D, W1 + le * D * F2, F2, 1.0f, H, F2);
         if (act == MOE_ACT_SWIGLU) {
 #pragma omp parallel for schedule(static) MOE_PAR(n * F)
             for (int64_t r = 0; r < n; ++r)
@@ -82,21 +84,25 @@ moe_status_t moe__cpu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *st
     return MOE_STATUS_SUCCESS;
 }
 
-moe_status_t moe__cpu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
+moe_status_t moe__cpu_ffn_bwd(moe_context_t *ctx, const moe_ffn_bwd_args_t *a, void *stream) {
     (void)ctx, (void)stream;
-    const int64_t D = s->D, F = s->F, F2 = s->F2;
-    const int act = (int)s->cfg.activation;
-    const float *W1 = (const float *)s->param[MOE_PARAM_W1];
-    const float *W2 = (const float *)s->param[MOE_PARAM_W2];
-    float *dW1 = (float *)s->grad[MOE_PARAM_W1], *dB1 = (float *)s->grad[MOE_PARAM_B1];
-    float *dW2 = (float *)s->grad[MOE_PARAM_W2], *dB2 = (float *)s->grad[MOE_PARAM_B2];
-    for (int64_t le = 0; le < s->E_local; ++le) {
-        int64_t e = s->expert_begin + le;
-        int64_t r0 = s->offsets_h[e], n = s->offsets_h[e + 1] - r0;
+    const moe_backend_layer_t *l = a->layer;
+    const int64_t D = l->D, F = l->F, F2 = l->F2;
+    const int act = (int)l->cfg.activation;
+    const int64_t *off = a->rows.offsets;
+    const float *W1 = (const float *)a->w1, *W2 = (const float *)a->w2;
+    float *dW1 = (float *)a->dw1, *dB1 = (float *)a->db1;
+    float *dW2 = (float *)a->dw2, *dB2 = (float *)a->db2;
+    const float *Xs = (const float *)a->x, *Hs = a->hpre, *As = (const float *)a->act;
+    const float *dYs = (const float *)a->dy;
+    float *dAs = a->dact, *dHs = (float *)a->dhpre, *dXs = (float *)a->dx;
+    for (int64_t le = 0; le < l->E_local; ++le) {
+        int64_t e = l->expert_begin + le;
+        int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
-        const float *X = s->xp + r0 * D, *H = s->hpre + r0 * F2, *A = s->act + r0 * F;
-        const float *dY = s->dyp + r0 * D;
-        float *dA = s->dact + r0 * F, *dH = s->dhpre + r0 * F2, *dX = s->dxp + r0 * D;
+        const float *X = Xs + r0 * D, *H = Hs + r0 * F2, *A = As + r0 * F;
+        const float *dY = dYs + r0 * D;
+        float *dA = dAs + r0 * F, *dH = dHs + r0 * F2, *dX = dXs + r0 * D;
         /* dA = dY W2^T;  dW2 += A^T dY;  db2 += colsum dY */
         moe__cpu_sgemm(0, 1, n, F, D, dY, D, W2 + le * F * D, D, 0.0f, dA, F);
         moe__cpu_sgemm(1, 0, F, D, n, A, F, dY, D, 1.0f, dW2 + le * F * D, D);

@@ -5,13 +5,14 @@
 #include "core/optim_update.h"
 #include "core/status.h"
 
-moe_status_t moe__cpu_optim_update(moe_context_t *ctx, int adam, float *w, const float *g,
-                                   float *m, float *v, int64_t n_,
-                                   const struct moe_optim_scalars *c, void *stream) {
+moe_status_t moe__cpu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream) {
     (void)ctx, (void)stream;
-    const long long n = (long long)n_;
+    float *w = a->w, *m = a->m, *v = a->v;
+    const float *g = a->g;
+    const moe_optim_scalars_t *c = a->c;
+    const long long n = (long long)a->n;
     /* element-wise: any thread split gives the same bits */
-    if (adam) {
+    if (a->adam) {
 #pragma omp parallel for schedule(static) if (n > 65536)
         for (long long i = 0; i < n; ++i) moe_adam_update(w, g, m, v, i, c);
     } else {
