@@ -8,18 +8,6 @@
 
 #include "core/status.h"
 
-#ifdef __cplusplus
-extern "C" {
-#endif
-
-/* records "message: strerror(err)" with MOE_STATUS_IO_ERROR (status.c) */
-moe_status_t moe__io_error(int err, const char *func, const char *file, int line,
-                           const char *fmt, ...) MOE_PRINTF(5, 6);
-
-#ifdef __cplusplus
-}
-#endif
-
 #define MOE_IO_ERR(...) moe__io_error(errno, __func__, __FILE__, __LINE__, __VA_ARGS__)
 
 /* ok: the I/O call's success as a condition; the rest is the message */

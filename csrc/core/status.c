@@ -1,8 +1,6 @@
 /* status.c - status names, the thread-local last-error message, the library version. */
 #include "core/status.h"
 
-#include "core/check_io.h"
-
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
