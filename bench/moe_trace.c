@@ -16,7 +16,7 @@
 #include <time.h>
 
 #include "moe/moe.h"
-#include "trace_format.h"
+#include "moe/trace_format.h"
 
 typedef struct {
     moe_trace_record_t r;

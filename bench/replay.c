@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "bench.h"
-#include "trace_format.h"
+#include "moe/trace_format.h"
 
 void bench_replay_free(bench_replay_t *r) {
     for (int64_t i = 0; i < r->num_steps; ++i) free(r->index[i]), free(r->gate_w[i]);

@@ -3,6 +3,7 @@
 
 #include "backend/backend.h"
 #include "comm/comm.h"
+#include "context.h"
 #include "core/status.h"
 
 moe_status_t moe_context_create(moe_context_t **ctx, moe_backend_t backend, int device,
@@ -40,6 +41,7 @@ moe_status_t moe_context_create(moe_context_t **ctx, moe_backend_t backend, int 
     c->backend = backend;
     c->device = device;
     c->ops = ops;
+    c->mem = (moe_memory_t){.ops = &ops->mem, .ctx = c};
     c->comm = comm;
     c->rank = comm ? comm->rank : 0;
     c->world = comm ? comm->size : 1;

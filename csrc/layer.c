@@ -1,14 +1,16 @@
 /* layer.c - moe_layer_*: config validation, parameters, gradients, buffers and stats. */
-#include "layer.h"
-
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
+#include "buffers.h"
 #include "comm/comm.h"
 #include "core/dtype.h"
 #include "core/philox.h"
 #include "core/status.h"
+#include "handle.h"
+#include "scheduler.h"
 
 /* largest tensor dimension product we accept: keeps every index inside int64 and row ids
  * inside int32 */
@@ -116,8 +118,8 @@ static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v)
 static void free_params(moe_layer_t *L) {
     const moe_backend_ops_t *ops = L->ctx->ops;
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
-        ops->free(L->ctx, L->s.param[p]);
-        ops->free(L->ctx, L->s.grad[p]);
+        ops->mem.free(L->ctx, L->s.param[p]);
+        ops->mem.free(L->ctx, L->s.grad[p]);
         L->s.param[p] = L->s.grad[p] = NULL;
     }
 }
@@ -146,9 +148,9 @@ static moe_status_t alloc_params(moe_layer_t *L) {
     for (int p = 0; p < MOE_PARAM_COUNT && st == MOE_STATUS_SUCCESS; ++p) {
         size_t bytes = (size_t)s->numel[p] * esz;
         if (bytes == 0) continue;
-        MOE_CHECK_GOTO(ops->alloc(ctx, &s->param[p], bytes), st, done);
-        MOE_CHECK_GOTO(ops->alloc(ctx, &s->grad[p], bytes), st, done);
-        MOE_CHECK_GOTO(ops->memset_zero(ctx, s->grad[p], bytes, NULL), st, done);
+        MOE_CHECK_GOTO(ops->mem.alloc(ctx, &s->param[p], bytes), st, done);
+        MOE_CHECK_GOTO(ops->mem.alloc(ctx, &s->grad[p], bytes), st, done);
+        MOE_CHECK_GOTO(ops->mem.memset_zero(ctx, s->grad[p], bytes, NULL), st, done);
         init_param_host(s, (moe_param_t)p, host);
         const void *src = host;
         if (esz == 2) {
@@ -157,129 +159,13 @@ static moe_status_t alloc_params(moe_layer_t *L) {
                                                            : moe_f32_to_f16(host[i]);
             src = host16;
         }
-        MOE_CHECK_GOTO(ops->copy(ctx, s->param[p], src, bytes, MOE_COPY_H2D, NULL), st, done);
+        MOE_CHECK_GOTO(ops->mem.copy(ctx, s->param[p], src, bytes, MOE_COPY_H2D, NULL), st, done);
     }
-    st = ops->sync(ctx, NULL);
+    st = ops->mem.sync(ctx, NULL);
 done:
     free(host), free(host16);
     if (st != MOE_STATUS_SUCCESS) free_params(L);
     return st;
-}
-
-/* ---------------------------------------------------------------------------------------------
- * per-token buffers: grown to the largest T seen, all or nothing
- * ------------------------------------------------------------------------------------------- */
-
-typedef struct {
-    void **slot; /* where the pointer lives in the state */
-    int64_t per_token; /* bytes per token */
-} moe__buf_t;
-
-/* Rows that are GEMM operands or the user's rows (x, xp, act, yp and their gradients) are
- * stored in the layer's dtype; the routing state and the GEMM outputs that only feed elementwise
- * kernels (hpre, dact) stay f32. With f32 storage every buffer is f32. */
-static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
-    const int64_t D = s->D, E = s->E, K = s->K, f = sizeof(float);
-    const int64_t v = (int64_t)moe_dtype_size(s->cfg.dtype);
-    const int noisy = s->cfg.noisy_gating;
-    int n = 0;
-#define MOE_BUF(ptr, bytes) (b[n].slot = (void **)&s->ptr, b[n].per_token = (bytes), ++n)
-    MOE_BUF(x, D * v);
-    MOE_BUF(logits, E * f);
-    MOE_BUF(noise_raw, noisy ? E * f : 0);
-    MOE_BUF(eps, noisy ? E * f : 0);
-    MOE_BUF(h, noisy ? E * f : 0);
-    MOE_BUF(dnoise, noisy ? E * f : 0);
-    MOE_BUF(lse, f);
-    MOE_BUF(idx, s->K1 * (int64_t)sizeof(int32_t));
-    MOE_BUF(row, K * (int64_t)sizeof(int32_t));
-    MOE_BUF(gate, K * f);
-    MOE_BUF(dg, K * f);
-    MOE_BUF(dlogits, E * f);
-    MOE_BUF(xp, K * D * v);
-    MOE_BUF(yp, K * D * v);
-    MOE_BUF(dyp, K * D * v);
-    MOE_BUF(dxp, K * D * v);
-#undef MOE_BUF
-    return n;
-}
-
-/* expert-side buffers, per row the local experts process */
-static int list_row_buffers(moe_layer_t *L, moe__buf_t *b) {
-    moe_layer_state_t *s = &L->s;
-    const int64_t D = s->D, F = s->F, F2 = s->F2, f = sizeof(float);
-    const int64_t v = (int64_t)moe_dtype_size(s->cfg.dtype);
-    const int ep = L->ctx->world > 1;
-    int n = 0;
-#define MOE_BUF(ptr, bytes) (b[n].slot = (void **)&(ptr), b[n].per_token = (bytes), ++n)
-    MOE_BUF(s->hpre, F2 * f);
-    MOE_BUF(s->dhpre, F2 * v);
-    MOE_BUF(s->act, F * v);
-    MOE_BUF(s->dact, F * f);
-    MOE_BUF(L->ex_x, ep ? D * v : 0);
-    MOE_BUF(L->ex_y, ep ? D * v : 0);
-    MOE_BUF(L->ex_dy, ep ? D * v : 0);
-    MOE_BUF(L->ex_dx, ep ? D * v : 0);
-#undef MOE_BUF
-    return n;
-}
-
-#define MOE_MAX_BUFS 32
-
-static void free_list(moe_layer_t *L, moe__buf_t *b, int n) {
-    for (int i = 0; i < n; ++i) {
-        L->ctx->ops->free(L->ctx, *b[i].slot);
-        *b[i].slot = NULL;
-    }
-}
-
-static void free_buffers(moe_layer_t *L) {
-    moe__buf_t b[MOE_MAX_BUFS];
-    free_list(L, b, list_buffers(&L->s, b));
-    L->s.cap_tokens = 0;
-    free_list(L, b, list_row_buffers(L, b));
-    L->cap_rows = 0;
-}
-
-/* allocates every buffer of the list for `count` tokens or rows, all or nothing */
-static moe_status_t grow_list(moe_layer_t *L, moe__buf_t *b, int n, int64_t count,
-                              int64_t have, const char *what) {
-    void *fresh[MOE_MAX_BUFS] = {0};
-    for (int i = 0; i < n; ++i) {
-        if (b[i].per_token == 0) continue;
-        moe_status_t st = MOE_STATUS_SUCCESS;
-        if (b[i].per_token > INT64_MAX / count)
-            st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "%lld %s is too many", (long long)count,
-                         what);
-        else
-            st = L->ctx->ops->alloc(L->ctx, &fresh[i], (size_t)(b[i].per_token * count));
-        if (st != MOE_STATUS_SUCCESS) {
-            for (int k = 0; k < i; ++k) L->ctx->ops->free(L->ctx, fresh[k]);
-            if (st == MOE_STATUS_INVALID_ARGUMENT) return st;
-            return MOE_ERR(MOE_STATUS_ALLOC_FAILED,
-                           "buffers for %lld %s: %s (the layer keeps its buffers for %lld)",
-                           (long long)count, what, moe_status_string(st), (long long)have);
-        }
-    }
-    free_list(L, b, n);
-    for (int i = 0; i < n; ++i) *b[i].slot = fresh[i];
-    return MOE_STATUS_SUCCESS;
-}
-
-moe_status_t moe__layer_reserve(moe_layer_t *L, int64_t T) {
-    if (T <= L->s.cap_tokens) return MOE_STATUS_SUCCESS;
-    moe__buf_t b[MOE_MAX_BUFS];
-    MOE_CHECK(grow_list(L, b, list_buffers(&L->s, b), T, L->s.cap_tokens, "tokens"));
-    L->s.cap_tokens = T;
-    return MOE_STATUS_SUCCESS;
-}
-
-moe_status_t moe__layer_reserve_rows(moe_layer_t *L, int64_t rows) {
-    if (rows <= L->cap_rows) return MOE_STATUS_SUCCESS;
-    moe__buf_t b[MOE_MAX_BUFS];
-    MOE_CHECK(grow_list(L, b, list_row_buffers(L, b), rows, L->cap_rows, "expert rows"));
-    L->cap_rows = rows;
-    return MOE_STATUS_SUCCESS;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -406,11 +292,11 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     moe_status_t st = check_same_config(ctx, cfg);
     if (st == MOE_STATUS_SUCCESS) st = alloc_params(L);
     if (st == MOE_STATUS_SUCCESS && cfg->bias_update_rate > 0.0) {
-        st = ctx->ops->alloc(ctx, (void **)&s->score_bias, E * sizeof(float));
+        st = ctx->ops->mem.alloc(ctx, (void **)&s->score_bias, E * sizeof(float));
         if (st == MOE_STATUS_SUCCESS)
-            st = ctx->ops->memset_zero(ctx, s->score_bias, E * sizeof(float), NULL);
+            st = ctx->ops->mem.memset_zero(ctx, s->score_bias, E * sizeof(float), NULL);
         if (st != MOE_STATUS_SUCCESS) {
-            ctx->ops->free(ctx, s->score_bias);
+            ctx->ops->mem.free(ctx, s->score_bias);
             s->score_bias = NULL;
             free_params(L);
         }
@@ -421,7 +307,9 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         return st;
     }
     if (ctx->ops->layer_init) {
-        st = ctx->ops->layer_init(ctx, s);
+        moe_backend_layer_t bl = moe__backend_layer(s);
+        st = ctx->ops->layer_init(ctx, &bl);
+        s->impl = bl.impl;
         if (st != MOE_STATUS_SUCCESS) {
             free_params(L);
             free_host_arrays(L);
@@ -440,10 +328,14 @@ moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     MOE_LAYER_ARG(layer);
     moe_layer_trace_close(layer);
     free(layer->forced_idx), free(layer->forced_gate);
-    if (layer->ctx->ops->layer_fini) layer->ctx->ops->layer_fini(layer->ctx, &layer->s);
-    free_buffers(layer);
+    if (layer->ctx->ops->layer_fini) {
+        moe_backend_layer_t bl = moe__backend_layer(&layer->s);
+        layer->ctx->ops->layer_fini(layer->ctx, &bl);
+        layer->s.impl = NULL;
+    }
+    moe__buffers_free(layer);
     free_params(layer);
-    layer->ctx->ops->free(layer->ctx, layer->s.score_bias);
+    layer->ctx->ops->mem.free(layer->ctx, layer->s.score_bias);
     free_host_arrays(layer);
     layer->ctx->num_layers--;
     layer->magic = 0;
@@ -495,8 +387,8 @@ moe_status_t moe_layer_zero_grad(moe_layer_t *layer, void *stream) {
     size_t esz = moe_dtype_size(layer->s.cfg.dtype);
     for (int p = 0; p < MOE_PARAM_COUNT; ++p)
         if (layer->s.grad[p])
-            MOE_CHECK(layer->ctx->ops->memset_zero(layer->ctx, layer->s.grad[p],
-                                                   (size_t)layer->s.numel[p] * esz, stream));
+            MOE_CHECK(layer->ctx->ops->mem.memset_zero(layer->ctx, layer->s.grad[p],
+                                                       (size_t)layer->s.numel[p] * esz, stream));
     return MOE_STATUS_SUCCESS;
 }
 
@@ -514,37 +406,8 @@ moe_status_t moe_layer_stats(moe_layer_t *layer, moe_routing_stats_t *stats,
 moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float *gate,
                                int32_t *kept) {
     MOE_LAYER_ARG(layer);
-    moe_layer_state_t *s = &layer->s;
-    MOE_ARG(s->have_forward, "no successful forward yet");
-    moe_context_t *ctx = layer->ctx;
-    const int64_t T = s->T, K = s->K;
-    if (T == 0) return MOE_STATUS_SUCCESS;
-    int32_t *idx1 = (int32_t *)malloc((size_t)(T * s->K1) * sizeof(int32_t));
-    int32_t *rows = (int32_t *)malloc((size_t)(T * K) * sizeof(int32_t));
-    if (!idx1 || !rows) {
-        free(idx1), free(rows);
-        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "routing staging for %lld tokens", (long long)T);
-    }
-    moe_status_t st;
-    MOE_CHECK_GOTO(ctx->ops->copy(ctx, idx1, s->idx, (size_t)(T * s->K1) * sizeof(int32_t),
-                                  MOE_COPY_D2H, NULL),
-                   st, done);
-    MOE_CHECK_GOTO(ctx->ops->copy(ctx, rows, s->row, (size_t)(T * K) * sizeof(int32_t),
-                                  MOE_COPY_D2H, NULL),
-                   st, done);
-    if (gate)
-        MOE_CHECK_GOTO(ctx->ops->copy(ctx, gate, s->gate, (size_t)(T * K) * sizeof(float),
-                                      MOE_COPY_D2H, NULL),
-                       st, done);
-    MOE_CHECK_GOTO(ctx->ops->sync(ctx, NULL), st, done);
-    for (int64_t t = 0; t < T; ++t)
-        for (int64_t j = 0; j < K; ++j) {
-            if (expert_index) expert_index[t * K + j] = idx1[t * s->K1 + j];
-            if (kept) kept[t * K + j] = rows[t * K + j] >= 0;
-        }
-done:
-    free(idx1), free(rows);
-    return st;
+    MOE_ARG(layer->s.have_forward, "no successful forward yet");
+    return moe__buffers_read_routing(layer, expert_index, gate, kept);
 }
 
 moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream) {
@@ -555,7 +418,8 @@ moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream) 
     moe_param_t which[2] = {MOE_PARAM_ROUTER_WEIGHT, MOE_PARAM_NOISE_WEIGHT};
     for (int i = 0; i < 2; ++i)
         if (layer->s.grad[which[i]])
-            MOE_CHECK(moe__comm_allreduce_f32(ctx->comm, ctx, (float *)layer->s.grad[which[i]],
+            MOE_CHECK(moe__comm_allreduce_f32(ctx->comm, &ctx->mem,
+                                              (float *)layer->s.grad[which[i]],
                                               layer->s.numel[which[i]], stream));
     return MOE_STATUS_SUCCESS;
 }
@@ -602,7 +466,7 @@ moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias) {
             "the layer has no selection bias: create it with cfg.bias_update_rate > 0");
     memcpy(layer->score_bias_h, bias, (size_t)layer->s.E * sizeof(float));
     moe_context_t *ctx = layer->ctx;
-    MOE_CHECK(ctx->ops->copy(ctx, layer->s.score_bias, bias, (size_t)layer->s.E * sizeof(float),
-                             MOE_COPY_H2D, NULL));
-    return ctx->ops->sync(ctx, NULL);
+    MOE_CHECK(ctx->ops->mem.copy(ctx, layer->s.score_bias, bias, (size_t)layer->s.E * sizeof(float),
+                                 MOE_COPY_H2D, NULL));
+    return ctx->ops->mem.sync(ctx, NULL);
 }

@@ -1,15 +1,16 @@
 /* optim.c - moe_optimizer_*: SGD (momentum, Nesterov) and Adam/AdamW over one layer's parameters.
  *
  * The optimizer owns one or two moment buffers per parameter, allocated through the layer's
- * backend. The per-element math is in core/optim_update.h, shared by the CPU loop here and the
- * backends' optim_update op (the CUDA kernel in kernels/optim.cu); update_fn() picks one. */
+ * backend. The per-element math is in core/optim_update.h, shared by every backend's
+ * optim_update op (backend/cpu/optim.c, the CUDA kernel in kernels/optim.cu). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
 #include "core/optim_update.h"
 #include "core/status.h"
-#include "layer.h"
+#include "handle.h"
 
 #define MOE_OPTIMIZER_MAGIC 0x4D4F454Fu /* "MOEO" */
 
@@ -73,37 +74,22 @@ static moe_status_t validate(const moe_optimizer_config_t *c) {
 typedef moe_status_t (*update_fn_t)(const moe_optimizer_t *o, int p,
                                     const moe_optim_scalars_t *c, void *stream);
 
-static moe_status_t cpu_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c,
-                               void *stream) {
-    (void)stream;
-    const moe_layer_state_t *s = &o->layer->s;
-    float *w = (float *)s->param[p];
-    const float *g = (const float *)s->grad[p];
-    float *m = (float *)o->m[p], *v = (float *)o->v[p];
-    const long long n = (long long)s->numel[p];
-    /* element-wise: any thread split gives the same bits */
-    if (is_adam(&o->cfg)) {
-#pragma omp parallel for schedule(static) if (n > 65536)
-        for (long long i = 0; i < n; ++i) moe_adam_update(w, g, m, v, i, c);
-    } else {
-#pragma omp parallel for schedule(static) if (n > 65536)
-        for (long long i = 0; i < n; ++i) moe_sgd_update(w, g, m, i, c);
-    }
-    return MOE_STATUS_SUCCESS;
-}
-
-/* a backend's own update loop (the CUDA kernel) on its memory */
+/* the backend's own update loop on its memory */
 static moe_status_t backend_update(const moe_optimizer_t *o, int p, const moe_optim_scalars_t *c,
                                    void *stream) {
     const moe_layer_state_t *s = &o->layer->s;
-    return o->ctx->ops->optim_update(o->ctx, is_adam(&o->cfg), (float *)s->param[p],
-                                     (const float *)s->grad[p], (float *)o->m[p],
-                                     (float *)o->v[p], s->numel[p], c, stream);
+    const moe_optim_args_t a = {.adam = is_adam(&o->cfg),
+                                .w = (float *)s->param[p],
+                                .g = (const float *)s->grad[p],
+                                .m = (float *)o->m[p],
+                                .v = (float *)o->v[p],
+                                .n = s->numel[p],
+                                .c = c};
+    return o->ctx->ops->optim_update(o->ctx, &a, stream);
 }
 
-/* BACKEND DISPATCH: the one place that picks the update loop of a backend: the CPU loop above,
- * or the backend's optim_update op (CUDA). f32 parameters only: 16-bit parameters would need
- * f32 master weights, which the optimizer does not keep. */
+/* the backend's optim_update op (CPU loop or CUDA kernel), where it has one. f32 parameters
+ * only: 16-bit parameters would need f32 master weights, which the optimizer does not keep. */
 static moe_status_t update_fn(const moe_layer_t *layer, update_fn_t *fn) {
     *fn = NULL;
     if (layer->s.cfg.dtype != MOE_DTYPE_F32)
@@ -111,10 +97,6 @@ static moe_status_t update_fn(const moe_layer_t *layer, update_fn_t *fn) {
                        "the optimizer updates f32 parameters only (this layer stores %s: update "
                        "its parameters from moe_layer_param() with f32 master weights)",
                        layer->s.cfg.dtype == MOE_DTYPE_BF16 ? "bf16" : "f16");
-    if (layer->ctx->backend == MOE_BACKEND_CPU) {
-        *fn = cpu_update;
-        return MOE_STATUS_SUCCESS;
-    }
     if (layer->ctx->ops->optim_update) {
         *fn = backend_update;
         return MOE_STATUS_SUCCESS;
@@ -134,8 +116,8 @@ static moe_status_t update_fn(const moe_layer_t *layer, update_fn_t *fn) {
 static void free_moments(moe_optimizer_t *o) {
     moe_context_t *ctx = o->ctx;
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
-        ctx->ops->free(ctx, o->m[p]);
-        ctx->ops->free(ctx, o->v[p]);
+        ctx->ops->mem.free(ctx, o->m[p]);
+        ctx->ops->mem.free(ctx, o->v[p]);
         o->m[p] = o->v[p] = NULL;
     }
 }
@@ -163,11 +145,11 @@ moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
         if (!layer->s.param[p] || bytes == 0) continue;
         for (int b = 0; b < nbuf; ++b) {
             void **slot = b == 0 ? &o->m[p] : &o->v[p];
-            MOE_CHECK_GOTO(ctx->ops->alloc(ctx, slot, bytes), st, fail);
-            MOE_CHECK_GOTO(ctx->ops->memset_zero(ctx, *slot, bytes, NULL), st, fail);
+            MOE_CHECK_GOTO(ctx->ops->mem.alloc(ctx, slot, bytes), st, fail);
+            MOE_CHECK_GOTO(ctx->ops->mem.memset_zero(ctx, *slot, bytes, NULL), st, fail);
         }
     }
-    MOE_CHECK_GOTO(ctx->ops->sync(ctx, NULL), st, fail);
+    MOE_CHECK_GOTO(ctx->ops->mem.sync(ctx, NULL), st, fail);
     o->magic = MOE_OPTIMIZER_MAGIC;
     *opt = o;
     return MOE_STATUS_SUCCESS;

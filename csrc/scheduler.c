@@ -17,17 +17,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
+#include "buffers.h"
 #include "comm/comm.h"
 #include "core/clock.h"
 #include "core/dtype.h"
 #include "core/status.h"
-#include "layer.h"
+#include "handle.h"
 #include "router/router_host.h"
+#include "scheduler.h"
+#include "trace.h"
 
 /* with profiling on: wait for the stream, add the time since *t0 to phase, restart */
 static moe_status_t mark(moe_layer_t *L, moe_phase_t phase, double *t0, void *stream) {
     if (!L->profiling) return MOE_STATUS_SUCCESS;
-    MOE_CHECK(L->ctx->ops->sync(L->ctx, stream));
+    MOE_CHECK(L->ctx->ops->mem.sync(L->ctx, stream));
     double t = moe_now_s();
     L->phase_s[phase] += t - *t0;
     *t0 = t;
@@ -81,9 +85,119 @@ static moe_status_t update_score_bias(moe_layer_t *L, void *stream) {
         double c = (double)s->counts_h[e];
         L->score_bias_h[e] += c < mean ? rate : (c > mean ? -rate : 0.0f);
     }
-    return L->ctx->ops->copy(L->ctx, s->score_bias, L->score_bias_h,
-                             (size_t)s->E * sizeof(float), MOE_COPY_H2D, stream);
+    return L->ctx->ops->mem.copy(L->ctx, s->score_bias, L->score_bias_h,
+                                 (size_t)s->E * sizeof(float), MOE_COPY_H2D, stream);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * the token-side ops: their arguments from the layer's buffers
+ * ------------------------------------------------------------------------------------------- */
+
+static moe_status_t gate_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_gate_fwd_args_t a = {.layer = bl,
+                                   .T = s->T,
+                                   .noisy = s->noisy_now,
+                                   .call = s->call,
+                                   .x = s->x,
+                                   .w_router = s->param[MOE_PARAM_ROUTER_WEIGHT],
+                                   .w_noise = s->param[MOE_PARAM_NOISE_WEIGHT],
+                                   .score_bias = s->score_bias,
+                                   .logits = s->logits,
+                                   .noise_raw = s->noise_raw,
+                                   .eps = s->eps,
+                                   .h = s->h,
+                                   .lse = s->lse,
+                                   .idx = s->idx,
+                                   .gate = s->gate,
+                                   .sums = {.counts = s->counts_h,
+                                            .prob_sum = s->prob_sum_h,
+                                            .importance = s->importance_h,
+                                            .load = s->load_h,
+                                            .z_sum = &s->z_sum}};
+    return L->ctx->ops->gate_fwd(L->ctx, &a, stream);
+}
+
+static moe_status_t route(moe_layer_t *L, const moe_backend_layer_t *bl, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_route_args_t a = {.layer = bl,
+                                .T = s->T,
+                                .capacity = s->capacity,
+                                .idx = s->idx,
+                                .gate = s->gate,
+                                .counts = s->counts_h,
+                                .row = s->row,
+                                .offsets = s->offsets_h,
+                                .dropped = s->dropped_h,
+                                .num_rows = &s->num_rows};
+    return L->ctx->ops->route(L->ctx, &a, stream);
+}
+
+static moe_status_t permute(moe_layer_t *L, const moe_backend_layer_t *bl, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_permute_args_t a = {.layer = bl, .T = s->T, .x = s->x, .row = s->row, .xp = s->xp};
+    return L->ctx->ops->permute(L->ctx, &a, stream);
+}
+
+static moe_status_t combine_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *y,
+                                void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_combine_fwd_args_t a = {
+        .layer = bl, .T = s->T, .yp = s->yp, .row = s->row, .gate = s->gate, .y = y};
+    return L->ctx->ops->combine_fwd(L->ctx, &a, stream);
+}
+
+static moe_status_t combine_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, const void *dy,
+                                void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_combine_bwd_args_t a = {.layer = bl,
+                                      .T = s->T,
+                                      .dy = dy,
+                                      .yp = s->yp,
+                                      .row = s->row,
+                                      .gate = s->gate,
+                                      .dyp = s->dyp,
+                                      .dgate = s->dg};
+    return L->ctx->ops->combine_bwd(L->ctx, &a, stream);
+}
+
+static moe_status_t unpermute_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *dx,
+                                  void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_unpermute_bwd_args_t a = {
+        .layer = bl, .T = s->T, .dxp = s->dxp, .row = s->row, .dx = dx};
+    return L->ctx->ops->unpermute_bwd(L->ctx, &a, stream);
+}
+
+static moe_status_t gate_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *dx,
+                             void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_gate_bwd_args_t a = {.layer = bl,
+                                   .T = s->T,
+                                   .noisy = s->noisy_now,
+                                   .x = s->x,
+                                   .w_router = s->param[MOE_PARAM_ROUTER_WEIGHT],
+                                   .w_noise = s->param[MOE_PARAM_NOISE_WEIGHT],
+                                   .logits = s->logits,
+                                   .noise_raw = s->noise_raw,
+                                   .eps = s->eps,
+                                   .h = s->h,
+                                   .lse = s->lse,
+                                   .idx = s->idx,
+                                   .gate = s->gate,
+                                   .dgate = s->dg,
+                                   .coefs = &s->coefs,
+                                   .dlogits = s->dlogits,
+                                   .dnoise = s->dnoise,
+                                   .dw_router = s->grad[MOE_PARAM_ROUTER_WEIGHT],
+                                   .dw_noise = s->grad[MOE_PARAM_NOISE_WEIGHT],
+                                   .dx = dx};
+    return L->ctx->ops->gate_bwd(L->ctx, &a, stream);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the expert side
+ * ------------------------------------------------------------------------------------------- */
 
 /* the exchange plan from this rank's expert offsets and the peers' counts: what each source
  * sends each local expert, and where each local expert's rows start on the expert side */
@@ -140,9 +254,9 @@ static void plan_chunks(moe_layer_t *L) {
     }
 }
 
-/* copies chunk c's rows between arrival order [source][expert] and expert-side order
+/* copies chunk c's rows between exchange order [source][expert] (wire) and expert order
  * [expert][source]; to_expert selects the direction */
-static moe_status_t regroup(moe_layer_t *L, int64_t c, float *arrival, float *expert_side,
+static moe_status_t regroup(moe_layer_t *L, int64_t c, void *wire, void *expert_side,
                             int to_expert, void *stream) {
     moe_layer_state_t *s = &L->s;
     moe_context_t *ctx = L->ctx;
@@ -161,10 +275,10 @@ static moe_status_t regroup(moe_layer_t *L, int64_t c, float *arrival, float *ex
                 /* expert le's block: sources before q come first */
                 int64_t dst = x->ex_offsets[s->expert_begin + le];
                 for (int p = 0; p < q; ++p) dst += x->recv_counts[p * El + le];
-                char *a = (char *)arrival + (size_t)src * row;
+                char *a = (char *)wire + (size_t)src * row;
                 char *b = (char *)expert_side + (size_t)dst * row;
-                MOE_CHECK(ctx->ops->copy(ctx, to_expert ? b : a, to_expert ? a : b,
-                                         (size_t)n * row, MOE_COPY_D2D, stream));
+                MOE_CHECK(ctx->ops->mem.copy(ctx, to_expert ? b : a, to_expert ? a : b,
+                                             (size_t)n * row, MOE_COPY_D2D, stream));
             }
             src += n;
         }
@@ -172,49 +286,90 @@ static moe_status_t regroup(moe_layer_t *L, int64_t c, float *arrival, float *ex
     return MOE_STATUS_SUCCESS;
 }
 
-/* the state as the expert ops see it with P > 1: expert-side rows, and only chunk c's experts
- * non-empty (the other local experts get empty row ranges) */
-static moe_layer_state_t expert_view(moe_layer_t *L, int64_t c) {
-    moe_layer_state_t v = L->s;
-    if (L->ctx->world > 1) {
-        moe_exchange_t *x = &L->ex;
-        int64_t b = v.expert_begin, lo, hi;
-        chunk_range(L, c, &lo, &hi);
-        int64_t first = x->ex_offsets[b + lo], last = x->ex_offsets[b + hi];
-        for (int64_t le = 0; le <= v.E_local; ++le) {
-            int64_t o = x->ex_offsets[b + le];
-            x->chunk_offsets[b + le] = o < first ? first : (o > last ? last : o);
-        }
-        v.xp = L->ex_x;
-        v.yp = L->ex_y;
-        v.dyp = L->ex_dy;
-        v.dxp = L->ex_dx;
-        v.offsets_h = x->chunk_offsets;
-        v.num_rows = x->rows;
-        v.expert_side = 1;
+/* the expert rows of pipeline chunk c with P > 1: the expert side's offsets, with only chunk
+ * c's experts non-empty (the other local experts get empty row ranges) */
+static moe_expert_rows_t chunk_rows(moe_layer_t *L, int64_t c) {
+    moe_exchange_t *x = &L->ex;
+    int64_t b = L->s.expert_begin, lo, hi;
+    chunk_range(L, c, &lo, &hi);
+    int64_t first = x->ex_offsets[b + lo], last = x->ex_offsets[b + hi];
+    for (int64_t le = 0; le <= L->s.E_local; ++le) {
+        int64_t o = x->ex_offsets[b + le];
+        x->chunk_offsets[b + le] = o < first ? first : (o > last ? last : o);
     }
-    return v;
+    return (moe_expert_rows_t){.offsets = x->chunk_offsets, .route_offsets = 0};
+}
+
+/* the experts' rows: the route's permuted buffers with P = 1, the expert side with P > 1 */
+typedef struct {
+    moe_expert_rows_t rows;
+    void *x, *y, *dy, *dx; /* input, output, and their gradients, (N, D) each */
+} expert_bufs_t;
+
+static expert_bufs_t route_bufs(moe_layer_t *L) {
+    moe_layer_state_t *s = &L->s;
+    return (expert_bufs_t){.rows = {.offsets = s->offsets_h, .route_offsets = 1},
+                           .x = s->xp,
+                           .y = s->yp,
+                           .dy = s->dyp,
+                           .dx = s->dxp};
+}
+
+static moe_status_t ffn_fwd(moe_layer_t *L, const moe_backend_layer_t *bl,
+                            const expert_bufs_t *e, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_ffn_fwd_args_t a = {.layer = bl,
+                                  .rows = e->rows,
+                                  .w1 = s->param[MOE_PARAM_W1],
+                                  .b1 = s->param[MOE_PARAM_B1],
+                                  .w2 = s->param[MOE_PARAM_W2],
+                                  .b2 = s->param[MOE_PARAM_B2],
+                                  .x = e->x,
+                                  .hpre = s->hpre,
+                                  .act = s->act,
+                                  .y = e->y};
+    return L->ctx->ops->ffn_fwd(L->ctx, &a, stream);
+}
+
+static moe_status_t ffn_bwd(moe_layer_t *L, const moe_backend_layer_t *bl,
+                            const expert_bufs_t *e, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_ffn_bwd_args_t a = {.layer = bl,
+                                  .rows = e->rows,
+                                  .w1 = s->param[MOE_PARAM_W1],
+                                  .w2 = s->param[MOE_PARAM_W2],
+                                  .dw1 = s->grad[MOE_PARAM_W1],
+                                  .db1 = s->grad[MOE_PARAM_B1],
+                                  .dw2 = s->grad[MOE_PARAM_W2],
+                                  .db2 = s->grad[MOE_PARAM_B2],
+                                  .x = e->x,
+                                  .hpre = s->hpre,
+                                  .act = s->act,
+                                  .dy = e->dy,
+                                  .dact = s->dact,
+                                  .dhpre = s->dhpre,
+                                  .dx = e->dx};
+    return L->ctx->ops->ffn_bwd(L->ctx, &a, stream);
 }
 
 /* Rows to the experts and back, pipelined over chunks of local experts: chunk c + 1's
- * all-to-all is in flight while chunk c's experts compute. Forward: from the permuted rows
- * `out` (yp side: `back`) through the expert side; backward the same with the gradients. Each
- * expert's rows are complete within one chunk, so its GEMMs (and weight gradient) do not depend
- * on the chunk count. */
-static moe_status_t expert_pipeline(moe_layer_t *L, int backward, void *stream, double *t0) {
+ * all-to-all is in flight while chunk c's experts compute. Every chunk owns its own rows of
+ * ex_wire, so an arrival in flight never meets a departure.
+ *   forward:  xp -> ex_wire -> ex_x -> ffn -> ex_y -> ex_wire -> yp
+ *   backward: dyp -> ex_wire -> ex_dy -> ffn_bwd -> ex_dx -> ex_wire -> dxp
+ * Each expert's rows are complete within one chunk, so its GEMMs (and weight gradient) do not
+ * depend on the chunk count. */
+static moe_status_t expert_pipeline(moe_layer_t *L, const moe_backend_layer_t *bl, int backward,
+                                    void *stream, double *t0) {
     moe_layer_state_t *s = &L->s;
     moe_context_t *ctx = L->ctx;
     const int P = ctx->world;
     const size_t row = (size_t)s->D * moe_dtype_size(s->cfg.dtype);
     const int64_t n = L->ex.num_chunks;
-    /* forward: xp -> arrival ex_dy -> ex_x -> ffn -> ex_y -> ex_dy -> yp
-     * backward: dyp -> arrival ex_dx -> ex_dy -> ffn_bwd -> ex_dx -> ex_y -> dxp */
-    const float *out = backward ? s->dyp : s->xp;
-    float *arrival = backward ? L->ex_dx : L->ex_dy;
-    float *in_side = backward ? L->ex_dy : L->ex_x;
-    float *out_side = backward ? L->ex_dx : L->ex_y;
-    float *departure = backward ? L->ex_y : L->ex_dy;
-    float *back = backward ? s->dxp : s->yp;
+    const void *out = backward ? (const void *)s->dyp : (const void *)s->xp;
+    void *in_side = backward ? L->ex_dy : L->ex_x;
+    void *out_side = backward ? L->ex_dx : L->ex_y;
+    void *back = backward ? (void *)s->dxp : (void *)s->yp;
     const moe_phase_t ph_disp = backward ? MOE_PHASE_BWD_DISPATCH : MOE_PHASE_DISPATCH;
     const moe_phase_t ph_exp = backward ? MOE_PHASE_BWD_EXPERTS : MOE_PHASE_EXPERTS;
     const moe_phase_t ph_ret = backward ? MOE_PHASE_BWD_RETURN : MOE_PHASE_RETURN;
@@ -224,28 +379,31 @@ static moe_status_t expert_pipeline(moe_layer_t *L, int backward, void *stream, 
     for (int64_t c = 0; c < n && st == MOE_STATUS_SUCCESS; ++c) {
         const int64_t *sr = chunk_plan(L, c), *so = sr + P, *rr = sr + 2 * P, *ro = sr + 3 * P;
         if (c == 0)
-            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, out, sr, so, arrival, rr, ro, row,
-                                           stream, &disp[0]);
+            st = moe__comm_ialltoallv_rows(ctx->comm, &ctx->mem, out, sr, so, L->ex_wire, rr, ro,
+                                           row, stream, &disp[0]);
         if (st == MOE_STATUS_SUCCESS) st = moe__comm_wait(ctx->comm, disp[c]);
         disp[c] = NULL;
         if (st == MOE_STATUS_SUCCESS && c + 1 < n) {
             const int64_t *nsr = chunk_plan(L, c + 1);
-            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, out, nsr, nsr + P, arrival, nsr + 2 * P,
-                                           nsr + 3 * P, row, stream, &disp[c + 1]);
+            st = moe__comm_ialltoallv_rows(ctx->comm, &ctx->mem, out, nsr, nsr + P, L->ex_wire,
+                                           nsr + 2 * P, nsr + 3 * P, row, stream, &disp[c + 1]);
         }
-        if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, arrival, in_side, 1, stream);
+        if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, L->ex_wire, in_side, 1, stream);
         if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_disp, t0, stream);
         if (st == MOE_STATUS_SUCCESS) {
-            moe_layer_state_t view = expert_view(L, c);
-            st = backward ? ctx->ops->ffn_bwd(ctx, &view, stream)
-                          : ctx->ops->ffn_fwd(ctx, &view, stream);
+            const expert_bufs_t e = {.rows = chunk_rows(L, c),
+                                     .x = L->ex_x,
+                                     .y = L->ex_y,
+                                     .dy = L->ex_dy,
+                                     .dx = L->ex_dx};
+            st = backward ? ffn_bwd(L, bl, &e, stream) : ffn_fwd(L, bl, &e, stream);
         }
         if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_exp, t0, stream);
-        if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, departure, out_side, 0, stream);
+        if (st == MOE_STATUS_SUCCESS) st = regroup(L, c, L->ex_wire, out_side, 0, stream);
         /* back: what arrived from rank q returns to it, into its chunk-c rows */
         if (st == MOE_STATUS_SUCCESS)
-            st = moe__comm_ialltoallv_rows(ctx->comm, ctx, departure, rr, ro, back, sr, so, row,
-                                           stream, &ret[c]);
+            st = moe__comm_ialltoallv_rows(ctx->comm, &ctx->mem, L->ex_wire, rr, ro, back, sr, so,
+                                           row, stream, &ret[c]);
         if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_ret, t0, stream);
     }
     /* complete whatever is pending, also after a failure: the buffers must stay quiet */
@@ -290,8 +448,9 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
                        "x holds %lld NaN/Inf values among %lld tokens: nothing was routed",
                        (long long)bad, (long long)T);
     /* growing replaces the buffers only once every new one is allocated */
-    MOE_CHECK(moe__layer_reserve(L, T));
+    MOE_CHECK(moe__buffers_reserve_tokens(L, T));
 
+    const moe_backend_layer_t bl = moe__backend_layer(s);
     /* from here the previous forward's state is overwritten */
     memset(L->phase_s, 0, sizeof L->phase_s);
     double t0 = moe_now_s();
@@ -307,10 +466,10 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
         s->capacity = moe_router_capacity(s->cfg.capacity_factor, T, s->K, s->E);
     }
     if (T > 0) {
-        MOE_CHECK(ops->copy(ctx, s->x, x, (size_t)(T * s->D) * moe_dtype_size(s->cfg.dtype),
-                            MOE_COPY_D2D,
-                            stream));
-        MOE_CHECK(ops->gate_fwd(ctx, s, stream));
+        MOE_CHECK(ops->mem.copy(ctx, s->x, x, (size_t)(T * s->D) * moe_dtype_size(s->cfg.dtype),
+                                MOE_COPY_D2D,
+                                stream));
+        MOE_CHECK(gate_fwd(L, &bl, stream));
     } else {
         for (int64_t e = 0; e < s->E; ++e) {
             s->counts_h[e] = 0;
@@ -329,7 +488,7 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     MOE_CHECK(mark(L, MOE_PHASE_GATE, &t0, stream));
 
     if (T > 0) {
-        MOE_CHECK(ops->route(ctx, s, stream));
+        MOE_CHECK(route(L, &bl, stream));
     } else {
         memset(s->offsets_h, 0, (size_t)(s->E + 1) * sizeof(int64_t));
         memset(s->dropped_h, 0, (size_t)s->E * sizeof(int64_t));
@@ -337,32 +496,39 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     }
     int64_t T_total = T;
     MOE_CHECK(reduce_stats(L, &T_total));
-    MOE_CHECK(moe_router_finalize(s, T_total));
+    const moe_router_sums_t sums = {.counts = s->counts_h,
+                                    .prob_sum = s->prob_sum_h,
+                                    .importance = s->importance_h,
+                                    .load = s->load_h,
+                                    .z_sum = &s->z_sum};
+    MOE_CHECK(moe_router_finalize(&s->cfg, s->E, s->K, s->noisy_now, &sums, T_total, &s->stats,
+                                  &s->coefs));
     if (s->score_bias && training) MOE_CHECK(update_score_bias(L, stream));
     int64_t dropped = 0;
     for (int64_t e = 0; e < s->E; ++e) dropped += s->dropped_h[e];
     s->stats.num_dropped = dropped;
     MOE_CHECK(mark(L, MOE_PHASE_ROUTE, &t0, stream));
 
-    if (T > 0) MOE_CHECK(ops->permute(ctx, s, stream));
+    if (T > 0) MOE_CHECK(permute(L, &bl, stream));
     MOE_CHECK(mark(L, MOE_PHASE_PERMUTE, &t0, stream));
 
     if (ep) {
         MOE_CHECK(plan_exchange(L));
         plan_chunks(L);
-        MOE_CHECK(moe__layer_reserve_rows(L, L->ex.rows));
+        MOE_CHECK(moe__buffers_reserve_rows(L, L->ex.rows));
         s->stats.rows_sent = s->num_rows;
         s->stats.rows_received = L->ex.rows;
-        MOE_CHECK(expert_pipeline(L, 0, stream, &t0));
+        MOE_CHECK(expert_pipeline(L, &bl, 0, stream, &t0));
     } else {
-        MOE_CHECK(moe__layer_reserve_rows(L, s->num_rows));
+        MOE_CHECK(moe__buffers_reserve_rows(L, s->num_rows));
         s->stats.rows_sent = s->stats.rows_received = s->num_rows;
         MOE_CHECK(mark(L, MOE_PHASE_DISPATCH, &t0, stream));
-        MOE_CHECK(ops->ffn_fwd(ctx, s, stream));
+        const expert_bufs_t e = route_bufs(L);
+        MOE_CHECK(ffn_fwd(L, &bl, &e, stream));
         MOE_CHECK(mark(L, MOE_PHASE_EXPERTS, &t0, stream));
     }
 
-    if (T > 0) MOE_CHECK(ops->combine_fwd(ctx, s, y, stream));
+    if (T > 0) MOE_CHECK(combine_fwd(L, &bl, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
     s->have_forward = 1;
     if (L->trace) MOE_CHECK(moe__trace_write(L));
@@ -371,28 +537,29 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
 
 moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {
     moe_context_t *ctx = L->ctx;
-    const moe_backend_ops_t *ops = ctx->ops;
     moe_layer_state_t *s = &L->s;
     const int ep = ctx->world > 1;
     const int64_t T = s->T;
+    const moe_backend_layer_t bl = moe__backend_layer(s);
     for (int p = MOE_PHASE_BWD_COMBINE; p < MOE_PHASE_COUNT; ++p) L->phase_s[p] = 0.0;
     double t0 = moe_now_s();
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
-    if (T > 0) MOE_CHECK(ops->combine_bwd(ctx, s, dy, stream));
+    if (T > 0) MOE_CHECK(combine_bwd(L, &bl, dy, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_COMBINE, &t0, stream));
 
     if (ep) {
-        MOE_CHECK(expert_pipeline(L, 1, stream, &t0));
+        MOE_CHECK(expert_pipeline(L, &bl, 1, stream, &t0));
     } else {
-        MOE_CHECK(ops->ffn_bwd(ctx, s, stream));
+        const expert_bufs_t e = route_bufs(L);
+        MOE_CHECK(ffn_bwd(L, &bl, &e, stream));
         MOE_CHECK(mark(L, MOE_PHASE_BWD_EXPERTS, &t0, stream));
     }
 
-    if (T > 0) MOE_CHECK(ops->unpermute_bwd(ctx, s, dx, stream));
+    if (T > 0) MOE_CHECK(unpermute_bwd(L, &bl, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_UNPERMUTE, &t0, stream));
     /* forced gates are data, not a function of the router: no router gradient */
-    if (T > 0 && !L->forced_last) MOE_CHECK(ops->gate_bwd(ctx, s, dx, stream));
+    if (T > 0 && !L->forced_last) MOE_CHECK(gate_bwd(L, &bl, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_GATE, &t0, stream));
     return MOE_STATUS_SUCCESS;
 }

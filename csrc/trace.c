@@ -5,17 +5,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
+#include "core/check_io.h"
 #include "core/status.h"
-#include "layer.h"
+#include "buffers.h"
+#include "handle.h"
+#include "moe/trace_format.h"
 #include "router/router.h"
-#include "trace_format.h"
+#include "trace.h"
 
 moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t layer_id) {
     MOE_LAYER_ARG(layer);
     MOE_ARG(path != NULL, "path is NULL");
     MOE_CHECK(moe_layer_trace_close(layer));
     FILE *f = fopen(path, "wb");
-    if (!f) return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "cannot open trace file '%s'", path);
+    MOE_IO_CHECK(f != NULL, "cannot open trace file '%s'", path);
     const moe_layer_config_t *c = &layer->s.cfg;
     moe_trace_header_t h;
     memset(&h, 0, sizeof h);
@@ -36,8 +40,9 @@ moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t
     h.router = (int32_t)c->router;
     h.routing_width = layer->s.K;
     if (fwrite(&h, sizeof h, 1, f) != 1) {
+        moe_status_t st = MOE_IO_ERR("cannot write trace header to '%s'", path);
         fclose(f);
-        return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "cannot write trace header to '%s'", path);
+        return st;
     }
     layer->trace = f;
     layer->trace_layer_id = layer_id;
@@ -48,9 +53,9 @@ moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t
 moe_status_t moe_layer_trace_close(moe_layer_t *layer) {
     MOE_LAYER_ARG(layer);
     if (!layer->trace) return MOE_STATUS_SUCCESS;
-    int bad = fclose(layer->trace) != 0;
+    int ok = fclose(layer->trace) == 0;
     layer->trace = NULL;
-    if (bad) return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "closing the trace file failed");
+    MOE_IO_CHECK(ok, "closing the trace file failed");
     return MOE_STATUS_SUCCESS;
 }
 
@@ -64,7 +69,7 @@ moe_status_t moe__trace_write(moe_layer_t *L) {
     uint8_t *kept8 = (uint8_t *)malloc((size_t)(T * K + 1));
     moe_status_t st = MOE_STATUS_SUCCESS;
     if (!idx || !gate || !kept || !kept8) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "trace staging");
-    if (st == MOE_STATUS_SUCCESS) st = moe_layer_routing(L, idx, gate, kept);
+    if (st == MOE_STATUS_SUCCESS) st = moe__buffers_read_routing(L, idx, gate, kept);
     if (st == MOE_STATUS_SUCCESS) {
         for (int64_t i = 0; i < T * K; ++i) kept8[i] = (uint8_t)kept[i];
         FILE *f = L->trace;
@@ -73,8 +78,7 @@ moe_status_t moe__trace_write(moe_layer_t *L) {
             fwrite(gate, sizeof(float), n, f) != n || fwrite(kept8, 1, n, f) != n ||
             fwrite(s->counts_h, sizeof(int64_t), (size_t)E, f) != (size_t)E ||
             fwrite(s->dropped_h, sizeof(int64_t), (size_t)E, f) != (size_t)E)
-            st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "writing trace record %lld failed",
-                         (long long)L->trace_step);
+            st = MOE_IO_ERR("writing trace record %lld failed", (long long)L->trace_step);
     }
     free(idx), free(gate), free(kept), free(kept8);
     L->trace_step++;
@@ -143,12 +147,12 @@ moe_status_t moe__apply_forced_routing(moe_layer_t *L, void *stream) {
         }
     }
     for (int64_t e = 0; e < E; ++e) s->load_h[e] = (double)s->counts_h[e];
-    moe_status_t st = ctx->ops->copy(ctx, s->idx, idx1, (size_t)(T * K1) * sizeof(int32_t),
-                                     MOE_COPY_H2D, stream);
+    moe_status_t st = ctx->ops->mem.copy(ctx, s->idx, idx1, (size_t)(T * K1) * sizeof(int32_t),
+                                         MOE_COPY_H2D, stream);
     if (st == MOE_STATUS_SUCCESS)
-        st = ctx->ops->copy(ctx, s->gate, L->forced_gate, (size_t)(T * K) * sizeof(float),
-                            MOE_COPY_H2D, stream);
-    if (st == MOE_STATUS_SUCCESS) st = ctx->ops->sync(ctx, stream);
+        st = ctx->ops->mem.copy(ctx, s->gate, L->forced_gate, (size_t)(T * K) * sizeof(float),
+                                MOE_COPY_H2D, stream);
+    if (st == MOE_STATUS_SUCCESS) st = ctx->ops->mem.sync(ctx, stream);
     free(idx1);
     return st;
 }

@@ -52,9 +52,10 @@ TEST(ApiStatus, StringsAndVersion) {
         {MOE_STATUS_NUMERIC_ERROR, "MOE_STATUS_NUMERIC_ERROR"},
         {MOE_STATUS_BACKEND_ERROR, "MOE_STATUS_BACKEND_ERROR"},
         {MOE_STATUS_COMM_ERROR, "MOE_STATUS_COMM_ERROR"},
-        {MOE_STATUS_INTERNAL_ERROR, "MOE_STATUS_INTERNAL_ERROR"}};
+        {MOE_STATUS_INTERNAL_ERROR, "MOE_STATUS_INTERNAL_ERROR"},
+        {MOE_STATUS_IO_ERROR, "MOE_STATUS_IO_ERROR"}};
     for (auto &n : names) EXPECT_STREQ(moe_status_string(n.first), n.second);
-    EXPECT_STREQ(moe_status_string((moe_status_t)8), "MOE_STATUS_UNKNOWN");
+    EXPECT_STREQ(moe_status_string((moe_status_t)9), "MOE_STATUS_UNKNOWN");
     EXPECT_STREQ(moe_status_string((moe_status_t)-1), "MOE_STATUS_UNKNOWN");
     int ma = -1, mi = -1, pa = -1;
     moe_get_version(&ma, &mi, &pa);

@@ -92,21 +92,21 @@ moe_status_t moe__comm_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) {
     MOE_COMM_CALL(c, c->ops->allgather_u64(c, v, all));
 }
 
-moe_status_t moe__comm_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+moe_status_t moe__comm_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                       const int64_t *send_rows, const int64_t *send_off,
                                       void *recv, const int64_t *recv_rows,
                                       const int64_t *recv_off, size_t row_bytes, void *stream) {
-    MOE_COMM_CALL(c, c->ops->alltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows,
+    MOE_COMM_CALL(c, c->ops->alltoallv_rows(c, mem, send, send_rows, send_off, recv, recv_rows,
                                             recv_off, row_bytes, stream));
 }
 
-moe_status_t moe__comm_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+moe_status_t moe__comm_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                        const int64_t *send_rows, const int64_t *send_off,
                                        void *recv, const int64_t *recv_rows,
                                        const int64_t *recv_off, size_t row_bytes, void *stream,
                                        void **req) {
     *req = NULL;
-    MOE_COMM_CALL(c, c->ops->ialltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows,
+    MOE_COMM_CALL(c, c->ops->ialltoallv_rows(c, mem, send, send_rows, send_off, recv, recv_rows,
                                              recv_off, row_bytes, stream, req));
 }
 
@@ -115,9 +115,9 @@ moe_status_t moe__comm_wait(moe_comm_t *c, void *req) {
     MOE_COMM_CALL(c, c->ops->wait(c, req));
 }
 
-moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                      void *stream) {
-    MOE_COMM_CALL(c, c->ops->allreduce_f32(c, ctx, buf, n, stream));
+    MOE_COMM_CALL(c, c->ops->allreduce_f32(c, mem, buf, n, stream));
 }
 
 #ifndef MOE_WITH_MPI

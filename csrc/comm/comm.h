@@ -9,7 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "backend/backend.h"
+#include "backend/memory.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -33,19 +33,19 @@ typedef struct moe_comm_ops {
     moe_status_t (*allgather_u64)(moe_comm_t *c, uint64_t v, uint64_t *all);
     /* rows: send rows [send_off[q], send_off[q] + send_rows[q]) go to rank q and arrive at
      * recv row recv_off[src] there; row_bytes per row; backend memory */
-    moe_status_t (*alltoallv_rows)(moe_comm_t *c, moe_context_t *ctx, const void *send,
+    moe_status_t (*alltoallv_rows)(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                    const int64_t *send_rows, const int64_t *send_off, void *recv,
                                    const int64_t *recv_rows, const int64_t *recv_off,
                                    size_t row_bytes, void *stream);
     /* non-blocking form of alltoallv_rows: *req is waited for with wait(); the count and offset
      * arrays must stay untouched until then. A transport may complete it at once (req NULL). */
-    moe_status_t (*ialltoallv_rows)(moe_comm_t *c, moe_context_t *ctx, const void *send,
+    moe_status_t (*ialltoallv_rows)(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                     const int64_t *send_rows, const int64_t *send_off, void *recv,
                                     const int64_t *recv_rows, const int64_t *recv_off,
                                     size_t row_bytes, void *stream, void **req);
     moe_status_t (*wait)(moe_comm_t *c, void *req);
     /* in-place sum over ranks of n f32 in backend memory */
-    moe_status_t (*allreduce_f32)(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+    moe_status_t (*allreduce_f32)(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                   void *stream);
     moe_status_t (*barrier)(moe_comm_t *c);
     void (*destroy)(moe_comm_t *c);
@@ -70,17 +70,17 @@ moe_status_t moe__comm_alloc(moe_comm_t **out, moe_comm_kind_t kind, int rank, i
 moe_status_t moe__comm_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv, int64_t n);
 moe_status_t moe__comm_allreduce_f64(moe_comm_t *c, double *buf, int64_t n);
 moe_status_t moe__comm_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all);
-moe_status_t moe__comm_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+moe_status_t moe__comm_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                       const int64_t *send_rows, const int64_t *send_off,
                                       void *recv, const int64_t *recv_rows,
                                       const int64_t *recv_off, size_t row_bytes, void *stream);
-moe_status_t moe__comm_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+moe_status_t moe__comm_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                        const int64_t *send_rows, const int64_t *send_off,
                                        void *recv, const int64_t *recv_rows,
                                        const int64_t *recv_off, size_t row_bytes, void *stream,
                                        void **req);
 moe_status_t moe__comm_wait(moe_comm_t *c, void *req);
-moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                      void *stream);
 
 #ifdef __cplusplus

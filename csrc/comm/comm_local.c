@@ -121,7 +121,8 @@ static moe_status_t local_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
     if (sh->scratch_n >= n) memcpy(buf, sh->scratch_f64, (size_t)n * sizeof(double));
     MOE_CHECK(local_barrier(c));
     if (sh->scratch_n < n)
-        return st != MOE_STATUS_SUCCESS ? st : MOE_ERR(MOE_STATUS_ALLOC_FAILED, "reduction scratch");
+        return st != MOE_STATUS_SUCCESS ? st
+                                        : MOE_ERR(MOE_STATUS_ALLOC_FAILED, "reduction scratch");
     return MOE_STATUS_SUCCESS;
 }
 
@@ -133,7 +134,7 @@ static moe_status_t local_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all
     return local_barrier(c);
 }
 
-static moe_status_t local_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t local_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                          const int64_t *send_rows, const int64_t *send_off,
                                          void *recv, const int64_t *recv_rows,
                                          const int64_t *recv_off, size_t row_bytes,
@@ -141,7 +142,7 @@ static moe_status_t local_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, cons
     local_shared_t *sh = (local_shared_t *)c->impl;
     const int me = c->rank;
     /* the send buffer must be complete before a peer reads it */
-    MOE_CHECK(ctx->ops->sync(ctx, stream));
+    MOE_CHECK(moe_memory_sync(mem, stream));
     sh->slot[me].send = send;
     sh->slot[me].send_rows = send_rows;
     sh->slot[me].send_off = send_off;
@@ -158,22 +159,22 @@ static moe_status_t local_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, cons
         if (rows == 0) continue;
         const char *src = (const char *)sh->slot[q].send + sh->slot[q].send_off[me] * row_bytes;
         char *dst = (char *)recv + recv_off[q] * row_bytes;
-        st = ctx->ops->copy(ctx, dst, src, (size_t)rows * row_bytes, MOE_COPY_D2D, stream);
+        st = moe_memory_copy(mem, dst, src, (size_t)rows * row_bytes, MOE_COPY_D2D, stream);
     }
     /* our reads of the peers' buffers must be done before they move on */
-    moe_status_t st2 = ctx->ops->sync(ctx, stream);
+    moe_status_t st2 = moe_memory_sync(mem, stream);
     MOE_CHECK(local_barrier(c));
     return st != MOE_STATUS_SUCCESS ? st : st2;
 }
 
 /* threads in one process: the exchange is a copy, done at once */
-static moe_status_t local_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t local_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                           const int64_t *send_rows, const int64_t *send_off,
                                           void *recv, const int64_t *recv_rows,
                                           const int64_t *recv_off, size_t row_bytes,
                                           void *stream, void **req) {
     *req = NULL;
-    return local_alltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows, recv_off,
+    return local_alltoallv_rows(c, mem, send, send_rows, send_off, recv, recv_rows, recv_off,
                                 row_bytes, stream);
 }
 
@@ -182,16 +183,16 @@ static moe_status_t local_wait(moe_comm_t *c, void *req) {
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t local_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
-                                        void *stream) {
+static moe_status_t local_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf,
+                                        int64_t n, void *stream) {
     /* through host doubles: summed in rank order, the same on every rank */
     double *h = (double *)malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
     float *f = (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
     moe_status_t st = MOE_STATUS_SUCCESS;
     if (!h || !f) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "allreduce staging of %lld", (long long)n);
     if (st == MOE_STATUS_SUCCESS)
-        st = ctx->ops->copy(ctx, f, buf, (size_t)n * sizeof(float), MOE_COPY_D2H, stream);
-    if (st == MOE_STATUS_SUCCESS) st = ctx->ops->sync(ctx, stream);
+        st = moe_memory_copy(mem, f, buf, (size_t)n * sizeof(float), MOE_COPY_D2H, stream);
+    if (st == MOE_STATUS_SUCCESS) st = moe_memory_sync(mem, stream);
     if (st == MOE_STATUS_SUCCESS)
         for (int64_t i = 0; i < n; ++i) h[i] = f[i];
     /* every rank takes part in the collective even after a local failure */
@@ -199,8 +200,8 @@ static moe_status_t local_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float
     if (st == MOE_STATUS_SUCCESS) st = cs;
     if (st == MOE_STATUS_SUCCESS) {
         for (int64_t i = 0; i < n; ++i) f[i] = (float)h[i];
-        st = ctx->ops->copy(ctx, buf, f, (size_t)n * sizeof(float), MOE_COPY_H2D, stream);
-        if (st == MOE_STATUS_SUCCESS) st = ctx->ops->sync(ctx, stream);
+        st = moe_memory_copy(mem, buf, f, (size_t)n * sizeof(float), MOE_COPY_H2D, stream);
+        if (st == MOE_STATUS_SUCCESS) st = moe_memory_sync(mem, stream);
     }
     free(h), free(f);
     return st;

@@ -10,37 +10,24 @@
 #include <time.h>
 
 #include "comm/comm.h"
+#include "core/check_mpi.h"
+#include "core/clock.h"
 #include "core/status.h"
 
 typedef struct {
     MPI_Comm comm; /* our duplicate, errors returned instead of fatal */
 } mpi_impl_t;
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static moe_status_t mpi_fail(const moe_comm_t *c, const char *what, int rc) {
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) len = 0;
-    msg[len] = '\0';
-    return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: %s failed: %s", c->rank, what, msg);
-}
-
 /* waits for req, at most the communicator's timeout */
 static moe_status_t mpi_wait(const moe_comm_t *c, MPI_Request *req, const char *what) {
-    double t0 = now_s();
+    double t0 = moe_now_s();
     struct timespec nap = {0, 20000}; /* 20 us between polls */
     for (long spins = 0;; ++spins) {
         int done = 0;
-        int rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS) return mpi_fail(c, what, rc);
+        MOE_MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
         if (done) return MOE_STATUS_SUCCESS;
         if (spins > 1000) nanosleep(&nap, NULL);
-        if (now_s() - t0 > c->timeout_s) {
+        if (moe_now_s() - t0 > c->timeout_s) {
             /* the request stays pending: the communicator is unusable from here on */
             return MOE_ERR(MOE_STATUS_COMM_ERROR,
                            "rank %d waited %.1f s in %s: a peer rank never joined (mismatched "
@@ -55,23 +42,21 @@ static moe_status_t mpi_wait(const moe_comm_t *c, MPI_Request *req, const char *
 static moe_status_t mpi_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv,
                                      int64_t n) {
     MPI_Request req;
-    int rc = MPI_Ialltoall(send, (int)n, MPI_INT64_T, recv, (int)n, MPI_INT64_T, MPI_COMM_OF(c),
-                           &req);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Ialltoall", rc);
+    MOE_MPI_CHECK(MPI_Ialltoall(send, (int)n, MPI_INT64_T, recv, (int)n, MPI_INT64_T,
+                                MPI_COMM_OF(c), &req));
     return mpi_wait(c, &req, "MPI_Ialltoall");
 }
 
 static moe_status_t mpi_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
     MPI_Request req;
-    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_OF(c), &req);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Iallreduce", rc);
+    MOE_MPI_CHECK(
+        MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_OF(c), &req));
     return mpi_wait(c, &req, "MPI_Iallreduce");
 }
 
 static moe_status_t mpi_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) {
     MPI_Request req;
-    int rc = MPI_Iallgather(&v, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, MPI_COMM_OF(c), &req);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Iallgather", rc);
+    MOE_MPI_CHECK(MPI_Iallgather(&v, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, MPI_COMM_OF(c), &req));
     return mpi_wait(c, &req, "MPI_Iallgather");
 }
 
@@ -82,12 +67,12 @@ typedef struct {
     int counts[]; /* send counts, send displs, recv counts, recv displs: 4P ints */
 } mpi_pending_t;
 
-static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                         const int64_t *send_rows, const int64_t *send_off,
                                         void *recv, const int64_t *recv_rows,
                                         const int64_t *recv_off, size_t row_bytes, void *stream,
                                         void **req) {
-    (void)ctx, (void)stream;
+    (void)mem, (void)stream;
     int P = c->size;
     *req = NULL;
     mpi_pending_t *p = (mpi_pending_t *)malloc(sizeof *p + (size_t)(4 * P) * sizeof(int));
@@ -99,20 +84,19 @@ static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const
         rcn[q] = (int)recv_rows[q];
         rd[q] = (int)recv_off[q];
     }
-    int rc = MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &p->row);
-    if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&p->row);
-    if (rc != MPI_SUCCESS) {
-        free(p);
-        return mpi_fail(c, "MPI_Type_contiguous", rc);
-    }
-    rc = MPI_Ialltoallv(send, sc, sd, p->row, recv, rcn, rd, p->row, MPI_COMM_OF(c), &p->req);
-    if (rc != MPI_SUCCESS) {
-        MPI_Type_free(&p->row);
-        free(p);
-        return mpi_fail(c, "MPI_Ialltoallv", rc);
-    }
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    MOE_MPI_CHECK_GOTO(MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &p->row), st, no_type);
+    MOE_MPI_CHECK_GOTO(MPI_Type_commit(&p->row), st, typed);
+    MOE_MPI_CHECK_GOTO(
+        MPI_Ialltoallv(send, sc, sd, p->row, recv, rcn, rd, p->row, MPI_COMM_OF(c), &p->req), st,
+        typed);
     *req = p;
     return MOE_STATUS_SUCCESS;
+typed:
+    MPI_Type_free(&p->row);
+no_type:
+    free(p);
+    return st;
 }
 
 static moe_status_t mpi_wait_pending(moe_comm_t *c, void *req) {
@@ -126,29 +110,28 @@ static moe_status_t mpi_wait_pending(moe_comm_t *c, void *req) {
     return st;
 }
 
-static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                        const int64_t *send_rows, const int64_t *send_off,
                                        void *recv, const int64_t *recv_rows,
                                        const int64_t *recv_off, size_t row_bytes, void *stream) {
     void *req = NULL;
-    MOE_CHECK(mpi_ialltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows, recv_off,
+    MOE_CHECK(mpi_ialltoallv_rows(c, mem, send, send_rows, send_off, recv, recv_rows, recv_off,
                                   row_bytes, stream, &req));
     return mpi_wait_pending(c, req);
 }
 
-static moe_status_t mpi_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
+static moe_status_t mpi_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                       void *stream) {
-    (void)ctx, (void)stream;
+    (void)mem, (void)stream;
     MPI_Request req;
-    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_OF(c), &req);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Iallreduce", rc);
+    MOE_MPI_CHECK(
+        MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_OF(c), &req));
     return mpi_wait(c, &req, "MPI_Iallreduce");
 }
 
 static moe_status_t mpi_barrier(moe_comm_t *c) {
     MPI_Request req;
-    int rc = MPI_Ibarrier(MPI_COMM_OF(c), &req);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, "MPI_Ibarrier", rc);
+    MOE_MPI_CHECK(MPI_Ibarrier(MPI_COMM_OF(c), &req));
     return mpi_wait(c, &req, "MPI_Ibarrier");
 }
 
@@ -182,19 +165,16 @@ moe_status_t moe_comm_create_mpi(moe_comm_t **comm, const void *mpi_comm) {
     MPI_Comm base = mpi_comm ? *(const MPI_Comm *)mpi_comm : MPI_COMM_WORLD;
     mpi_impl_t *m = (mpi_impl_t *)calloc(1, sizeof *m);
     if (!m) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "MPI communicator");
-    int rc = MPI_Comm_dup(base, &m->comm);
-    if (rc != MPI_SUCCESS) {
-        free(m);
-        return MOE_ERR(MOE_STATUS_COMM_ERROR, "MPI_Comm_dup failed (%d)", rc);
-    }
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    MOE_MPI_CHECK_GOTO(MPI_Comm_dup(base, &m->comm), st, fail);
     MPI_Comm_set_errhandler(m->comm, MPI_ERRORS_RETURN);
     int rank = 0, size = 1;
     MPI_Comm_rank(m->comm, &rank);
     MPI_Comm_size(m->comm, &size);
-    moe_status_t st = moe__comm_alloc(comm, MOE_COMM_KIND_MPI, rank, size, &mpi_ops, m);
-    if (st != MOE_STATUS_SUCCESS) {
-        MPI_Comm_free(&m->comm);
-        free(m);
-    }
+    st = moe__comm_alloc(comm, MOE_COMM_KIND_MPI, rank, size, &mpi_ops, m);
+    if (st == MOE_STATUS_SUCCESS) return st;
+    MPI_Comm_free(&m->comm);
+fail:
+    free(m);
     return st;
 }

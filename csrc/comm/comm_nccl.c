@@ -12,12 +12,16 @@
 #include <stdlib.h>
 #include <time.h>
 
-#ifdef MOE_WITH_MPI
-#include <mpi.h>
-#endif
 
 #include "comm/comm.h"
+#include "core/check_cuda.h"
+#include "core/check_nccl.h"
+#include "core/clock.h"
 #include "core/status.h"
+
+#ifdef MOE_WITH_MPI
+#include "core/check_mpi.h"
+#endif
 
 typedef struct {
     ncclComm_t comm;
@@ -29,46 +33,23 @@ typedef struct {
 
 #define NCCL_OF(c) ((nccl_impl_t *)(c)->impl)
 
-#define NCCL_CHECK(call)                                                                      \
-    do {                                                                                      \
-        ncclResult_t r_ = (call);                                                             \
-        if (r_ != ncclSuccess && r_ != ncclInProgress)                                        \
-            return MOE_ERR(MOE_STATUS_COMM_ERROR, "%s: %s", #call, ncclGetErrorString(r_));   \
-    } while (0)
-
-#define CUDA_CHECK(call)                                                                      \
-    do {                                                                                      \
-        cudaError_t e_ = (call);                                                              \
-        if (e_ != cudaSuccess)                                                                \
-            return MOE_ERR(MOE_STATUS_BACKEND_ERROR, "%s: %s", #call, cudaGetErrorString(e_)); \
-    } while (0)
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* waits for stream with the communicator's timeout; on timeout or an NCCL async error, aborts */
 static moe_status_t nccl_wait_stream(moe_comm_t *c, cudaStream_t stream, const char *what) {
     nccl_impl_t *m = NCCL_OF(c);
-    double t0 = now_s();
+    double t0 = moe_now_s();
     struct timespec nap = {0, 50000};
     for (;;) {
         cudaError_t e = cudaStreamQuery(stream);
         if (e == cudaSuccess) return MOE_STATUS_SUCCESS;
-        if (e != cudaErrorNotReady)
-            return MOE_ERR(MOE_STATUS_BACKEND_ERROR, "rank %d: %s: %s", c->rank, what,
-                           cudaGetErrorString(e));
+        if (e != cudaErrorNotReady) return MOE_CUDA_ERR(e, what);
         ncclResult_t async = ncclSuccess;
         ncclCommGetAsyncError(m->comm, &async);
-        if (async != ncclSuccess && async != ncclInProgress) {
+        if (!moe__nccl_ok(async)) {
             ncclCommAbort(m->comm);
             m->comm = NULL;
-            return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: %s: NCCL error %s", c->rank, what,
-                           ncclGetErrorString(async));
+            return MOE_NCCL_ERR(async, what);
         }
-        if (now_s() - t0 > c->timeout_s) {
+        if (moe_now_s() - t0 > c->timeout_s) {
             ncclCommAbort(m->comm);
             m->comm = NULL;
             return MOE_ERR(MOE_STATUS_COMM_ERROR,
@@ -86,7 +67,7 @@ static moe_status_t staging(moe_comm_t *c, size_t bytes) {
     if (m->staging) cudaFree(m->staging);
     m->staging = NULL;
     m->staging_bytes = 0;
-    CUDA_CHECK(cudaMalloc(&m->staging, bytes));
+    MOE_CUDA_CHECK(cudaMalloc(&m->staging, bytes));
     m->staging_bytes = bytes;
     return MOE_STATUS_SUCCESS;
 }
@@ -99,12 +80,10 @@ static moe_status_t host_round_trip(moe_comm_t *c, const void *in, size_t in_byt
     nccl_impl_t *m = NCCL_OF(c);
     MOE_CHECK(staging(c, in_bytes + out_bytes));
     char *d_in = (char *)m->staging, *d_out = d_in + in_bytes;
-    CUDA_CHECK(cudaMemcpyAsync(d_in, in, in_bytes, cudaMemcpyHostToDevice, m->stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(d_in, in, in_bytes, cudaMemcpyHostToDevice, m->stream));
     ncclResult_t r = op(c, d_in, d_out, arg);
-    if (r != ncclSuccess && r != ncclInProgress)
-        return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: %s: %s", c->rank, what,
-                       ncclGetErrorString(r));
-    CUDA_CHECK(cudaMemcpyAsync(out, d_out, out_bytes, cudaMemcpyDeviceToHost, m->stream));
+    if (!moe__nccl_ok(r)) return MOE_NCCL_ERR(r, what);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(out, d_out, out_bytes, cudaMemcpyDeviceToHost, m->stream));
     return nccl_wait_stream(c, m->stream, what);
 }
 
@@ -155,35 +134,35 @@ static moe_status_t nccl_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all)
                            op_allgather_u64, NULL, "allgather");
 }
 
-static moe_status_t nccl_ialltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t nccl_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                          const int64_t *send_rows, const int64_t *send_off,
                                          void *recv, const int64_t *recv_rows,
                                          const int64_t *recv_off, size_t row_bytes,
                                          void *stream, void **req) {
-    (void)ctx;
+    (void)mem;
     nccl_impl_t *m = NCCL_OF(c);
     *req = NULL; /* stream-ordered: nothing to wait for on the host */
-    NCCL_CHECK(ncclGroupStart());
+    MOE_NCCL_CHECK(ncclGroupStart());
     for (int q = 0; q < c->size; ++q) {
         if (send_rows[q] > 0)
-            NCCL_CHECK(ncclSend((const char *)send + send_off[q] * row_bytes,
+            MOE_NCCL_CHECK(ncclSend((const char *)send + send_off[q] * row_bytes,
                                 (size_t)send_rows[q] * row_bytes, ncclUint8, q, m->comm,
                                 (cudaStream_t)stream));
         if (recv_rows[q] > 0)
-            NCCL_CHECK(ncclRecv((char *)recv + recv_off[q] * row_bytes,
+            MOE_NCCL_CHECK(ncclRecv((char *)recv + recv_off[q] * row_bytes,
                                 (size_t)recv_rows[q] * row_bytes, ncclUint8, q, m->comm,
                                 (cudaStream_t)stream));
     }
-    NCCL_CHECK(ncclGroupEnd());
+    MOE_NCCL_CHECK(ncclGroupEnd());
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t nccl_alltoallv_rows(moe_comm_t *c, moe_context_t *ctx, const void *send,
+static moe_status_t nccl_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
                                         const int64_t *send_rows, const int64_t *send_off,
                                         void *recv, const int64_t *recv_rows,
                                         const int64_t *recv_off, size_t row_bytes, void *stream) {
     void *req = NULL;
-    return nccl_ialltoallv_rows(c, ctx, send, send_rows, send_off, recv, recv_rows, recv_off,
+    return nccl_ialltoallv_rows(c, mem, send, send_rows, send_off, recv, recv_rows, recv_off,
                                 row_bytes, stream, &req);
 }
 
@@ -192,10 +171,10 @@ static moe_status_t nccl_wait(moe_comm_t *c, void *req) {
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t nccl_allreduce_f32(moe_comm_t *c, moe_context_t *ctx, float *buf, int64_t n,
-                                       void *stream) {
-    (void)ctx;
-    NCCL_CHECK(ncclAllReduce(buf, buf, (size_t)n, ncclFloat32, ncclSum, NCCL_OF(c)->comm,
+static moe_status_t nccl_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf,
+                                       int64_t n, void *stream) {
+    (void)mem;
+    MOE_NCCL_CHECK(ncclAllReduce(buf, buf, (size_t)n, ncclFloat32, ncclSum, NCCL_OF(c)->comm,
                              (cudaStream_t)stream));
     return MOE_STATUS_SUCCESS;
 }
@@ -234,23 +213,19 @@ static const moe_comm_ops_t nccl_ops = {
 
 static moe_status_t wrap(moe_comm_t **comm, ncclComm_t nc, int owned) {
     int rank = 0, size = 1;
-    NCCL_CHECK(ncclCommUserRank(nc, &rank));
-    NCCL_CHECK(ncclCommCount(nc, &size));
+    MOE_NCCL_CHECK(ncclCommUserRank(nc, &rank));
+    MOE_NCCL_CHECK(ncclCommCount(nc, &size));
     nccl_impl_t *m = (nccl_impl_t *)calloc(1, sizeof *m);
     if (!m) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "NCCL communicator");
     m->comm = nc;
     m->owned = owned;
-    cudaError_t e = cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking);
-    if (e != cudaSuccess) {
-        free(m);
-        return MOE_ERR(MOE_STATUS_BACKEND_ERROR, "cudaStreamCreateWithFlags: %s",
-                       cudaGetErrorString(e));
-    }
-    moe_status_t st = moe__comm_alloc(comm, MOE_COMM_KIND_NCCL, rank, size, &nccl_ops, m);
-    if (st != MOE_STATUS_SUCCESS) {
-        cudaStreamDestroy(m->stream);
-        free(m);
-    }
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    MOE_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking), st, fail);
+    st = moe__comm_alloc(comm, MOE_COMM_KIND_NCCL, rank, size, &nccl_ops, m);
+    if (st == MOE_STATUS_SUCCESS) return st;
+    cudaStreamDestroy(m->stream);
+fail:
+    free(m);
     return st;
 }
 
@@ -273,11 +248,10 @@ moe_status_t moe_comm_create_nccl(moe_comm_t **comm, const void *mpi_comm) {
     MPI_Comm_rank(base, &rank);
     MPI_Comm_size(base, &size);
     ncclUniqueId id;
-    if (rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
-    if (MPI_Bcast(&id, (int)sizeof id, MPI_BYTE, 0, base) != MPI_SUCCESS)
-        return MOE_ERR(MOE_STATUS_COMM_ERROR, "MPI_Bcast of the NCCL unique id failed");
+    if (rank == 0) MOE_NCCL_CHECK(ncclGetUniqueId(&id));
+    MOE_MPI_CHECK(MPI_Bcast(&id, (int)sizeof id, MPI_BYTE, 0, base));
     ncclComm_t nc;
-    NCCL_CHECK(ncclCommInitRank(&nc, size, id, rank));
+    MOE_NCCL_CHECK(ncclCommInitRank(&nc, size, id, rank));
     moe_status_t st = wrap(comm, nc, 1);
     if (st != MOE_STATUS_SUCCESS) ncclCommDestroy(nc);
     return st;

@@ -17,6 +17,7 @@ const char *moe_status_string(moe_status_t status) {
     case MOE_STATUS_BACKEND_ERROR: return "MOE_STATUS_BACKEND_ERROR";
     case MOE_STATUS_COMM_ERROR: return "MOE_STATUS_COMM_ERROR";
     case MOE_STATUS_INTERNAL_ERROR: return "MOE_STATUS_INTERNAL_ERROR";
+    case MOE_STATUS_IO_ERROR: return "MOE_STATUS_IO_ERROR";
     }
     return "MOE_STATUS_UNKNOWN";
 }
@@ -40,6 +41,18 @@ moe_status_t moe__error(moe_status_t status, const char *func, const char *file,
     snprintf(moe_tls_error + used, sizeof moe_tls_error - used, " [%s] (%s:%d)",
              moe_status_string(status), rel, line);
     return status;
+}
+
+moe_status_t moe__io_error(int err, const char *func, const char *file, int line,
+                           const char *fmt, ...) {
+    char what[768];
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    if (m < 0) what[0] = '\0';
+    return moe__error(MOE_STATUS_IO_ERROR, func, file, line, "%s: %s", what,
+                      err ? strerror(err) : "unknown reason");
 }
 
 void moe_get_version(int *major, int *minor, int *patch) {

@@ -21,6 +21,11 @@ extern "C" {
 moe_status_t moe__error(moe_status_t status, const char *func, const char *file, int line,
                         const char *fmt, ...) MOE_PRINTF(5, 6);
 
+/* as moe__error with MOE_STATUS_IO_ERROR, the message followed by strerror(err) (the I/O CHECK
+ * family of core/check_io.h) */
+moe_status_t moe__io_error(int err, const char *func, const char *file, int line,
+                           const char *fmt, ...) MOE_PRINTF(5, 6);
+
 #ifdef __cplusplus
 }
 #endif

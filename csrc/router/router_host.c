@@ -29,17 +29,17 @@ double moe_router_cv2(const double *v, int64_t n, double *grad) {
     return var / den;
 }
 
-moe_status_t moe_router_finalize(moe_layer_state_t *s, int64_t T_total) {
-    const moe_layer_config_t *c = &s->cfg;
-    int64_t E = s->E, K = s->K;
+moe_status_t moe_router_finalize(const moe_layer_config_t *c, int64_t E, int64_t K, int noisy,
+                                 const moe_router_sums_t *sums, int64_t T_total,
+                                 moe_routing_stats_t *stats, moe_aux_coefs_t *coefs) {
     if (T_total == 0) {
         /* no token anywhere: every loss and coefficient is 0 */
-        memset(&s->stats, 0, sizeof s->stats);
-        memset(s->coefs.switch_f, 0, (size_t)E * sizeof(float));
-        memset(s->coefs.imp, 0, (size_t)E * sizeof(float));
-        memset(s->coefs.load, 0, (size_t)E * sizeof(float));
-        s->coefs.z_scale = 0.0f;
-        s->coefs.any_logit = 0;
+        memset(stats, 0, sizeof *stats);
+        memset(coefs->switch_f, 0, (size_t)E * sizeof(float));
+        memset(coefs->imp, 0, (size_t)E * sizeof(float));
+        memset(coefs->load, 0, (size_t)E * sizeof(float));
+        coefs->z_scale = 0.0f;
+        coefs->any_logit = 0;
         return MOE_STATUS_SUCCESS;
     }
     const double T = (double)T_total;
@@ -47,32 +47,32 @@ moe_status_t moe_router_finalize(moe_layer_state_t *s, int64_t T_total) {
     if (!grad) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "%lld doubles", (long long)E);
     double sw = 0.0, maxc = 0.0, sumc = 0.0;
     for (int64_t e = 0; e < E; ++e) {
-        double f = (double)s->counts_h[e] / (T * (double)K);
-        double P = s->prob_sum_h[e] / T;
+        double f = (double)sums->counts[e] / (T * (double)K);
+        double P = sums->prob_sum[e] / T;
         sw += f * P;
-        s->coefs.switch_f[e] = (float)(c->switch_loss_coef * (double)E / T * f);
-        maxc = fmax(maxc, (double)s->counts_h[e]);
-        sumc += (double)s->counts_h[e];
+        coefs->switch_f[e] = (float)(c->switch_loss_coef * (double)E / T * f);
+        maxc = fmax(maxc, (double)sums->counts[e]);
+        sumc += (double)sums->counts[e];
     }
-    s->stats.switch_loss = (double)E * sw;
+    stats->switch_loss = (double)E * sw;
 
-    s->stats.importance_loss = moe_router_cv2(s->importance_h, E, grad);
-    for (int64_t e = 0; e < E; ++e) s->coefs.imp[e] = (float)(c->importance_loss_coef * grad[e]);
-    s->stats.load_loss = moe_router_cv2(s->load_h, E, grad);
+    stats->importance_loss = moe_router_cv2(sums->importance, E, grad);
+    for (int64_t e = 0; e < E; ++e) coefs->imp[e] = (float)(c->importance_loss_coef * grad[e]);
+    stats->load_loss = moe_router_cv2(sums->load, E, grad);
     for (int64_t e = 0; e < E; ++e)
-        s->coefs.load[e] = s->noisy_now ? (float)(c->load_loss_coef * grad[e]) : 0.0f;
+        coefs->load[e] = noisy ? (float)(c->load_loss_coef * grad[e]) : 0.0f;
     free(grad);
 
-    s->stats.z_loss = s->z_sum / T;
-    s->coefs.z_scale = (float)(c->z_loss_coef * 2.0 / T);
-    s->coefs.any_logit = c->switch_loss_coef != 0.0 || c->z_loss_coef != 0.0;
+    stats->z_loss = *sums->z_sum / T;
+    coefs->z_scale = (float)(c->z_loss_coef * 2.0 / T);
+    coefs->any_logit = c->switch_loss_coef != 0.0 || c->z_loss_coef != 0.0;
 
-    s->stats.num_tokens = T_total;
-    s->stats.num_assignments = T_total * K;
-    s->stats.aux_loss = c->switch_loss_coef * s->stats.switch_loss +
-                        c->importance_loss_coef * s->stats.importance_loss +
-                        c->load_loss_coef * s->stats.load_loss + c->z_loss_coef * s->stats.z_loss;
-    s->stats.imbalance = sumc > 0.0 ? maxc / (sumc / (double)E) : 0.0;
+    stats->num_tokens = T_total;
+    stats->num_assignments = T_total * K;
+    stats->aux_loss = c->switch_loss_coef * stats->switch_loss +
+                      c->importance_loss_coef * stats->importance_loss +
+                      c->load_loss_coef * stats->load_loss + c->z_loss_coef * stats->z_loss;
+    stats->imbalance = sumc > 0.0 ? maxc / (sumc / (double)E) : 0.0;
     return MOE_STATUS_SUCCESS;
 }
 

@@ -5,7 +5,7 @@
 
 #include <stdint.h>
 
-#include "backend/backend.h"
+#include "moe/moe.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -17,10 +17,31 @@ int64_t moe_router_capacity(double capacity_factor, int64_t T, int64_t K, int64_
 /* CV^2(v) = population variance / (mean^2 + 1e-10); grad (may be NULL) gets dCV^2/dv. */
 double moe_router_cv2(const double *v, int64_t n, double *grad);
 
-/* From the per-expert sums the gate pass left in s (counts_h, prob_sum_h, importance_h, load_h,
- * z_sum — summed over ranks with expert parallelism) and the token count over all ranks: the
- * loss values into s->stats and the gradient coefficients into s->coefs. */
-moe_status_t moe_router_finalize(moe_layer_state_t *s, int64_t T_total);
+/* per-expert coefficient vectors of the aux-loss gradients (host, filled by moe_router_finalize) */
+typedef struct moe_aux_coefs {
+    float *switch_f; /* (E) switch_coef * E / T * f_e */
+    float *imp;      /* (E) importance_coef * dCV2/dImp_e */
+    float *load;     /* (E) load_coef * dCV2/dload_e */
+    float z_scale;   /* z_coef * 2 / T */
+    int any_logit;   /* switch or z active: logits get a gradient of their own */
+} moe_aux_coefs_t;
+
+/* the per-expert sums of one gate pass (host arrays of E; summed over ranks with expert
+ * parallelism) */
+typedef struct moe_router_sums {
+    int64_t *counts;    /* assignments per expert before dropping */
+    double *prob_sum;   /* sum_t softmax(logits_t)_e */
+    double *importance; /* sum_t gate weight of e */
+    double *load;       /* Shazeer's smooth load, or the count */
+    double *z_sum;      /* (1) sum_t lse_t^2 */
+} moe_router_sums_t;
+
+/* From the sums of a gate pass and the token count over all ranks (cfg: the layer's effective
+ * config, E experts, K per token, noisy: the pass drew gating noise): the loss values into
+ * stats and the gradient coefficients into coefs. */
+moe_status_t moe_router_finalize(const moe_layer_config_t *cfg, int64_t E, int64_t K, int noisy,
+                                 const moe_router_sums_t *sums, int64_t T_total,
+                                 moe_routing_stats_t *stats, moe_aux_coefs_t *coefs);
 
 /* Slot assignment on the host (the rule every backend must reproduce exactly):
  * idx (T, ldi) chosen experts, gate (T, K) weights. Orders the T*K assignments by priority

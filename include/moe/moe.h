@@ -50,7 +50,8 @@ typedef enum moe_status {
     MOE_STATUS_NUMERIC_ERROR = 4,    /* NaN/Inf found in an input; nothing was routed */
     MOE_STATUS_BACKEND_ERROR = 5,    /* CUDA / cuBLAS / BLAS call failed */
     MOE_STATUS_COMM_ERROR = 6,       /* MPI / NCCL / peer failure */
-    MOE_STATUS_INTERNAL_ERROR = 7    /* a bug in libmoe: please report with moe_last_error() */
+    MOE_STATUS_INTERNAL_ERROR = 7,   /* a bug in libmoe: please report with moe_last_error() */
+    MOE_STATUS_IO_ERROR = 8          /* a file could not be opened, written or closed (traces) */
 } moe_status_t;
 
 /* Name of a status ("MOE_STATUS_INVALID_ARGUMENT"); never NULL, "MOE_STATUS_UNKNOWN" for others. */
@@ -318,12 +319,14 @@ MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index
 /* Starts writing a routing trace: after every successful forward the layer appends one record
  * (token count, K, expert indices, gate weights, kept flags, per-expert counts and drops) to the
  * file at path, which is created or truncated and gets the versioned header. layer_id tags the
- * records so several layers may share a program (one file per layer and rank). */
+ * records so several layers may share a program (one file per layer and rank). The file layout
+ * is moe/trace_format.h. A file that cannot be created or written returns MOE_STATUS_IO_ERROR;
+ * a forward whose record cannot be written returns it too (its results are valid). */
 MOE_API moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path,
                                           uint32_t layer_id);
 
 /* Flushes and closes the trace (also done by moe_layer_destroy). NULL-safe on a layer without
- * an open trace. */
+ * an open trace. MOE_STATUS_IO_ERROR when the final flush or close fails. */
 MOE_API moe_status_t moe_layer_trace_close(moe_layer_t *layer);
 
 /* Replays recorded routing: the next forward (which must have num_tokens tokens) uses these

@@ -19,6 +19,7 @@ STATUS_NAMES = {
     5: "MOE_STATUS_BACKEND_ERROR",
     6: "MOE_STATUS_COMM_ERROR",
     7: "MOE_STATUS_INTERNAL_ERROR",
+    8: "MOE_STATUS_IO_ERROR",
 }
 BACKENDS = {"cpu": 0, "cuda": 1}
 DTYPES = {"f32": 0, "bf16": 1, "f16": 2}

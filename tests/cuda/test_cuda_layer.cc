@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "core/dtype.h"
-#include "layer.h"
+#include "handle.h"
 #include "gpu_test.h"
 #include "moe/moe.h"
 

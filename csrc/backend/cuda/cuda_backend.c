@@ -9,7 +9,8 @@
 #include <string.h>
 
 #include "backend/backend.h"
-#include "backend/cuda/cuda_check.h"
+#include "context.h"
+#include "core/check_cuda.h"
 #include "core/dtype.h"
 #include "core/status.h"
 #include "kernels/kernels.h"
@@ -194,7 +195,7 @@ static void cu_free_tokens(cu_layer_t *L) {
     L->cap_tokens = 0;
 }
 
-static void cu_layer_fini(moe_context_t *ctx, moe_layer_state_t *s) {
+static void cu_layer_fini(moe_context_t *ctx, moe_backend_layer_t *s) {
     cu_layer_t *L = (cu_layer_t *)s->impl;
     if (!L) return;
     (void)cudaSetDevice(ctx->device);
@@ -210,14 +211,15 @@ static void cu_layer_fini(moe_context_t *ctx, moe_layer_state_t *s) {
 #define MOE_CU_ALLOC(ptr, count)                                                          \
     MOE_CUDA_CHECK(cudaMalloc((void **)&(ptr), (size_t)(count) * sizeof(*(ptr))))
 
-static moe_status_t cu_layer_alloc_experts(cu_layer_t *L, const moe_layer_state_t *s) {
+static moe_status_t cu_layer_alloc_experts(cu_layer_t *L, const moe_backend_layer_t *s) {
     const int64_t E = s->E;
     MOE_CU_ALLOC(L->red, 3 * E + 1);
     MOE_CU_ALLOC(L->counts_d, E);
     MOE_CU_ALLOC(L->claim_d, E);
     MOE_CU_ALLOC(L->offsets_d, E + 1);
     MOE_CU_ALLOC(L->ffn_off_d, s->E_local + 1);
-    MOE_CUDA_CHECK(cudaMallocHost((void **)&L->ffn_off_h, (size_t)(s->E_local + 1) * sizeof(int64_t)));
+    MOE_CUDA_CHECK(
+        cudaMallocHost((void **)&L->ffn_off_h, (size_t)(s->E_local + 1) * sizeof(int64_t)));
     MOE_CU_ALLOC(L->coefs_d, 3 * E);
     MOE_CU_ALLOC(L->gemm_ptrs, 3 * s->E_local);
     if (s->cfg.dtype != MOE_DTYPE_F32) {
@@ -229,7 +231,7 @@ static moe_status_t cu_layer_alloc_experts(cu_layer_t *L, const moe_layer_state_
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_layer_init(moe_context_t *ctx, moe_layer_state_t *s) {
+static moe_status_t cu_layer_init(moe_context_t *ctx, moe_backend_layer_t *s) {
     MOE_CUDA_CHECK(cudaSetDevice(ctx->device));
     cu_layer_t *L = (cu_layer_t *)calloc(1, sizeof *L);
     if (!L) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "CUDA layer state");
@@ -242,7 +244,7 @@ static moe_status_t cu_layer_init(moe_context_t *ctx, moe_layer_state_t *s) {
     return st;
 }
 
-static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_layer_state_t *s, int64_t T) {
+static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_backend_layer_t *s, int64_t T) {
     const int64_t E = s->E, K = s->K, n = T * K;
     const int64_t nblk = moe_k_gate_num_blocks(T);
     int64_t per = 3 * E + s->K1 > 4 * E + K ? 3 * E + s->K1 : 4 * E + K;
@@ -268,7 +270,7 @@ static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_layer_state_t *s, i
 }
 
 /* grows the token-sized scratch to T tokens (frees first: the device may be short of memory) */
-static moe_status_t cu_reserve(moe_layer_state_t *s, int64_t T) {
+static moe_status_t cu_reserve(const moe_backend_layer_t *s, int64_t T) {
     cu_layer_t *L = (cu_layer_t *)s->impl;
     if (T <= L->cap_tokens) return MOE_STATUS_SUCCESS;
     cu_free_tokens(L);
@@ -284,52 +286,66 @@ static moe_status_t cu_reserve(moe_layer_state_t *s, int64_t T) {
  * gate and routing
  * ------------------------------------------------------------------------------------------- */
 
-/* The router runs in f32 whatever the storage: with a 16-bit dtype, x and the router weights
- * are widened into f32 scratch first (exactly: every 16-bit value is an f32 value). */
-static moe_status_t cu_router_f32(moe_layer_state_t *s, const void **x, const void **wg,
-                                  const void **wn, cudaStream_t st) {
-    cu_layer_t *L = (cu_layer_t *)s->impl;
-    const int dt = (int)s->cfg.dtype;
-    if (s->cfg.dtype == MOE_DTYPE_F32) return MOE_STATUS_SUCCESS;
-    const int64_t DE = s->D * s->E;
+/* The router runs in f32 whatever the storage: with a 16-bit dtype, x (T tokens, when given)
+ * and the router weights are widened into f32 scratch first (exactly: every 16-bit value is an
+ * f32 value). The f32 pointers replace *x, *wg, *wn. */
+static moe_status_t cu_router_f32(const moe_backend_layer_t *l, int64_t T, const void **x,
+                                  const void **wg, const void **wn, cudaStream_t st) {
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int dt = (int)l->cfg.dtype;
+    if (l->cfg.dtype == MOE_DTYPE_F32) return MOE_STATUS_SUCCESS;
+    const int64_t DE = l->D * l->E;
     if (x) {
-        MOE_CUDA_CHECK(moe_k_to_f32(s->x, dt, s->T * s->D, L->x32, st));
+        MOE_CUDA_CHECK(moe_k_to_f32(*x, dt, T * l->D, L->x32, st));
         *x = L->x32;
     }
-    MOE_CUDA_CHECK(moe_k_to_f32(s->param[MOE_PARAM_ROUTER_WEIGHT], dt, DE, L->w32, st));
+    MOE_CUDA_CHECK(moe_k_to_f32(*wg, dt, DE, L->w32, st));
     *wg = L->w32;
-    if (s->param[MOE_PARAM_NOISE_WEIGHT]) {
-        MOE_CUDA_CHECK(moe_k_to_f32(s->param[MOE_PARAM_NOISE_WEIGHT], dt, DE, L->w32 + DE, st));
+    if (*wn) {
+        MOE_CUDA_CHECK(moe_k_to_f32(*wn, dt, DE, L->w32 + DE, st));
         *wn = L->w32 + DE;
     }
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
+static moe_status_t cu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *g, void *stream) {
     cu_context_t *c = cu_ctx(ctx);
-    cu_layer_t *L = (cu_layer_t *)s->impl;
+    const moe_backend_layer_t *l = g->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
     cudaStream_t st = (cudaStream_t)stream;
-    const int64_t T = s->T, D = s->D, E = s->E;
+    const int64_t T = g->T, D = l->D, E = l->E;
     MOE_CHECK(cu_enter(ctx, stream));
-    MOE_CHECK(cu_reserve(s, T));
-    const void *x = s->x, *wg = s->param[MOE_PARAM_ROUTER_WEIGHT];
-    const void *wn = s->param[MOE_PARAM_NOISE_WEIGHT];
-    MOE_CHECK(cu_router_f32(s, &x, &wg, &wn, st));
-    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, x, D, wg, E, 0.0f, s->logits, E,
+    MOE_CHECK(cu_reserve(l, T));
+    const void *x = g->x, *wg = g->w_router, *wn = g->w_noise;
+    MOE_CHECK(cu_router_f32(l, T, &x, &wg, &wn, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, x, D, wg, E, 0.0f, g->logits, E,
                                 MOE_DTYPE_F32, 1));
-    if (s->noisy_now)
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, x, D, wn, E, 0.0f, s->noise_raw, E,
+    if (g->noisy)
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, E, D, x, D, wn, E, 0.0f, g->noise_raw, E,
                                     MOE_DTYPE_F32, 1));
-    moe_k_gate_args_t a;
-    memset(&a, 0, sizeof a);
-    a.T = T, a.E = E, a.K = s->K, a.K1 = s->K1;
-    a.noisy = s->noisy_now, a.gate_mode = (int)s->cfg.gate, a.renormalize = s->cfg.renormalize;
-    a.seed = s->cfg.seed, a.call = s->call, a.rank = (uint32_t)s->rank;
-    a.logits = s->logits, a.noise_raw = s->noise_raw, a.eps = s->eps, a.h = s->h;
-    a.score_bias = s->score_bias;
-    a.lse = s->lse, a.idx = s->idx, a.gate = s->gate;
-    a.scr = L->gate_scr, a.part = L->part, a.cnt_part = L->cnt_part;
-    a.red = L->red, a.counts = L->counts_d;
+    const moe_k_gate_args_t a = {.T = T,
+                                 .E = E,
+                                 .K = l->K,
+                                 .K1 = l->K1,
+                                 .noisy = g->noisy,
+                                 .gate_mode = (int)l->cfg.gate,
+                                 .renormalize = l->cfg.renormalize,
+                                 .seed = l->cfg.seed,
+                                 .call = g->call,
+                                 .rank = (uint32_t)l->rank,
+                                 .logits = g->logits,
+                                 .score_bias = g->score_bias,
+                                 .noise_raw = g->noise_raw,
+                                 .eps = g->eps,
+                                 .h = g->h,
+                                 .lse = g->lse,
+                                 .idx = g->idx,
+                                 .gate = g->gate,
+                                 .scr = L->gate_scr,
+                                 .part = L->part,
+                                 .cnt_part = L->cnt_part,
+                                 .red = L->red,
+                                 .counts = L->counts_d};
     MOE_CUDA_CHECK(moe_k_gate_fwd(&a, st));
     MOE_CUDA_CHECK(cudaMemcpyAsync(L->red_h, L->red, (size_t)(3 * E + 1) * sizeof(double),
                                    cudaMemcpyDeviceToHost, st));
@@ -337,52 +353,66 @@ static moe_status_t cu_gate_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *
                                    cudaMemcpyDeviceToHost, st));
     /* the one routing sync of a forward: GEMM sizes and the aux losses need these on the host */
     MOE_CUDA_CHECK(cudaStreamSynchronize(st));
+    const moe_router_sums_t *sums = &g->sums;
     for (int64_t e = 0; e < E; ++e) {
-        s->prob_sum_h[e] = L->red_h[e];
-        s->importance_h[e] = L->red_h[E + e];
-        s->load_h[e] = L->red_h[2 * E + e];
-        s->counts_h[e] = L->counts_h[e];
+        sums->prob_sum[e] = L->red_h[e];
+        sums->importance[e] = L->red_h[E + e];
+        sums->load[e] = L->red_h[2 * E + e];
+        sums->counts[e] = L->counts_h[e];
     }
-    s->z_sum = L->red_h[3 * E];
+    *sums->z_sum = L->red_h[3 * E];
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_route(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
-    cu_layer_t *L = (cu_layer_t *)s->impl;
+static moe_status_t cu_route(moe_context_t *ctx, const moe_route_args_t *r, void *stream) {
+    const moe_backend_layer_t *l = r->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
     cudaStream_t st = (cudaStream_t)stream;
-    const int64_t E = s->E;
+    const int64_t E = l->E;
     MOE_CHECK(cu_enter(ctx, stream));
     /* kept rows per expert follow from the claims alone (router_host.c's rule): no sync */
-    s->offsets_h[0] = 0;
+    r->offsets[0] = 0;
     for (int64_t e = 0; e < E; ++e) {
-        int64_t claimed = s->counts_h[e];
-        int64_t kept = s->capacity >= 0 && claimed > s->capacity ? s->capacity : claimed;
-        s->dropped_h[e] = claimed - kept;
-        s->offsets_h[e + 1] = s->offsets_h[e] + kept;
+        int64_t claimed = r->counts[e];
+        int64_t kept = r->capacity >= 0 && claimed > r->capacity ? r->capacity : claimed;
+        r->dropped[e] = claimed - kept;
+        r->offsets[e + 1] = r->offsets[e] + kept;
     }
-    s->num_rows = s->offsets_h[E];
+    *r->num_rows = r->offsets[E];
     /* pageable source: staged before the call returns. The claims are uploaded too: the host
      * counts are the truth (the gate pass's, or forced routing's for a replay) */
-    MOE_CUDA_CHECK(cudaMemcpyAsync(L->offsets_d, s->offsets_h, (size_t)(E + 1) * sizeof(int64_t),
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->offsets_d, r->offsets, (size_t)(E + 1) * sizeof(int64_t),
                                    cudaMemcpyHostToDevice, st));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(L->counts_d, s->counts_h, (size_t)E * sizeof(int64_t),
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->counts_d, r->counts, (size_t)E * sizeof(int64_t),
                                    cudaMemcpyHostToDevice, st));
-    moe_k_route_args_t a;
-    memset(&a, 0, sizeof a);
-    a.T = s->T, a.K = s->K, a.K1 = s->K1, a.E = E, a.capacity = s->capacity;
-    a.priority = (int)s->cfg.priority;
-    a.idx = s->idx, a.gate = s->gate, a.counts = L->counts_d, a.offsets = L->offsets_d;
-    a.row = s->row;
-    a.keys_in = L->keys_in, a.keys_out = L->keys_out, a.vals_in = L->vals_in;
-    a.vals_out = L->vals_out, a.fkeys_in = L->fkeys_in, a.fkeys_out = L->fkeys_out;
-    a.claim_start = L->claim_d, a.temp = L->cub_temp, a.temp_bytes = L->cub_bytes;
+    const moe_k_route_args_t a = {.T = r->T,
+                                  .K = l->K,
+                                  .K1 = l->K1,
+                                  .E = E,
+                                  .capacity = r->capacity,
+                                  .priority = (int)l->cfg.priority,
+                                  .idx = r->idx,
+                                  .gate = r->gate,
+                                  .counts = L->counts_d,
+                                  .offsets = L->offsets_d,
+                                  .row = r->row,
+                                  .keys_in = L->keys_in,
+                                  .keys_out = L->keys_out,
+                                  .vals_in = L->vals_in,
+                                  .vals_out = L->vals_out,
+                                  .fkeys_in = L->fkeys_in,
+                                  .fkeys_out = L->fkeys_out,
+                                  .claim_start = L->claim_d,
+                                  .temp = L->cub_temp,
+                                  .temp_bytes = L->cub_bytes};
     MOE_CUDA_CHECK(moe_k_route(&a, st));
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_permute(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
+static moe_status_t cu_permute(moe_context_t *ctx, const moe_permute_args_t *a, void *stream) {
+    const moe_backend_layer_t *l = a->layer;
     MOE_CHECK(cu_enter(ctx, stream));
-    MOE_CUDA_CHECK(moe_k_permute(s->x, s->row, s->T, s->K, s->D, (int)s->cfg.dtype, s->xp,
+    MOE_CUDA_CHECK(moe_k_permute(a->x, a->row, a->T, l->K, l->D, (int)l->cfg.dtype, a->xp,
                                  (cudaStream_t)stream));
     return MOE_STATUS_SUCCESS;
 }
@@ -392,27 +422,36 @@ static moe_status_t cu_permute(moe_context_t *ctx, moe_layer_state_t *s, void *s
  * ------------------------------------------------------------------------------------------- */
 
 /* One GEMM per local expert over its rows: C_e = op(A_e) op(B_e) (+ beta C_e), row-major.
- * The per-expert operands are base + rows*stride (row operands) or + le*size (weights); `which`
- * says for A, B, C whether it is a row operand (1) or a weight (0). */
+ * Each operand is a row buffer (offset by the expert's first row times rows_stride) or the
+ * experts' weights (offset by le times w_size): rows_stride != 0 marks a row operand. m (or k)
+ * < 0 stands for the expert's row count. */
+typedef struct {
+    const void *ptr;
+    int64_t ld;
+    int64_t rows_stride; /* row operand: + r0 * rows_stride elements */
+    int64_t w_size;      /* weight: + le * w_size elements */
+} cu_operand_t;
+
 typedef struct {
     int ta, tb;
-    int64_t m_rows, n, k; /* m (or k when k_rows) is the expert's row count when < 0 */
-    const void *A;
-    int64_t lda, a_rows_stride, a_w_size; /* row operand: +r0*a_rows_stride; weight: +le*size */
-    const void *B;
-    int64_t ldb, b_rows_stride, b_w_size;
-    void *C;
-    int64_t ldc, c_rows_stride, c_w_size;
+    int64_t m, n, k;
+    cu_operand_t A, B, C;
     float beta;
     int c_f32; /* C is f32 (else the layer's dtype) */
 } cu_gemm_plan_t;
 
-static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t *s,
-                                    const cu_gemm_plan_t *p, cudaStream_t st) {
+static const void *cu_operand_at(const cu_operand_t *o, int64_t r0, int64_t le, size_t esz) {
+    return (const char *)o->ptr + (size_t)(o->rows_stride ? r0 * o->rows_stride : le * o->w_size) *
+                                      esz;
+}
+
+static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_backend_layer_t *l,
+                                    const int64_t *offsets, const cu_gemm_plan_t *p,
+                                    cudaStream_t st) {
     cu_context_t *c = cu_ctx(ctx);
-    cu_layer_t *L = (cu_layer_t *)s->impl;
-    const int dt = (int)s->cfg.dtype;
-    const size_t esz = moe_dtype_size(s->cfg.dtype);
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int dt = (int)l->cfg.dtype;
+    const size_t esz = moe_dtype_size(l->cfg.dtype);
     enum { MAXG = 1024 };
     int gm[MAXG], gn[MAXG], gk[MAXG], glda[MAXG], gldb[MAXG], gldc[MAXG];
     const void *gA[MAXG], *gB[MAXG];
@@ -420,29 +459,25 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
     int count = 0;
     /* cuBLAS 13.1's grouped call refuses 16-bit A/B with an f32 C (measured on H100): those
      * GEMMs stay a loop in grouped mode too */
-    const int grouped = c->grouped_gemm && s->E_local <= MAXG &&
-                        !(p->c_f32 && s->cfg.dtype != MOE_DTYPE_F32);
-    for (int64_t le = 0; le < s->E_local; ++le) {
-        int64_t e = s->expert_begin + le;
-        /* offsets_h are absolute rows of the buffers (expert side with expert parallelism) */
-        int64_t r0 = s->offsets_h[e], rows = s->offsets_h[e + 1] - s->offsets_h[e];
+    const int grouped = c->grouped_gemm && l->E_local <= MAXG &&
+                        !(p->c_f32 && l->cfg.dtype != MOE_DTYPE_F32);
+    for (int64_t le = 0; le < l->E_local; ++le) {
+        int64_t e = l->expert_begin + le;
+        /* offsets are absolute rows of the buffers (expert side with expert parallelism) */
+        int64_t r0 = offsets[e], rows = offsets[e + 1] - offsets[e];
         if (rows == 0) continue;
-        int64_t m = p->m_rows < 0 ? rows : p->m_rows, n = p->n, k = p->k < 0 ? rows : p->k;
-        const char *A = (const char *)p->A +
-                        (size_t)(p->a_rows_stride ? r0 * p->a_rows_stride : le * p->a_w_size) * esz;
-        const char *B = (const char *)p->B +
-                        (size_t)(p->b_rows_stride ? r0 * p->b_rows_stride : le * p->b_w_size) * esz;
-        char *C = (char *)p->C + (size_t)(p->c_rows_stride ? r0 * p->c_rows_stride
-                                                           : le * p->c_w_size) *
-                                     (p->c_f32 ? sizeof(float) : esz);
+        int64_t m = p->m < 0 ? rows : p->m, n = p->n, k = p->k < 0 ? rows : p->k;
+        const void *A = cu_operand_at(&p->A, r0, le, esz);
+        const void *B = cu_operand_at(&p->B, r0, le, esz);
+        void *C = (void *)cu_operand_at(&p->C, r0, le, p->c_f32 ? sizeof(float) : esz);
         if (!grouped) {
-            MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, p->ta, p->tb, m, n, k, A, p->lda, B, p->ldb,
-                                        p->beta, C, p->ldc, dt, p->c_f32));
+            MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, p->ta, p->tb, m, n, k, A, p->A.ld, B, p->B.ld,
+                                        p->beta, C, p->C.ld, dt, p->c_f32));
             continue;
         }
         gm[count] = (int)m, gn[count] = (int)n, gk[count] = (int)k;
         gA[count] = A, gB[count] = B, gC[count] = C;
-        glda[count] = (int)p->lda, gldb[count] = (int)p->ldb, gldc[count] = (int)p->ldc;
+        glda[count] = (int)p->A.ld, gldb[count] = (int)p->B.ld, gldc[count] = (int)p->C.ld;
         ++count;
     }
     if (grouped && count)
@@ -452,21 +487,32 @@ static moe_status_t cu_expert_gemms(moe_context_t *ctx, const moe_layer_state_t 
     return MOE_STATUS_SUCCESS;
 }
 
-/* The expert ops work on rows [R0, R0 + N) of the expert-side buffers, where R0 and the
- * per-expert starts come from s->offsets_h: the whole local range on one rank, or one pipeline
- * chunk of experts with expert parallelism (the scheduler's view). The elementwise kernels get
- * base pointers at R0 and offsets relative to it, uploaded here; the GEMMs read offsets_h. */
+/* a row operand of `width` elements per row, and the local experts' weights of `size` each */
+static cu_operand_t cu_rows_of(const void *ptr, int64_t width) {
+    return (cu_operand_t){.ptr = ptr, .ld = width, .rows_stride = width, .w_size = 0};
+}
+
+static cu_operand_t cu_weights_of(const void *ptr, int64_t ld, int64_t size) {
+    return (cu_operand_t){.ptr = ptr, .ld = ld, .rows_stride = 0, .w_size = size};
+}
+
+/* The expert ops work on rows [R0, R0 + N) of the row buffers, where R0 and the per-expert
+ * starts come from the rows' offsets: the whole local range on one rank, or one pipeline
+ * chunk of experts with expert parallelism. The elementwise kernels get base pointers at R0
+ * and offsets relative to it (the route's device offsets, or uploaded here); the GEMMs read
+ * the host offsets. */
 typedef struct {
     int64_t R0, N;
     const int64_t *off; /* device (E_local + 1), relative to R0 */
 } cu_rows_t;
 
-static moe_status_t cu_expert_rows(moe_layer_state_t *s, cudaStream_t st, cu_rows_t *r) {
-    cu_layer_t *L = (cu_layer_t *)s->impl;
-    const int64_t b = s->expert_begin;
-    r->R0 = s->offsets_h[b];
-    r->N = s->offsets_h[b + s->E_local] - r->R0;
-    if (!s->expert_side) { /* the route's offsets, already on the device (R0 = 0) */
+static moe_status_t cu_expert_rows(const moe_backend_layer_t *l, const moe_expert_rows_t *rows,
+                                   cudaStream_t st, cu_rows_t *r) {
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int64_t b = l->expert_begin, *offsets = rows->offsets;
+    r->R0 = offsets[b];
+    r->N = offsets[b + l->E_local] - r->R0;
+    if (rows->route_offsets) { /* the route's offsets, already on the device (R0 = 0) */
         r->off = L->offsets_d + b;
         return MOE_STATUS_SUCCESS;
     }
@@ -474,78 +520,97 @@ static moe_status_t cu_expert_rows(moe_layer_state_t *s, cudaStream_t st, cu_row
     if (r->N == 0) return MOE_STATUS_SUCCESS;
     /* the previous upload must be consumed before the staging is rewritten */
     MOE_CUDA_CHECK(cudaStreamSynchronize(st));
-    for (int64_t le = 0; le <= s->E_local; ++le) L->ffn_off_h[le] = s->offsets_h[b + le] - r->R0;
+    for (int64_t le = 0; le <= l->E_local; ++le) L->ffn_off_h[le] = offsets[b + le] - r->R0;
     MOE_CUDA_CHECK(cudaMemcpyAsync(L->ffn_off_d, L->ffn_off_h,
-                                   (size_t)(s->E_local + 1) * sizeof(int64_t),
+                                   (size_t)(l->E_local + 1) * sizeof(int64_t),
                                    cudaMemcpyHostToDevice, st));
     return MOE_STATUS_SUCCESS;
 }
 
 /* row r of a buffer with `width` elements of `esz` bytes per row */
-static void *cu_row(void *base, int64_t r, int64_t width, size_t esz) {
+static void *cu_row(const void *base, int64_t r, int64_t width, size_t esz) {
     return (char *)base + (size_t)(r * width) * esz;
 }
 
-static moe_status_t cu_ffn_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
+static moe_status_t cu_ffn_fwd(moe_context_t *ctx, const moe_ffn_fwd_args_t *a, void *stream) {
+    const moe_backend_layer_t *l = a->layer;
     cudaStream_t st = (cudaStream_t)stream;
-    const int64_t D = s->D, F = s->F, F2 = s->F2;
-    const int dt = (int)s->cfg.dtype, act = (int)s->cfg.activation;
-    const size_t v = moe_dtype_size(s->cfg.dtype), f = sizeof(float);
+    const int64_t D = l->D, F = l->F, F2 = l->F2, El = l->E_local;
+    const int dt = (int)l->cfg.dtype, act = (int)l->cfg.activation;
+    const size_t v = moe_dtype_size(l->cfg.dtype), f = sizeof(float);
     MOE_CHECK(cu_enter(ctx, stream));
     cu_rows_t r;
-    MOE_CHECK(cu_expert_rows(s, st, &r));
+    MOE_CHECK(cu_expert_rows(l, &a->rows, st, &r));
     if (r.N == 0) return MOE_STATUS_SUCCESS;
-    const void *B1 = s->param[MOE_PARAM_B1], *B2 = s->param[MOE_PARAM_B2];
-    void *hpre = cu_row(s->hpre, r.R0, F2, f), *actv = cu_row(s->act, r.R0, F, v);
-    void *yp = cu_row(s->yp, r.R0, D, v);
+    const int64_t *offsets = a->rows.offsets;
+    void *hpre = cu_row(a->hpre, r.R0, F2, f), *actv = cu_row(a->act, r.R0, F, v);
+    void *y = cu_row(a->y, r.R0, D, v);
     /* H = X W1 (+ b1): bias rows first, then the GEMM adds onto them, as the CPU backend */
-    if (B1) MOE_CUDA_CHECK(moe_k_fill_bias(hpre, 1, r.N, F2, B1, r.off, s->E_local, dt, st));
-    cu_gemm_plan_t p1 = {0, 0, -1, F2, D, s->xp, D, D, 0, s->param[MOE_PARAM_W1], F2, 0, D * F2,
-                         s->hpre, F2, F2, 0, B1 ? 1.0f : 0.0f, 1};
-    MOE_CHECK(cu_expert_gemms(ctx, s, &p1, st));
+    if (a->b1) MOE_CUDA_CHECK(moe_k_fill_bias(hpre, 1, r.N, F2, a->b1, r.off, El, dt, st));
+    const cu_gemm_plan_t h = {.ta = 0, .tb = 0, .m = -1, .n = F2, .k = D,
+                              .A = cu_rows_of(a->x, D),
+                              .B = cu_weights_of(a->w1, F2, D * F2),
+                              .C = cu_rows_of(a->hpre, F2),
+                              .beta = a->b1 ? 1.0f : 0.0f, .c_f32 = 1};
+    MOE_CHECK(cu_expert_gemms(ctx, l, offsets, &h, st));
     MOE_CUDA_CHECK(moe_k_act_fwd(hpre, actv, r.N, F, act, dt, st));
-    if (B2) MOE_CUDA_CHECK(moe_k_fill_bias(yp, 0, r.N, D, B2, r.off, s->E_local, dt, st));
-    cu_gemm_plan_t p2 = {0, 0, -1, D, F, s->act, F, F, 0, s->param[MOE_PARAM_W2], D, 0, F * D,
-                         s->yp, D, D, 0, B2 ? 1.0f : 0.0f, 0};
-    MOE_CHECK(cu_expert_gemms(ctx, s, &p2, st));
+    /* Y = A W2 (+ b2) */
+    if (a->b2) MOE_CUDA_CHECK(moe_k_fill_bias(y, 0, r.N, D, a->b2, r.off, El, dt, st));
+    const cu_gemm_plan_t o = {.ta = 0, .tb = 0, .m = -1, .n = D, .k = F,
+                              .A = cu_rows_of(a->act, F),
+                              .B = cu_weights_of(a->w2, D, F * D),
+                              .C = cu_rows_of(a->y, D),
+                              .beta = a->b2 ? 1.0f : 0.0f, .c_f32 = 0};
+    MOE_CHECK(cu_expert_gemms(ctx, l, offsets, &o, st));
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *stream) {
+static moe_status_t cu_ffn_bwd(moe_context_t *ctx, const moe_ffn_bwd_args_t *a, void *stream) {
+    const moe_backend_layer_t *l = a->layer;
     cudaStream_t st = (cudaStream_t)stream;
-    const int64_t D = s->D, F = s->F, F2 = s->F2;
-    const int dt = (int)s->cfg.dtype, act = (int)s->cfg.activation;
-    const size_t v = moe_dtype_size(s->cfg.dtype), f = sizeof(float);
+    const int64_t D = l->D, F = l->F, F2 = l->F2, El = l->E_local;
+    const int dt = (int)l->cfg.dtype, act = (int)l->cfg.activation;
+    const size_t v = moe_dtype_size(l->cfg.dtype), f = sizeof(float);
     MOE_CHECK(cu_enter(ctx, stream));
     cu_rows_t r;
-    MOE_CHECK(cu_expert_rows(s, st, &r));
+    MOE_CHECK(cu_expert_rows(l, &a->rows, st, &r));
     if (r.N == 0) return MOE_STATUS_SUCCESS;
-    void *dW1 = s->grad[MOE_PARAM_W1], *dB1 = s->grad[MOE_PARAM_B1];
-    void *dW2 = s->grad[MOE_PARAM_W2], *dB2 = s->grad[MOE_PARAM_B2];
+    const int64_t *offsets = a->rows.offsets;
     /* dA = dY W2^T */
-    cu_gemm_plan_t a = {0, 1, -1, F, D, s->dyp, D, D, 0, s->param[MOE_PARAM_W2], D, 0, F * D,
-                        s->dact, F, F, 0, 0.0f, 1};
-    MOE_CHECK(cu_expert_gemms(ctx, s, &a, st));
+    const cu_gemm_plan_t da = {.ta = 0, .tb = 1, .m = -1, .n = F, .k = D,
+                               .A = cu_rows_of(a->dy, D),
+                               .B = cu_weights_of(a->w2, D, F * D),
+                               .C = cu_rows_of(a->dact, F),
+                               .beta = 0.0f, .c_f32 = 1};
+    MOE_CHECK(cu_expert_gemms(ctx, l, offsets, &da, st));
     /* dW2 += A^T dY */
-    cu_gemm_plan_t w2 = {1, 0, F, D, -1, s->act, F, F, 0, s->dyp, D, D, 0,
-                         dW2, D, 0, F * D, 1.0f, 0};
-    MOE_CHECK(cu_expert_gemms(ctx, s, &w2, st));
-    if (dB2)
-        MOE_CUDA_CHECK(moe_k_colsum_add(dB2, cu_row(s->dyp, r.R0, D, v), D, r.off, s->E_local,
-                                        dt, st));
-    MOE_CUDA_CHECK(moe_k_act_bwd(cu_row(s->hpre, r.R0, F2, f), cu_row(s->dact, r.R0, F, f),
-                                 cu_row(s->dhpre, r.R0, F2, v), r.N, F, act, dt, st));
+    const cu_gemm_plan_t dw2 = {.ta = 1, .tb = 0, .m = F, .n = D, .k = -1,
+                                .A = cu_rows_of(a->act, F),
+                                .B = cu_rows_of(a->dy, D),
+                                .C = cu_weights_of(a->dw2, D, F * D),
+                                .beta = 1.0f, .c_f32 = 0};
+    MOE_CHECK(cu_expert_gemms(ctx, l, offsets, &dw2, st));
+    if (a->db2)
+        MOE_CUDA_CHECK(moe_k_colsum_add(a->db2, cu_row(a->dy, r.R0, D, v), D, r.off, El, dt, st));
+    MOE_CUDA_CHECK(moe_k_act_bwd(cu_row(a->hpre, r.R0, F2, f), cu_row(a->dact, r.R0, F, f),
+                                 cu_row(a->dhpre, r.R0, F2, v), r.N, F, act, dt, st));
     /* dW1 += X^T dH */
-    cu_gemm_plan_t w1 = {1, 0, D, F2, -1, s->xp, D, D, 0, s->dhpre, F2, F2, 0,
-                         dW1, F2, 0, D * F2, 1.0f, 0};
-    MOE_CHECK(cu_expert_gemms(ctx, s, &w1, st));
-    if (dB1)
-        MOE_CUDA_CHECK(moe_k_colsum_add(dB1, cu_row(s->dhpre, r.R0, F2, v), F2, r.off,
-                                        s->E_local, dt, st));
+    const cu_gemm_plan_t dw1 = {.ta = 1, .tb = 0, .m = D, .n = F2, .k = -1,
+                                .A = cu_rows_of(a->x, D),
+                                .B = cu_rows_of(a->dhpre, F2),
+                                .C = cu_weights_of(a->dw1, F2, D * F2),
+                                .beta = 1.0f, .c_f32 = 0};
+    MOE_CHECK(cu_expert_gemms(ctx, l, offsets, &dw1, st));
+    if (a->db1)
+        MOE_CUDA_CHECK(
+            moe_k_colsum_add(a->db1, cu_row(a->dhpre, r.R0, F2, v), F2, r.off, El, dt, st));
     /* dX = dH W1^T */
-    cu_gemm_plan_t x = {0, 1, -1, D, F2, s->dhpre, F2, F2, 0, s->param[MOE_PARAM_W1], F2, 0,
-                        D * F2, s->dxp, D, D, 0, 0.0f, 0};
-    MOE_CHECK(cu_expert_gemms(ctx, s, &x, st));
+    const cu_gemm_plan_t dx = {.ta = 0, .tb = 1, .m = -1, .n = D, .k = F2,
+                               .A = cu_rows_of(a->dhpre, F2),
+                               .B = cu_weights_of(a->w1, F2, D * F2),
+                               .C = cu_rows_of(a->dx, D),
+                               .beta = 0.0f, .c_f32 = 0};
+    MOE_CHECK(cu_expert_gemms(ctx, l, offsets, &dx, st));
     return MOE_STATUS_SUCCESS;
 }
 
@@ -553,94 +618,120 @@ static moe_status_t cu_ffn_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *s
  * combine, un-permute, gate backward
  * ------------------------------------------------------------------------------------------- */
 
-static moe_status_t cu_combine_fwd(moe_context_t *ctx, moe_layer_state_t *s, void *y,
+static moe_status_t cu_combine_fwd(moe_context_t *ctx, const moe_combine_fwd_args_t *a,
                                    void *stream) {
+    const moe_backend_layer_t *l = a->layer;
     MOE_CHECK(cu_enter(ctx, stream));
-    MOE_CUDA_CHECK(moe_k_combine_fwd(s->yp, s->row, s->gate, s->T, s->K, s->D, (int)s->cfg.dtype,
-                                     y, (cudaStream_t)stream));
+    MOE_CUDA_CHECK(moe_k_combine_fwd(a->yp, a->row, a->gate, a->T, l->K, l->D, (int)l->cfg.dtype,
+                                     a->y, (cudaStream_t)stream));
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_combine_bwd(moe_context_t *ctx, moe_layer_state_t *s, const void *dy,
+static moe_status_t cu_combine_bwd(moe_context_t *ctx, const moe_combine_bwd_args_t *a,
                                    void *stream) {
+    const moe_backend_layer_t *l = a->layer;
     MOE_CHECK(cu_enter(ctx, stream));
-    MOE_CUDA_CHECK(moe_k_combine_bwd(dy, s->yp, s->row, s->gate, s->T, s->K, s->D,
-                                     (int)s->cfg.dtype, s->dyp, s->dg, (cudaStream_t)stream));
+    MOE_CUDA_CHECK(moe_k_combine_bwd(a->dy, a->yp, a->row, a->gate, a->T, l->K, l->D,
+                                     (int)l->cfg.dtype, a->dyp, a->dgate, (cudaStream_t)stream));
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_unpermute_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *dx,
+static moe_status_t cu_unpermute_bwd(moe_context_t *ctx, const moe_unpermute_bwd_args_t *a,
                                      void *stream) {
+    const moe_backend_layer_t *l = a->layer;
     MOE_CHECK(cu_enter(ctx, stream));
-    MOE_CUDA_CHECK(moe_k_unpermute(s->dxp, s->row, s->T, s->K, s->D, (int)s->cfg.dtype, dx,
+    MOE_CUDA_CHECK(moe_k_unpermute(a->dxp, a->row, a->T, l->K, l->D, (int)l->cfg.dtype, a->dx,
                                    (cudaStream_t)stream));
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_gate_bwd(moe_context_t *ctx, moe_layer_state_t *s, void *dx,
-                                void *stream) {
-    cu_context_t *c = cu_ctx(ctx);
-    cu_layer_t *L = (cu_layer_t *)s->impl;
-    cudaStream_t st = (cudaStream_t)stream;
-    const int64_t T = s->T, D = s->D, E = s->E;
-    MOE_CHECK(cu_enter(ctx, stream));
-    MOE_CHECK(cu_reserve(s, T));
-    /* the host's aux-loss coefficients (router_host.c); pageable sources are staged at once */
-    const size_t eb = (size_t)E * sizeof(float);
-    MOE_CUDA_CHECK(cudaMemcpyAsync(L->coefs_d, s->coefs.switch_f, eb, cudaMemcpyHostToDevice, st));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(L->coefs_d + E, s->coefs.imp, eb, cudaMemcpyHostToDevice, st));
-    MOE_CUDA_CHECK(
-        cudaMemcpyAsync(L->coefs_d + 2 * E, s->coefs.load, eb, cudaMemcpyHostToDevice, st));
-    moe_k_gate_bwd_args_t a;
-    memset(&a, 0, sizeof a);
-    a.T = T, a.E = E, a.K = s->K, a.K1 = s->K1;
-    a.noisy = s->noisy_now, a.gate_mode = (int)s->cfg.gate, a.renormalize = s->cfg.renormalize;
-    a.any_logit = s->coefs.any_logit;
-    a.logits = s->logits, a.noise_raw = s->noise_raw, a.eps = s->eps, a.h = s->h;
-    a.lse = s->lse, a.gate = s->gate, a.dg = s->dg, a.idx = s->idx;
-    a.coefs = L->coefs_d, a.z_scale = s->coefs.z_scale;
-    a.scr = L->gate_scr, a.dlogits = s->dlogits, a.dnoise = s->dnoise;
-    MOE_CUDA_CHECK(moe_k_gate_bwd(&a, st));
-    if (s->cfg.dtype == MOE_DTYPE_F32) {
-        const int dt = MOE_DTYPE_F32;
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, s->x, D, s->dlogits, E, 1.0f,
-                                    s->grad[MOE_PARAM_ROUTER_WEIGHT], E, dt, 0));
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dlogits, E,
-                                    s->param[MOE_PARAM_ROUTER_WEIGHT], E, 1.0f, dx, D, dt, 0));
-        if (s->noisy_now) {
-            MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, s->x, D, s->dnoise, E, 1.0f,
-                                        s->grad[MOE_PARAM_NOISE_WEIGHT], E, dt, 0));
-            MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dnoise, E,
-                                        s->param[MOE_PARAM_NOISE_WEIGHT], E, 1.0f, dx, D, dt, 0));
-        }
-        return MOE_STATUS_SUCCESS;
+/* the router GEMMs of the backward in f32 storage: weight gradients and dx added in place */
+static moe_status_t cu_router_bwd_f32(cublasHandle_t blas, const moe_gate_bwd_args_t *a) {
+    const int64_t T = a->T, D = a->layer->D, E = a->layer->E;
+    const int dt = MOE_DTYPE_F32;
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, E, T, a->x, D, a->dlogits, E, 1.0f, a->dw_router,
+                                E, dt, 0));
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, E, a->dlogits, E, a->w_router, E, 1.0f, a->dx,
+                                D, dt, 0));
+    if (a->noisy) {
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, E, T, a->x, D, a->dnoise, E, 1.0f,
+                                    a->dw_noise, E, dt, 0));
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, E, a->dnoise, E, a->w_noise, E, 1.0f,
+                                    a->dx, D, dt, 0));
     }
-    /* 16-bit storage: the router GEMMs in f32 on the forward's widened x, each result added
-     * into its 16-bit destination with one rounding */
-    const int dt = (int)s->cfg.dtype, f32 = MOE_DTYPE_F32;
-    const void *wg = NULL, *wn = NULL;
-    MOE_CHECK(cu_router_f32(s, NULL, &wg, &wn, st));
-    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, L->x32, D, s->dlogits, E, 0.0f, L->dw32,
-                                E, f32, 1));
-    MOE_CUDA_CHECK(moe_k_add_f32(s->grad[MOE_PARAM_ROUTER_WEIGHT], dt, L->dw32, D * E, st));
-    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dlogits, E, wg, E, 0.0f, L->dx32, D,
-                                f32, 1));
-    if (s->noisy_now) {
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, E, T, L->x32, D, s->dnoise, E, 0.0f,
-                                    L->dw32, E, f32, 1));
-        MOE_CUDA_CHECK(moe_k_add_f32(s->grad[MOE_PARAM_NOISE_WEIGHT], dt, L->dw32, D * E, st));
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, E, s->dnoise, E, wn, E, 1.0f, L->dx32,
-                                    D, f32, 1));
-    }
-    MOE_CUDA_CHECK(moe_k_add_f32(dx, dt, L->dx32, T * D, st));
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t cu_optim_update(moe_context_t *ctx, int adam, float *w, const float *g,
-                                    float *m, float *v, int64_t n,
-                                    const struct moe_optim_scalars *c, void *stream) {
+/* 16-bit storage: the router GEMMs in f32 on the forward's widened x, each result added into
+ * its 16-bit destination with one rounding */
+static moe_status_t cu_router_bwd_16(cublasHandle_t blas, const moe_gate_bwd_args_t *a,
+                                     cudaStream_t st) {
+    const moe_backend_layer_t *l = a->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int64_t T = a->T, D = l->D, E = l->E;
+    const int dt = (int)l->cfg.dtype, f32 = MOE_DTYPE_F32;
+    const void *wg = a->w_router, *wn = a->w_noise;
+    MOE_CHECK(cu_router_f32(l, T, NULL, &wg, &wn, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, E, T, L->x32, D, a->dlogits, E, 0.0f, L->dw32, E,
+                                f32, 1));
+    MOE_CUDA_CHECK(moe_k_add_f32(a->dw_router, dt, L->dw32, D * E, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, E, a->dlogits, E, wg, E, 0.0f, L->dx32, D, f32,
+                                1));
+    if (a->noisy) {
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, E, T, L->x32, D, a->dnoise, E, 0.0f, L->dw32,
+                                    E, f32, 1));
+        MOE_CUDA_CHECK(moe_k_add_f32(a->dw_noise, dt, L->dw32, D * E, st));
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, E, a->dnoise, E, wn, E, 1.0f, L->dx32, D,
+                                    f32, 1));
+    }
+    MOE_CUDA_CHECK(moe_k_add_f32(a->dx, dt, L->dx32, T * D, st));
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t cu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *g, void *stream) {
+    cu_context_t *c = cu_ctx(ctx);
+    const moe_backend_layer_t *l = g->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    cudaStream_t st = (cudaStream_t)stream;
+    const int64_t T = g->T, E = l->E;
     MOE_CHECK(cu_enter(ctx, stream));
-    MOE_CUDA_CHECK(moe_k_optim_update(adam, w, g, m, v, n, c, (cudaStream_t)stream));
+    MOE_CHECK(cu_reserve(l, T));
+    /* the host's aux-loss coefficients (router_host.c); pageable sources are staged at once */
+    const size_t eb = (size_t)E * sizeof(float);
+    const moe_aux_coefs_t *k = g->coefs;
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->coefs_d, k->switch_f, eb, cudaMemcpyHostToDevice, st));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->coefs_d + E, k->imp, eb, cudaMemcpyHostToDevice, st));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->coefs_d + 2 * E, k->load, eb, cudaMemcpyHostToDevice, st));
+    const moe_k_gate_bwd_args_t a = {.T = T,
+                                     .E = E,
+                                     .K = l->K,
+                                     .K1 = l->K1,
+                                     .noisy = g->noisy,
+                                     .gate_mode = (int)l->cfg.gate,
+                                     .renormalize = l->cfg.renormalize,
+                                     .any_logit = k->any_logit,
+                                     .logits = g->logits,
+                                     .noise_raw = g->noise_raw,
+                                     .eps = g->eps,
+                                     .h = g->h,
+                                     .lse = g->lse,
+                                     .gate = g->gate,
+                                     .dg = g->dgate,
+                                     .idx = g->idx,
+                                     .coefs = L->coefs_d,
+                                     .z_scale = k->z_scale,
+                                     .scr = L->gate_scr,
+                                     .dlogits = g->dlogits,
+                                     .dnoise = g->dnoise};
+    MOE_CUDA_CHECK(moe_k_gate_bwd(&a, st));
+    if (l->cfg.dtype == MOE_DTYPE_F32) return cu_router_bwd_f32(c->blas, g);
+    return cu_router_bwd_16(c->blas, g, st);
+}
+
+static moe_status_t cu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CUDA_CHECK(moe_k_optim_update(a->adam, a->w, a->g, a->m, a->v, a->n, a->c,
+                                      (cudaStream_t)stream));
     return MOE_STATUS_SUCCESS;
 }
 
@@ -648,11 +739,11 @@ const moe_backend_ops_t moe_cuda_backend = {
     .name = "cuda",
     .context_init = cu_context_init,
     .context_fini = cu_context_fini,
-    .alloc = cu_alloc,
-    .free = cu_free,
-    .memset_zero = cu_memset_zero,
-    .copy = cu_copy,
-    .sync = cu_sync,
+    .mem = {.alloc = cu_alloc,
+            .free = cu_free,
+            .memset_zero = cu_memset_zero,
+            .copy = cu_copy,
+            .sync = cu_sync},
     .layer_init = cu_layer_init,
     .layer_fini = cu_layer_fini,
     .count_nonfinite = cu_count_nonfinite,

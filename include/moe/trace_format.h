@@ -1,6 +1,9 @@
-/* trace_format.h - the routing-trace file format, version 1 (docs/trace.md). Little-endian,
- * fixed-size header then one record per forward. Shared by the writer (csrc/trace.c) and the
- * reader (bench/moe_trace.c). */
+/* trace_format.h - the routing-trace file format (public, versioned; docs/trace.md).
+ *
+ * What moe_layer_trace_open writes: little-endian, a fixed-size header, then one record per
+ * forward. Tools outside the library read traces with these structs (bench/moe_trace.c,
+ * bench/replay.c). A reader checks magic and version and starts the records at header_bytes;
+ * a change of layout increments MOE_TRACE_VERSION. Installed with moe/moe.h. */
 #ifndef MOE_TRACE_FORMAT_H
 #define MOE_TRACE_FORMAT_H
 

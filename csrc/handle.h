@@ -1,0 +1,136 @@
+/* handle.h - the layer handle (internal): what one moe_layer_t holds. The layer (layer.c) owns
+ * it; the scheduler, buffers and traces work on it. Nothing here calls anything. */
+#ifndef MOE_HANDLE_H
+#define MOE_HANDLE_H
+
+#include <stdint.h>
+
+#include "context.h"
+#include "core/status.h"
+#include "moe/moe.h"
+#include "state.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_LAYER_MAGIC 0x4D4F454Cu /* "MOEL" */
+
+/* The layer's shape, parameters and buffers (the backend ops see them through state.h's
+ * argument structs). Shapes (T tokens of the last forward, N = T*K rows at most):
+ *   x (T, D)  logits, noise_raw, eps, h (T, E)  lse (T)  idx (T, K1)  gate, row (T, K)
+ *   xp, yp (N, D)  hpre (N, F2)  act (N, F). */
+typedef struct moe_layer_state {
+    moe_layer_config_t cfg;
+    int64_t D, F, F2, E, K, K1;
+    int64_t E_local, expert_begin; /* this rank's experts: [expert_begin, expert_begin + E_local) */
+    int rank;
+
+    /* parameters and gradients in backend memory (NULL when turned off), element counts */
+    void *param[MOE_PARAM_COUNT];
+    void *grad[MOE_PARAM_COUNT];
+    int64_t numel[MOE_PARAM_COUNT];
+
+    /* forward state */
+    int64_t cap_tokens;   /* tokens the buffers below hold */
+    int64_t T;            /* tokens of the last forward */
+    int64_t capacity;     /* C per expert, or -1 when dropless */
+    uint64_t call;        /* forward calls so far: keys the gating noise */
+    int noisy_now;        /* noisy_gating && training in the last forward */
+    int have_forward;     /* a forward has succeeded */
+    int64_t num_rows;     /* kept assignments = rows of xp */
+
+    /* x, xp, act, yp, dyp, dhpre, dxp hold values of cfg.dtype (f32 on the CPU backend; the
+     * CUDA backend reads them through void pointers when the dtype is 16-bit); the rest is f32 */
+    float *score_bias; /* (E) selection bias of loss-free balancing, backend memory, or NULL */
+    float *x, *logits, *noise_raw, *eps, *h, *lse;
+    int32_t *idx, *row;
+    float *gate;
+    float *xp, *hpre, *act, *yp;
+    /* backward scratch */
+    float *dyp, *dact, *dhpre, *dxp, *dg, *dlogits, *dnoise;
+
+    /* host mirrors: what the scheduler and moe_layer_stats read */
+    int64_t *offsets_h;       /* (E + 1) start row of each expert in xp */
+    int64_t *counts_h;        /* (E) assignments per expert before dropping */
+    int64_t *dropped_h;       /* (E) dropped per expert */
+    double *prob_sum_h;       /* (E) sum_t softmax(logits_t)_e */
+    double *importance_h;     /* (E) sum_t gate weight of e */
+    double *load_h;           /* (E) Shazeer's smooth load, or the count */
+    double z_sum;             /* sum_t lse_t^2 */
+    moe_aux_coefs_t coefs;
+    moe_routing_stats_t stats;
+
+    void *impl; /* the backend's own per-layer state (layer_init; NULL for the CPU backend) */
+} moe_layer_state_t;
+
+/* the exchange plan of one forward with expert parallelism (host arrays) */
+typedef struct moe_exchange {
+    int64_t *send_counts; /* (E) kept rows this rank sends to each global expert */
+    int64_t *recv_counts; /* (P, E_local) rows each source rank sends to each local expert */
+    int64_t *ex_offsets;           /* (E + 1) expert-side rows: entries of the local experts */
+    int64_t rows;                  /* rows this rank's experts received */
+    int64_t num_chunks;            /* pipeline chunks of local experts */
+    int64_t *chunk_plan;           /* (MOE_MAX_CHUNKS, 4, P) send rows/off, recv rows/off */
+    int64_t *chunk_offsets;        /* (E + 1) expert-side offsets of one chunk's experts */
+} moe_exchange_t;
+
+struct moe_layer {
+    uint32_t magic;
+    moe_context_t *ctx;
+    moe_layer_state_t s;
+
+    /* Expert side (P > 1 only): rows the local experts process, (rows, D) each, in expert
+     * order [local expert][source rank]; ex_wire holds rows in exchange order
+     * [chunk][source][expert] as they arrive and depart (forward: x in, y out; backward: dy
+     * in, dx out). With P = 1 the experts work on the route's xp, yp, dyp, dxp. */
+    int64_t cap_rows;
+    void *ex_wire;
+    void *ex_x;  /* the experts' input rows, kept for backward */
+    void *ex_y;  /* the experts' output rows */
+    void *ex_dy; /* gradient of the output rows */
+    void *ex_dx; /* gradient of the input rows */
+    moe_exchange_t ex;
+
+    float *score_bias_h; /* (E) host mirror of s.score_bias (loss-free balancing) */
+
+    int profiling;
+    double phase_s[MOE_PHASE_COUNT];
+
+    /* routing trace (trace.c) */
+    void *trace; /* FILE * */
+    uint32_t trace_layer_id;
+    int64_t trace_step;
+    /* forced routing for the next forward, host (forced_T, K); forced_last: the last forward
+     * used one (its backward gives the router no gradient) */
+    int32_t *forced_idx;
+    float *forced_gate;
+    int64_t forced_T;
+    int forced_last;
+};
+
+/* the layer as the backend ops see it (state.h), made from the state at each call */
+static inline moe_backend_layer_t moe__backend_layer(const moe_layer_state_t *s) {
+    return (moe_backend_layer_t){.cfg = s->cfg,
+                                 .D = s->D,
+                                 .F = s->F,
+                                 .F2 = s->F2,
+                                 .E = s->E,
+                                 .K = s->K,
+                                 .K1 = s->K1,
+                                 .E_local = s->E_local,
+                                 .expert_begin = s->expert_begin,
+                                 .rank = s->rank,
+                                 .impl = s->impl};
+}
+
+/* argument check at the entry of a public moe_layer_* call */
+#define MOE_LAYER_ARG(layer)                                                                  \
+    MOE_ARG((layer) != NULL && (layer)->magic == MOE_LAYER_MAGIC, "layer is %s",              \
+            (layer) == NULL ? "NULL" : "not a live moe_layer_t")
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,19 @@
+/* scheduler.h - the plan of one forward / backward call (scheduler.c), called by layer.c. */
+#ifndef MOE_SCHEDULER_H
+#define MOE_SCHEDULER_H
+
+#include "handle.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+moe_status_t moe__scheduler_forward(moe_layer_t *layer, const void *x, void *y, int64_t T,
+                                    int training, void *stream);
+moe_status_t moe__scheduler_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,174 @@
+/* state.h - what the backend ops see of a layer: its shape, and per op one argument struct
+ * naming the buffers that op reads and writes (as kernels/kernels.h does for the launchers).
+ * The scheduler (csrc/scheduler.c) fills them from the layer's buffers; a backend never sees
+ * the layer handle.
+ *
+ * Buffers are in backend memory unless marked host. Rows hold values of cfg.dtype (f32 on the
+ * CPU backend); routing state and the f32 scratch stay f32. Letters: T tokens of this call,
+ * E experts, K per token, K1 = min(K + 1, E), D d_model, F d_ff, F2 = 2F for SWIGLU (else F),
+ * N rows of the expert-major buffers (at most T*K on the route side). */
+#ifndef MOE_STATE_H
+#define MOE_STATE_H
+
+#include <stdint.h>
+
+#include "moe/moe.h"
+#include "router/router_host.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* the layer as a backend sees it: shape, effective config (expert choice rewrites gate,
+ * renormalize and priority) and the backend's own per-layer state */
+typedef struct moe_backend_layer {
+    moe_layer_config_t cfg;
+    int64_t D, F, F2, E, K, K1;
+    int64_t E_local, expert_begin; /* this rank's experts: [expert_begin, expert_begin + E_local) */
+    int rank;
+    void *impl; /* made by layer_init (NULL without one) */
+} moe_backend_layer_t;
+
+/* gate_fwd: router GEMMs, gating noise, top-k, gates, lse and the per-expert sums */
+typedef struct moe_gate_fwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    int noisy;                      /* draw gating noise (noisy gating while training) */
+    uint64_t call;                  /* the layer's noisy-forward counter: keys the noise */
+    const void *x;                  /* (T, D) */
+    const void *w_router, *w_noise; /* (D, E) each; w_noise NULL without noisy gating */
+    const float *score_bias;        /* (E) selection bias of loss-free balancing, or NULL */
+    float *logits;                  /* (T, E) out */
+    float *noise_raw, *eps, *h;     /* (T, E) out when noisy: x Wn, the noise, noisy scores */
+    float *lse;                     /* (T) out */
+    int32_t *idx;                   /* (T, K1) out: chosen experts, then the load threshold */
+    float *gate;                    /* (T, K) out */
+    moe_router_sums_t sums;         /* host out: the per-expert sums of this rank */
+} moe_gate_fwd_args_t;
+
+/* route: slot assignment of the T*K assignments (router_host.h's rule) */
+typedef struct moe_route_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    int64_t capacity;      /* per expert, or -1 when dropless */
+    const int32_t *idx;    /* (T, K1) */
+    const float *gate;     /* (T, K) */
+    const int64_t *counts; /* host (E): claims per expert (the gate's, or forced routing's) */
+    int32_t *row;          /* (T, K) out: row in the expert-major buffer, or -1 when dropped */
+    int64_t *offsets;      /* host (E + 1) out: start row of each expert's kept rows */
+    int64_t *dropped;      /* host (E) out */
+    int64_t *num_rows;     /* host out: kept rows */
+} moe_route_args_t;
+
+/* permute: xp[row[t, j]] = x[t] for every kept (t, j) */
+typedef struct moe_permute_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *x;      /* (T, D) */
+    const int32_t *row; /* (T, K) */
+    void *xp;           /* (N, D) out: the permuted rows */
+} moe_permute_args_t;
+
+/* The rows the expert ops work on: expert e of this rank owns rows [offsets[e], offsets[e + 1])
+ * of the row buffers below. With one rank they are the route's rows (route_offsets: the
+ * backend's device copy of the route's offsets is current); with expert parallelism the
+ * expert side's received rows of one pipeline chunk (the other local experts empty). */
+typedef struct moe_expert_rows {
+    const int64_t *offsets; /* host (E + 1) */
+    int route_offsets;
+} moe_expert_rows_t;
+
+/* ffn_fwd: H = X W1 (+ b1), A = act(H), Y = A W2 (+ b2) per local expert */
+typedef struct moe_ffn_fwd_args {
+    const moe_backend_layer_t *layer;
+    moe_expert_rows_t rows;
+    const void *w1, *b1; /* (E_local, D, F2), (E_local, F2) or NULL */
+    const void *w2, *b2; /* (E_local, F, D), (E_local, D) or NULL */
+    const void *x;       /* (N, D) the experts' input rows */
+    float *hpre;         /* (N, F2) out, f32: kept for backward */
+    void *act;           /* (N, F) out: kept for backward */
+    void *y;             /* (N, D) out: the experts' output rows */
+} moe_ffn_fwd_args_t;
+
+/* ffn_bwd: dX from dY, weight and bias gradients added into dw1..db2 */
+typedef struct moe_ffn_bwd_args {
+    const moe_backend_layer_t *layer;
+    moe_expert_rows_t rows;
+    const void *w1, *w2;     /* as moe_ffn_fwd_args_t */
+    void *dw1, *db1;         /* gradients (accumulated), db1 NULL without biases */
+    void *dw2, *db2;
+    const void *x;           /* (N, D) the forward's input rows */
+    const float *hpre;       /* (N, F2) the forward's */
+    const void *act;         /* (N, F) the forward's */
+    const void *dy;          /* (N, D) gradient of the output rows */
+    float *dact;             /* (N, F) scratch, f32 */
+    void *dhpre;             /* (N, F2) scratch */
+    void *dx;                /* (N, D) out: gradient of the input rows */
+} moe_ffn_bwd_args_t;
+
+/* combine_fwd: y[t] = sum_j kept(t, j) gate[t, j] yp[row[t, j]], in j order */
+typedef struct moe_combine_fwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *yp;     /* (N, D) the experts' output rows, route order */
+    const int32_t *row; /* (T, K) */
+    const float *gate;  /* (T, K) */
+    void *y;            /* (T, D) out */
+} moe_combine_fwd_args_t;
+
+/* combine_bwd: dyp[row] = gate dy[t];  dgate[t, j] = <dy[t], yp[row]> (0 when dropped) */
+typedef struct moe_combine_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *dy;     /* (T, D) */
+    const void *yp;     /* (N, D) the forward's output rows */
+    const int32_t *row; /* (T, K) */
+    const float *gate;  /* (T, K) */
+    void *dyp;          /* (N, D) out: gradient of the output rows, route order */
+    float *dgate;       /* (T, K) out */
+} moe_combine_bwd_args_t;
+
+/* unpermute_bwd: dx[t] = sum_j dxp[row[t, j]] in j order (0 when all dropped) */
+typedef struct moe_unpermute_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *dxp;    /* (N, D) gradient of the input rows, route order */
+    const int32_t *row; /* (T, K) */
+    void *dx;           /* (T, D) out */
+} moe_unpermute_bwd_args_t;
+
+/* gate_bwd: gates, aux losses and the noise network, then the router GEMMs; the router's share
+ * of dx is added to what unpermute_bwd wrote */
+typedef struct moe_gate_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    int noisy;                      /* the forward drew gating noise */
+    const void *x;                  /* (T, D) the forward's input */
+    const void *w_router, *w_noise; /* (D, E) */
+    const float *logits, *noise_raw, *eps, *h, *lse; /* the forward's, as moe_gate_fwd_args_t */
+    const int32_t *idx;             /* (T, K1) */
+    const float *gate;              /* (T, K) */
+    const float *dgate;             /* (T, K) from combine_bwd */
+    const moe_aux_coefs_t *coefs;   /* host: the aux-loss gradient coefficients */
+    float *dlogits, *dnoise;        /* (T, E) scratch: gradients of x Wg and x Wn */
+    void *dw_router, *dw_noise;     /* (D, E) gradients (accumulated) */
+    void *dx;                       /* (T, D) accumulated */
+} moe_gate_bwd_args_t;
+
+struct moe_optim_scalars; /* core/optim_update.h */
+
+/* optim_update: one optimizer step over n f32 elements (core/optim_update.h's bodies) */
+typedef struct moe_optim_args {
+    int adam;     /* Adam/AdamW, else SGD */
+    float *w;     /* (n) parameters, updated */
+    const float *g; /* (n) gradient */
+    float *m, *v; /* (n) moments: SGD momentum (or NULL) and unused v; Adam's first and second */
+    int64_t n;
+    const struct moe_optim_scalars *c;
+} moe_optim_args_t;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
