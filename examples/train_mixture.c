@@ -28,13 +28,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "core/clock.h"
 #include "moe/moe.h"
+#include "tool_util.h"
 
-#ifdef MOE_EXAMPLE_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 #ifdef MOE_EXAMPLE_WITH_MPI
 #include <mpi.h>
 #endif
@@ -300,37 +298,6 @@ static void sample(const problem_t *p, rng_t *rng, int T, float *x, float *y, in
 }
 
 /* ---------------------------------------------------------------------------------------------
- * backend memory for x, y, dy, dx: host arrays on the CPU backend, device buffers on CUDA
- * ------------------------------------------------------------------------------------------- */
-
-static int dev_alloc(moe_backend_t b, void **p, size_t bytes) {
-#ifdef MOE_EXAMPLE_WITH_CUDA
-    if (b == MOE_BACKEND_CUDA) return cudaMalloc(p, bytes) != cudaSuccess;
-#endif
-    (void)b;
-    *p = malloc(bytes);
-    return *p == NULL;
-}
-static void dev_free(moe_backend_t b, void *p) {
-#ifdef MOE_EXAMPLE_WITH_CUDA
-    if (b == MOE_BACKEND_CUDA) { cudaFree(p); return; }
-#endif
-    (void)b;
-    free(p);
-}
-/* to_dev: host -> backend memory; otherwise backend -> host. Complete on return. */
-static int dev_copy(moe_backend_t b, void *dst, const void *src, size_t bytes, int to_dev) {
-#ifdef MOE_EXAMPLE_WITH_CUDA
-    if (b == MOE_BACKEND_CUDA)
-        return cudaMemcpy(dst, src, bytes, to_dev ? cudaMemcpyHostToDevice
-                                                  : cudaMemcpyDeviceToHost) != cudaSuccess;
-#endif
-    (void)b, (void)to_dev;
-    memcpy(dst, src, bytes);
-    return 0;
-}
-
-/* ---------------------------------------------------------------------------------------------
  * ranks: sums over the processes of an expert-parallel run (no-ops on one rank)
  * ------------------------------------------------------------------------------------------- */
 
@@ -423,13 +390,15 @@ static int model_create(model_t *m, const char *name, moe_context_t *ctx, const 
 static int model_reserve(model_t *m, moe_backend_t b, int T) {
     if (T <= m->cap) return 0;
     size_t bytes = sizeof(float) * (size_t)T * (size_t)m->D;
-    dev_free(b, m->x_d), dev_free(b, m->h_d), dev_free(b, m->dh_d), dev_free(b, m->dx_d);
+    const tool_mem_t mem = {.gpu = b == MOE_BACKEND_CUDA};
+    tool_mem_free(&mem, m->x_d), tool_mem_free(&mem, m->h_d);
+    tool_mem_free(&mem, m->dh_d), tool_mem_free(&mem, m->dx_d);
     free(m->h), free(m->dh), free(m->pred);
     m->h = malloc(bytes), m->dh = malloc(bytes);
     m->pred = malloc(sizeof(float) * (size_t)T * (size_t)m->O);
-    if (dev_alloc(b, &m->x_d, bytes) || dev_alloc(b, &m->h_d, bytes) ||
-        dev_alloc(b, &m->dh_d, bytes) || dev_alloc(b, &m->dx_d, bytes) || !m->h || !m->dh ||
-        !m->pred) {
+    m->x_d = tool_mem_alloc(&mem, bytes), m->h_d = tool_mem_alloc(&mem, bytes);
+    m->dh_d = tool_mem_alloc(&mem, bytes), m->dx_d = tool_mem_alloc(&mem, bytes);
+    if (!m->x_d || !m->h_d || !m->dh_d || !m->dx_d || !m->h || !m->dh || !m->pred) {
         fprintf(stderr, "error: buffers for %d tokens\n", T);
         return 1;
     }
@@ -440,7 +409,9 @@ static int model_reserve(model_t *m, moe_backend_t b, int T) {
 static void model_free(model_t *m, moe_backend_t b) {
     moe_optimizer_destroy(m->opt);
     moe_layer_destroy(m->layer);
-    dev_free(b, m->x_d), dev_free(b, m->h_d), dev_free(b, m->dh_d), dev_free(b, m->dx_d);
+    const tool_mem_t mem = {.gpu = b == MOE_BACKEND_CUDA};
+    tool_mem_free(&mem, m->x_d), tool_mem_free(&mem, m->h_d);
+    tool_mem_free(&mem, m->dh_d), tool_mem_free(&mem, m->dx_d);
     free(m->h), free(m->dh), free(m->pred);
     free(m->Wh), free(m->gWh), free(m->mW), free(m->vW);
     free(m->bh), free(m->gbh), free(m->mb), free(m->vb);
@@ -450,15 +421,18 @@ static void model_free(model_t *m, moe_backend_t b) {
  * ranks); returns the sum of squared errors against y (or -1 on error) */
 static double model_forward(model_t *m, moe_backend_t b, const float *x, const float *y, int T,
                             int training) {
+    const tool_mem_t mem = {.gpu = b == MOE_BACKEND_CUDA};
     size_t bytes = sizeof(float) * (size_t)T * (size_t)m->D;
-    if (model_reserve(m, b, T > 0 ? T : 1) || dev_copy(b, m->x_d, x, bytes, 1)) return -1.0;
+    if (model_reserve(m, b, T > 0 ? T : 1) ||
+        tool_mem_copy(&mem, m->x_d, x, bytes, TOOL_COPY_TO_BACKEND))
+        return -1.0;
     moe_status_t st = moe_layer_forward(m->layer, m->x_d, m->h_d, T, training, NULL);
     if (st != MOE_STATUS_SUCCESS) {
         fprintf(stderr, "error: moe_layer_forward: %s\n  %s\n", moe_status_string(st),
                 moe_last_error());
         return -1.0;
     }
-    if (dev_copy(b, m->h, m->h_d, bytes, 0)) return -1.0;
+    if (tool_mem_copy(&mem, m->h, m->h_d, bytes, TOOL_COPY_TO_HOST)) return -1.0;
     double se = 0.0;
     for (int t = 0; t < T; ++t)
         for (int o = 0; o < m->O; ++o) {
@@ -504,7 +478,10 @@ static int model_backward_step(model_t *m, moe_backend_t b, const float *y, int 
             }
         }
     }
-    if (dev_copy(b, m->dh_d, m->dh, sizeof(float) * (size_t)T * (size_t)D, 1)) return 1;
+    const tool_mem_t mem = {.gpu = b == MOE_BACKEND_CUDA};
+    if (tool_mem_copy(&mem, m->dh_d, m->dh, sizeof(float) * (size_t)T * (size_t)D,
+                      TOOL_COPY_TO_BACKEND))
+        return 1;
     CHECK(moe_layer_zero_grad(m->layer, NULL));
     CHECK(moe_layer_backward(m->layer, m->dh_d, m->dx_d, NULL));
     if (o->world > 1) {
@@ -539,12 +516,6 @@ static int model_backward_step(model_t *m, moe_backend_t b, const float *y, int 
 /* ---------------------------------------------------------------------------------------------
  * training and evaluation
  * ------------------------------------------------------------------------------------------- */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 typedef struct {
     float *x, *y;
@@ -670,7 +641,7 @@ static double train(model_t *m, const problem_t *p, const options_t *o, const ba
     double result = -1.0;
     if (!lb.tokens || !lb.dropped || !lb.bias || !lb.kept) goto done;
     if (csv && o->rank == 0) csv_header(csv, m->E);
-    double run = 0.0, t0 = now_s();
+    double run = 0.0, t0 = moe_now_s();
     int nrun = 0;
     if (o->rank == 0) printf("\n== %s: E=%d K=%d ==\n", m->name, m->E, m->K);
     for (int s = 1; s <= o->steps; ++s) {
@@ -685,7 +656,7 @@ static double train(model_t *m, const problem_t *p, const options_t *o, const ba
         }
     }
     if (o->trace_path) moe_layer_trace_close(m->layer); /* the training forwards only */
-    double secs = now_s() - t0;
+    double secs = moe_now_s() - t0;
     shard(o, eval->T, &lo, &hi);
     double ev = model_forward(m, o->backend, eval->x + (size_t)lo * p->D,
                               eval->y + (size_t)lo * p->O, hi - lo, 0);
@@ -749,11 +720,6 @@ done:
     return purity;
 }
 
-/* started by mpirun/srun? */
-static int under_mpi(void) {
-    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
-}
-
 static int run(options_t *o, moe_comm_t *comm);
 
 int main(int argc, char **argv) {
@@ -762,7 +728,7 @@ int main(int argc, char **argv) {
     if (rc) return rc;
     moe_comm_t *comm = NULL;
 #ifdef MOE_EXAMPLE_WITH_MPI
-    int mpi = under_mpi();
+    int mpi = tool_under_mpi();
     if (mpi) {
         MPI_Init(&argc, &argv);
         CHECK(moe_comm_create_mpi(&comm, NULL));
@@ -770,7 +736,7 @@ int main(int argc, char **argv) {
         o.world = moe_comm_size(comm);
     }
 #else
-    if (under_mpi())
+    if (tool_under_mpi())
         fprintf(stderr, "note: train_mixture was built without MPI: every process trains "
                         "alone\n");
 #endif
