@@ -1,7 +1,8 @@
-/* report.c - the machine-readable outputs of moe_bench: the results as JSON (--json) and the
- * timed calls as a Chrome / Perfetto trace (--trace). */
+/* report.c - the machine-readable outputs of moe_bench: the results as JSON (--json), the
+ * timed calls as a Chrome / Perfetto trace (--trace), and the event buffer each rank fills. */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bench.h"
@@ -221,4 +222,18 @@ int bench_write_trace(const char *path, const bench_event_t *ev, int64_t nev, in
         return -1;
     }
     return 0;
+}
+
+void bench_trace_add(bench_trace_buf_t *tb, int tid, int64_t tokens, int iter, double t_begin,
+                     double t_end) {
+    if (!tb->on) return;
+    if (tb->n == tb->cap) {
+        int64_t cap = tb->cap ? 2 * tb->cap : 256;
+        bench_event_t *ev = realloc(tb->ev, (size_t)cap * sizeof *ev);
+        if (!ev) return; /* a trace without this event beats no benchmark */
+        tb->ev = ev, tb->cap = cap;
+    }
+    bench_event_t *e = &tb->ev[tb->n++];
+    e->pid = tb->pid, e->tid = tid, e->tokens = tokens, e->iter = iter;
+    e->ts_us = 1e6 * (t_begin - tb->t0), e->dur_us = 1e6 * (t_end - t_begin);
 }
