@@ -6,11 +6,7 @@
 #include <string.h>
 
 #include "bench.h"
-
-static const char *act_names[] = {"relu", "gelu", "silu", "swiglu"};
-static const char *dtype_names[] = {"f32", "bf16", "f16"};
-static const char *gate_names[] = {"softmax-of-topk", "topk-of-softmax"};
-static const char *priority_names[] = {"position", "score"};
+#include "core/dtype.h"
 
 /* JSON has no NaN/Inf: write null for them */
 static void num(FILE *f, double v) {
@@ -71,11 +67,11 @@ int bench_write_json(const char *path, const bench_opts_t *o, const char *backen
             "\"top_k\": %lld, \"dtype\": \"%s\", \"activation\": \"%s\", \"gate\": \"%s\", "
             "\"renormalize\": %d, \"noisy\": %d, \"capacity_factor\": ",
             (long long)c->d_model, (long long)c->d_ff, (long long)c->num_experts,
-            (long long)c->top_k, dtype_names[c->dtype], act_names[c->activation],
-            gate_names[c->gate], c->renormalize, c->noisy_gating);
+            (long long)c->top_k, moe_dtype_name(c->dtype), tool_activation_names[c->activation],
+            tool_gate_names[c->gate], c->renormalize, c->noisy_gating);
     num(f, c->capacity_factor);
     fprintf(f, ", \"priority\": \"%s\", \"expert_bias\": %d, \"seed\": %llu},\n",
-            priority_names[c->priority], c->expert_bias, (unsigned long long)o->seed);
+            tool_priority_names[c->priority], c->expert_bias, (unsigned long long)o->seed);
     fputs("  \"routing\": ", f);
     str(f, o->replay_path ? "replay" : o->routing.text);
     if (o->replay_path) {

@@ -44,7 +44,8 @@ int main(int argc, char **argv) {
         world = moe_comm_size(comm);
     }
 #else
-    if (tool_under_mpi()) fprintf(stderr, "note: this demo was built without MPI: one rank each\n");
+    if (tool_under_mpi())
+        fprintf(stderr, "note: this demo was built without MPI: one rank each\n");
 #endif
     moe_layer_config_t cfg = moe_layer_config_default();
     cfg.d_model = 256;
