@@ -1,5 +1,8 @@
 /* bench.h - what the files of moe_bench share: the run options, one row of results, and the
- * helpers for workloads (workload.c) and reports (report.c).
+ * functions of its files: options.c (command line), workload.c (inputs and token counts),
+ * run.c (the run of one rank), ceilings.c (same-run ceilings, threads), check.c and check_ref.c
+ * (--check), table.c (the printed table), report.c (JSON and trace files), world.c (ranks),
+ * model.c (the performance model), replay.c (routing traces); main is in moe_bench.c.
  *
  * Letters as in moe.h: T tokens, D d_model, F d_ff, F2 = 2F for swiglu else F, E experts,
  * K top_k, M kept assignments (rows that went through an expert). */
@@ -10,6 +13,7 @@
 #include <stdio.h>
 
 #include "moe/moe.h"
+#include "tool_util.h"
 
 /* exit codes of moe_bench */
 enum { BENCH_EXIT_OK = 0, BENCH_EXIT_FAIL = 1, BENCH_EXIT_USAGE = 2, BENCH_EXIT_NOT_SUPPORTED = 3 };
@@ -155,7 +159,7 @@ void bench_model_h100(const bench_model_shape_t *s, double gemm_tflops, double *
                       double *t_local_bwd, double *t_experts_fwd, double *t_experts_bwd,
                       double *a2a_bytes);
 
-/* ---- replay.c: a routing trace read for --replay (format: csrc/trace_format.h) -------------- */
+/* ---- replay.c: a routing trace read for --replay (format: include/moe/trace_format.h) -------------- */
 
 typedef struct bench_replay {
     int64_t num_experts, top_k, d_model, d_ff;
@@ -197,5 +201,159 @@ int bench_write_json(const char *path, const bench_opts_t *o, const char *backen
                      int ranks, int omp_threads, int blas_threads, const bench_row_t *rows,
                      int nrows, int check_ok);
 int bench_write_trace(const char *path, const bench_event_t *ev, int64_t nev, int ranks);
+
+/* ---- options.c ----------------------------------------------------------------------------- */
+
+/* 0 ok, 1 help printed, -1 usage error (message on stderr) */
+int bench_parse_args(int argc, char **argv, bench_opts_t *o);
+
+/* ---- workload.c: what one rank feeds the layer ----------------------------------------------- */
+
+typedef struct bench_workload {
+    int64_t tokens_max; /* rows of x held (replay: the largest slice over the steps) */
+    float *x, *dy;      /* (tokens_max, D) f32 host */
+} bench_workload_t;
+
+/* tokens of rank q of P at size T (replay: at this step) and, when begin is given, the first
+ * global token index of its slice */
+int64_t bench_rank_tokens(const bench_opts_t *o, const bench_replay_t *rp, int64_t T,
+                          int64_t step, int q, int P, int64_t *begin);
+/* x and dy of rank q: reproducible from (seed, q), so any rank can rebuild another's; 0 on
+ * success (free with bench_free_workload either way) */
+int bench_make_workload(const bench_opts_t *o, const bench_replay_t *rp, const float *wg,
+                        int64_t T, int q, int P, bench_workload_t *wl);
+void bench_free_workload(bench_workload_t *wl);
+
+/* ---- report.c: the trace buffer of one rank -------------------------------------------------- */
+
+typedef struct bench_trace_buf {
+    bench_event_t *ev;
+    int64_t n, cap;
+    int on;    /* --trace given */
+    int pid;   /* this rank */
+    double t0; /* start of the run: timestamps are relative to it */
+} bench_trace_buf_t;
+
+/* one event on track tid (see bench_event_t); a full buffer that cannot grow drops it */
+void bench_trace_add(bench_trace_buf_t *tb, int tid, int64_t tokens, int iter, double t_begin,
+                     double t_end);
+
+/* ---- run.c: the run of one rank ----------------------------------------------------------- */
+
+/* rank 0's results, handed to main for the JSON and trace files */
+typedef struct bench_out {
+    bench_row_t *rows;
+    int nrows;
+    int check_failed; /* the run went through and --check found wrong elements */
+    bench_trace_buf_t tb;
+} bench_out_t;
+
+typedef struct bench_rank_arg {
+    const bench_opts_t *o;
+    const bench_replay_t *rp; /* NULL without --replay */
+    bench_world_t w;
+    moe_comm_t *comm;
+    const char *backend_text;
+    double t0;        /* start of the run (trace timestamps) */
+    bench_out_t *out; /* written by rank 0 only */
+    int rc;           /* exit code of this rank */
+} bench_rank_arg_t;
+
+/* every rank runs it: a thread per local rank, a process per MPI rank, or main for one rank */
+void *bench_run_rank(void *arg);
+
+/* one training forward (with the replayed routing of `step` forced first) and, when bwd, one
+ * backward; the times of the start, the end of the forward and the end of the backward when t
+ * is given */
+moe_status_t bench_step_layer(const bench_rank_arg_t *a, moe_layer_t *layer, const tool_mem_t *m,
+                              int64_t T, int64_t step, void *x_dev, void *y_dev, void *dy_dev,
+                              void *dx_dev, int bwd, double *t);
+
+/* ---- ceilings.c: same-run ceilings, statistics, threads ------------------------------------ */
+
+bench_times_t bench_summarize(const double *v, int n);
+/* median time of the expert GEMMs done densely: M rows through one (D, F2) and one (F, D)
+ * matrix; forward+backward adds the four backward GEMMs. -1 if memory is short. */
+double bench_dense_gemm_time(int64_t M, int64_t D, int64_t F, int64_t F2, int bwd, int reps,
+                             int64_t tokens, bench_trace_buf_t *tb);
+/* median time of a backend-to-backend copy of `bytes`; -1 on failure */
+double bench_memcpy_time(const tool_mem_t *m, size_t bytes, int reps, int64_t tokens,
+                         bench_trace_buf_t *tb);
+/* the raw all-to-all of `bytes` per rank in backend memory, reps times (t_each: reps doubles) */
+double bench_alltoall_ceiling(bench_world_t *w, const tool_mem_t *m, size_t bytes, int reps,
+                              double *t_each);
+/* OpenMP and OpenBLAS threads for the whole process (--threads) */
+void bench_set_threads(int n);
+/* OpenBLAS's thread count, -1 when the BLAS is not OpenBLAS */
+int bench_blas_threads(void);
+/* OpenMP threads of one rank: --threads, or a share of the cores per local rank */
+void bench_rank_threads(const bench_opts_t *o, int ranks);
+
+/* ---- check.c, check_ref.c: --check ---------------------------------------------------------- */
+
+typedef struct bench_check_acc {
+    int64_t wrong, checked;
+    double worst; /* largest error relative to the tensor's largest reference magnitude */
+} bench_check_acc_t;
+
+/* collective: one training forward + backward of every rank's tokens from zeroed gradients,
+ * gathered at rank 0 and compared there with the float64 reference (check_ref.c); BENCH_EXIT_OK
+ * when the comparison ran (acc says how it went) */
+int bench_check(const bench_rank_arg_t *a, const tool_mem_t *m, moe_layer_t *layer,
+                const float *wg, int64_t T, void *x_dev, void *dy_dev, void *y_dev, void *dx_dev,
+                bench_check_acc_t *acc);
+
+/* what the float64 reference reads: one rank's tokens, the parameters of all E experts (global
+ * order) and the routing that rank's layer reported */
+typedef struct bench_ref_in {
+    int64_t T, D, F, E, W;
+    int act, gate_type, renormalize; /* moe_activation_t, moe_gate_t, cfg.renormalize */
+    int check_routing;  /* recompute the top-K choice and gates (token choice, no noise, not
+                           forced) */
+    int check_capacity; /* kept = min(assigned, capacity) per expert (token choice) */
+    int router_grads;   /* add the router's backward to dWg and dx (no noise, not forced) */
+    double capacity_factor;
+    double tie_eps;  /* scores closer than this count as tied: their order is not checked */
+    double gate_tol; /* absolute tolerance of a gate weight */
+    const float *x, *dy;         /* (T, D), as the layer saw them */
+    const float *wg;             /* (D, E) */
+    const float *w1, *b1;        /* (E, D, F2), (E, F2); b1 NULL without expert bias */
+    const float *w2, *b2;        /* (E, F, D), (E, D); b2 NULL without expert bias */
+    const int32_t *idx, *kept;   /* (T, W) */
+    const float *gate;           /* (T, W) */
+} bench_ref_in_t;
+
+typedef struct bench_ref_out {
+    double *y, *dx;              /* (T, D), zeroed by the caller */
+    double *dwg;                 /* (D, E), accumulated over calls */
+    double *dw1, *db1, *dw2, *db2; /* expert gradients, accumulated; db* NULL without bias */
+    int64_t route_wrong, route_checked, route_skipped;
+} bench_ref_out_t;
+
+/* 0 on success, -1 out of memory */
+int bench_ref_layer(const bench_ref_in_t *in, bench_ref_out_t *out);
+
+/* ---- table.c: the printed table -------------------------------------------------------------- */
+
+void bench_print_header(const bench_opts_t *o, const char *backend_text, const char *world_text,
+                        int ranks, int omp_threads, int blas_thr);
+/* per-rank results of one size, gathered: [ fwd[iters] bwd[iters] tot[iters] | tokens sent recv
+ * remote | phases | gemm mcpy a2a ] */
+enum { BENCH_G_STATS = 4, BENCH_G_CEIL = 3 };
+static inline int bench_gather_width(int iters) {
+    return 3 * iters + BENCH_G_STATS + MOE_PHASE_COUNT + BENCH_G_CEIL;
+}
+/* rank 0: one row of the table from every rank's gathered numbers gall (P x ng); tf is rank 0's
+ * own times, overwritten with the slowest rank's */
+void bench_finish_row(const bench_opts_t *o, int P, int ng, const double *gall, double *tf,
+                      double sent_mean, double act_bytes, bench_row_t *r);
+void bench_print_row(const bench_opts_t *o, const bench_row_t *r);
+/* the footer, the phase table and the ranks of the last size; 1 if --check failed */
+int bench_print_summary(const bench_opts_t *o, int P, const bench_row_t *rows, int nrows,
+                        int nprof, int64_t total_wrong, int64_t total_checked, double worst);
+
+/* ---- model.c: --model-table ------------------------------------------------------------------ */
+
+void bench_model_table(const bench_opts_t *o);
 
 #endif /* MOE_BENCH_H */

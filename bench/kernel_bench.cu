@@ -3,14 +3,15 @@
 //
 // Times are medians over samples of several back-to-back launches between CUDA events, after a
 // warm-up. Bytes are the fewest the kernel must move (each input read once, each output written
-// once); copy bandwidth counts read + write. Prints a markdown table (stdout) and exits non-zero
-// on any CUDA or cuBLAS error.
+// once); copy bandwidth counts read + write. Prints a markdown table (stdout); the exit status
+// says whether every target was met (see usage()).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <random>
@@ -236,7 +237,85 @@ static void bench_gemm(cublasHandle_t h, int64_t E, int64_t D, int64_t F, int64_
     cudaFree(X), cudaFree(W), cudaFree(H), cudaFree(ptrs);
 }
 
-int main() {
+enum { KB_EXIT_OK = 0, KB_EXIT_ERROR = 1, KB_EXIT_USAGE = 2, KB_EXIT_MISSED = 4 };
+
+static void usage(FILE *f) {
+    std::fprintf(f,
+                 "usage: moe_kernel_bench [-h | --help]\n"
+                 "Times each libmoe CUDA kernel next to a same-run ceiling (D2D copy of the same\n"
+                 "bytes, or a dense cuBLAS GEMM of the same FLOPs) and prints a markdown table.\n"
+                 "The last line counts the targets: 'targets: N of M met' or 'targets: K of M\n"
+                 "MISSED: names'.\n"
+                 "\n"
+                 "exit status: 0 every target met (or no GPU: nothing measured), 1 a CUDA or\n"
+                 "cuBLAS error, 2 bad usage, 4 at least one target missed\n"
+                 "\n"
+                 "MOE_KERNEL_BENCH_TARGET_SCALE=X tightens every target X times (ratio targets\n"
+                 "times X, time targets over X; default 1): a huge X makes every target missed,\n"
+                 "which the tests use to see the exit status 4\n");
+}
+
+static double target_scale() {
+    const char *v = std::getenv("MOE_KERNEL_BENCH_TARGET_SCALE");
+    double x = v ? std::atof(v) : 1.0;
+    return x > 0 ? x : 1.0;
+}
+
+// 1 when row r has a target and missed it; 0 met; -1 no target
+static int missed(const Row &r) {
+    static const double x = target_scale();
+    if (r.metric.rfind("us (", 0) == 0) return r.us <= r.target / x ? 0 : 1;
+    if (r.target > 0) return r.ceiling > 0 && r.achieved / r.ceiling >= r.target * x ? 0 : 1;
+    return -1;
+}
+
+// the table of every row; returns the exit status (KB_EXIT_MISSED when a target was missed)
+static int print_table(const cudaDeviceProp &prop) {
+    std::printf("## libmoe kernel benchmark on %s (%d SMs)\n\n", prop.name,
+                prop.multiProcessorCount);
+    std::printf("| kernel | shape | time (us) | achieved | unit | ceiling (same run) | ratio | target |\n");
+    std::printf("|---|---|---:|---:|---|---:|---:|---|\n");
+    int targets = 0, nmissed = 0;
+    std::string names;
+    for (const Row &r : g_rows) {
+        char ratio[32] = "-", target[48] = "-", ceil[32] = "-", ach[32] = "-";
+        if (r.ceiling > 0) std::snprintf(ratio, sizeof ratio, "%.2f", r.achieved / r.ceiling);
+        if (r.ceiling > 0) std::snprintf(ceil, sizeof ceil, "%.1f", r.ceiling);
+        if (r.achieved > 0) std::snprintf(ach, sizeof ach, "%.1f", r.achieved);
+        const int m = missed(r);
+        if (r.metric.rfind("us (", 0) == 0)
+            std::snprintf(target, sizeof target, "<= %.0f us: %s", r.target, m ? "MISSED" : "met");
+        else if (r.target > 0)
+            std::snprintf(target, sizeof target, ">= %.2f: %s", r.target, m ? "MISSED" : "met");
+        if (m >= 0) ++targets;
+        if (m > 0) {
+            names += (nmissed ? ", " : "") + r.kernel + " (" + r.shape + ")";
+            ++nmissed;
+        }
+        std::printf("| %s | %s | %.1f | %s | %s | %s | %s | %s |\n", r.kernel.c_str(),
+                    r.shape.c_str(), r.us, ach, r.metric.rfind("us", 0) == 0 ? "GB/s" : r.metric.c_str(),
+                    ceil, ratio, target);
+    }
+    std::printf("\nceilings: GB/s rows = cudaMemcpy D2D of the same bytes (read + write counted);"
+                " TFLOP/s rows = one dense cuBLAS bf16 GEMM of the same FLOPs.\n");
+    if (nmissed) {
+        std::printf("targets: %d of %d MISSED: %s\n", nmissed, targets, names.c_str());
+        return KB_EXIT_MISSED;
+    }
+    std::printf("targets: %d of %d met\n", targets, targets);
+    return KB_EXIT_OK;
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; ++i) {
+        if (!std::strcmp(argv[i], "-h") || !std::strcmp(argv[i], "--help")) {
+            usage(stdout);
+            return KB_EXIT_OK;
+        }
+        std::fprintf(stderr, "moe_kernel_bench: unknown argument '%s'\n", argv[i]);
+        usage(stderr);
+        return KB_EXIT_USAGE;
+    }
     int dev = 0;
     cudaDeviceProp prop;
     if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
@@ -253,27 +332,7 @@ int main() {
     bench_gate(1);
     bench_gemm(h, 8, 4096, 14336, 2, 0.95);
     bench_gemm(h, 32, 7168, 2048, 8, 0.80);
-    std::printf("## libmoe kernel benchmark on %s (%d SMs)\n\n", prop.name,
-                prop.multiProcessorCount);
-    std::printf("| kernel | shape | time (us) | achieved | unit | ceiling (same run) | ratio | target |\n");
-    std::printf("|---|---|---:|---:|---|---:|---:|---|\n");
-    for (const Row &r : g_rows) {
-        char ratio[32] = "-", target[48] = "-", ceil[32] = "-", ach[32] = "-";
-        if (r.ceiling > 0) std::snprintf(ratio, sizeof ratio, "%.2f", r.achieved / r.ceiling);
-        if (r.ceiling > 0) std::snprintf(ceil, sizeof ceil, "%.1f", r.ceiling);
-        if (r.achieved > 0) std::snprintf(ach, sizeof ach, "%.1f", r.achieved);
-        if (r.metric.rfind("us (", 0) == 0)
-            std::snprintf(target, sizeof target, "<= %.0f us: %s", r.target,
-                          r.us <= r.target ? "met" : "MISSED");
-        else if (r.target > 0)
-            std::snprintf(target, sizeof target, ">= %.2f: %s", r.target,
-                          r.achieved / r.ceiling >= r.target ? "met" : "MISSED");
-        std::printf("| %s | %s | %.1f | %s | %s | %s | %s | %s |\n", r.kernel.c_str(),
-                    r.shape.c_str(), r.us, ach, r.metric.rfind("us", 0) == 0 ? "GB/s" : r.metric.c_str(),
-                    ceil, ratio, target);
-    }
-    std::printf("\nceilings: GB/s rows = cudaMemcpy D2D of the same bytes (read + write counted);"
-                " TFLOP/s rows = one dense cuBLAS bf16 GEMM of the same FLOPs.\n");
+    const int rc = print_table(prop);
     cublasDestroy(h);
-    return 0;
+    return rc;
 }

@@ -7,6 +7,7 @@
  * x; C items through two stages take (n + x)/C + (C - 1)/C * max(n, x). C = 1 is the plain
  * sum; C -> inf only the larger one remains. */
 #include <math.h>
+#include <stdio.h>
 
 #include "bench.h"
 
@@ -69,4 +70,58 @@ void bench_model_h100(const bench_model_shape_t *s, double gemm_tflops, double *
     *t_experts_fwd = flops / gemm_tflops;
     *t_experts_bwd = 2 * flops / gemm_tflops;
     *a2a_bytes = rows * D * es;
+}
+
+/* ============================================================================================
+ * --model-table: the model's predictions for many GPUs (docs/scaling.md)
+ * ========================================================================================== */
+
+void bench_model_table(const bench_opts_t *o) {
+    static const struct {
+        const char *name;
+        int64_t D, F, E, K;
+        double tflops; /* H100 bf16 expert GEMM rate measured at this preset's shape */
+    } presets[] = {{"mixtral", 4096, 14336, 8, 2, 671e12},
+                   {"deepseek", 7168, 2048, 256, 8, 709e12}};
+    const int gpus[] = {8, 64, 512};
+    const int64_t T = o->tokens_given ? o->min_tokens : 4096;
+    bench_model_link_t link = {8, 450e9, 48e9, 0.0};
+    if (o->link_bw > 0) link.bw_inter = o->link_bw * 1e9;
+    printf("# moe_bench --model-table: one MoE layer, bf16, %lld tokens per GPU, forward%s\n",
+           (long long)T, o->mode == BENCH_MODE_FWD_BWD ? " + backward" : " only");
+    printf("#  local phases and expert GEMM rates: H100 kernel benchmark (docs/gpu-results.md, "
+           "branch cuda run 2)\n");
+    printf("#  links: NVLink 4 %.0f GB/s per GPU within a node of %d, InfiniBand NDR %.0f GB/s "
+           "per GPU across nodes\n", link.bw_intra * 1e-9, link.ranks_per_node,
+           link.bw_inter * 1e-9);
+    printf("#  ep = expert-parallel group (E must be divisible by it: ep = min(GPUs, E)); the "
+           "other GPUs are data-parallel replicas\n#\n");
+    printf("# %8s %5s %4s %7s %9s %9s %9s %9s %9s %9s %9s %7s\n", "preset", "GPUs", "ep",
+           "E/rank", "local", "experts", "a2a", "C=1", "C=chunks", "overlap", "tok/s/GPU",
+           "chunks");
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; ++i)
+        for (size_t j = 0; j < sizeof gpus / sizeof gpus[0]; ++j) {
+            int ep = gpus[j] < presets[i].E ? gpus[j] : (int)presets[i].E;
+            bench_model_shape_t sh = {T, presets[i].D, presets[i].F, presets[i].E, presets[i].K, 1,
+                                      2};
+            bench_model_in_t m = {0};
+            double bytes;
+            bench_model_h100(&sh, presets[i].tflops, &m.t_local_fwd, &m.t_local_bwd,
+                             &m.t_experts_fwd, &m.t_experts_bwd, &bytes);
+            m.fwd_bwd = o->mode == BENCH_MODE_FWD_BWD;
+            m.t_net_fwd = m.t_net_bwd = 2 * bench_model_a2a_time(&link, bytes, ep);
+            int64_t El = presets[i].E / ep;
+            int maxc = (int)(El < MOE_MAX_CHUNKS ? El : MOE_MAX_CHUNKS);
+            int hide = bench_model_hiding_chunks(&m, maxc, 0.05);
+            double t1 = bench_model_layer_time(&m, 1), tc = bench_model_layer_time(&m, hide);
+            double floor_t = bench_model_layer_time(&m, 1 << 20);
+            double loc = m.t_local_fwd + (m.fwd_bwd ? m.t_local_bwd : 0);
+            double ex = m.t_experts_fwd + (m.fwd_bwd ? m.t_experts_bwd : 0);
+            double net = m.t_net_fwd + (m.fwd_bwd ? m.t_net_bwd : 0);
+            printf("  %8s %5d %4d %7lld %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %9.0f %7d\n",
+                   presets[i].name, gpus[j], ep, (long long)El, 1e3 * loc, 1e3 * ex, 1e3 * net,
+                   1e3 * t1, 1e3 * tc, 1e3 * floor_t, (double)T / tc, hide);
+        }
+    printf("# times in ms per layer call and GPU; C=1 no pipelining; C=chunks at the chunk count "
+           "within 5%% of full overlap (capped at E/rank); overlap = infinitely many chunks\n");
 }

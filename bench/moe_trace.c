@@ -13,7 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include "core/clock.h"
 
 #include "moe/moe.h"
 #include "moe/trace_format.h"
@@ -156,12 +156,6 @@ typedef struct {
     char error[512];
 } replay_arg_t;
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 #define RCHECK(call)                                                                          \
     do {                                                                                      \
         moe_status_t st_ = (call);                                                            \
@@ -207,10 +201,10 @@ static void *replay_rank(void *p) {
             int64_t T = r->r.num_tokens;
             int64_t b = T * a->rank / a->ranks, Tr = T * (a->rank + 1) / a->ranks - b;
             RCHECK(moe_layer_force_routing(layer, r->idx + b * K, r->gate + b * K, Tr));
-            double t0 = now_s();
+            double t0 = moe_now_s();
             RCHECK(moe_layer_forward(layer, x, y, Tr, 1, NULL));
             RCHECK(moe_layer_backward(layer, y, y, NULL));
-            if (it > 0) a->seconds += now_s() - t0;
+            if (it > 0) a->seconds += moe_now_s() - t0;
             if (a->check && it == 0) {
                 RCHECK(moe_layer_routing(layer, idx, gate, kept));
                 int same_split = a->ranks == t->h.world;

@@ -1,4 +1,4 @@
-/* replay.c - reads a routing trace (docs/trace.md, csrc/trace_format.h) for moe_bench --replay:
+/* replay.c - reads a routing trace (docs/trace.md, include/moe/trace_format.h) for moe_bench --replay:
  * per recorded step the tokens' expert indices and gate weights, which the ranks split and force
  * with moe_layer_force_routing. The per-expert counts of the records are skipped: the replayed
  * forward recomputes them. */

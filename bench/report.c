@@ -1,15 +1,12 @@
-/* report.c - the machine-readable outputs of moe_bench: the results as JSON (--json) and the
- * timed calls as a Chrome / Perfetto trace (--trace). */
+/* report.c - the machine-readable outputs of moe_bench: the results as JSON (--json), the
+ * timed calls as a Chrome / Perfetto trace (--trace), and the event buffer each rank fills. */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bench.h"
-
-static const char *act_names[] = {"relu", "gelu", "silu", "swiglu"};
-static const char *dtype_names[] = {"f32", "bf16", "f16"};
-static const char *gate_names[] = {"softmax-of-topk", "topk-of-softmax"};
-static const char *priority_names[] = {"position", "score"};
+#include "core/dtype.h"
 
 /* JSON has no NaN/Inf: write null for them */
 static void num(FILE *f, double v) {
@@ -70,11 +67,11 @@ int bench_write_json(const char *path, const bench_opts_t *o, const char *backen
             "\"top_k\": %lld, \"dtype\": \"%s\", \"activation\": \"%s\", \"gate\": \"%s\", "
             "\"renormalize\": %d, \"noisy\": %d, \"capacity_factor\": ",
             (long long)c->d_model, (long long)c->d_ff, (long long)c->num_experts,
-            (long long)c->top_k, dtype_names[c->dtype], act_names[c->activation],
-            gate_names[c->gate], c->renormalize, c->noisy_gating);
+            (long long)c->top_k, moe_dtype_name(c->dtype), tool_activation_names[c->activation],
+            tool_gate_names[c->gate], c->renormalize, c->noisy_gating);
     num(f, c->capacity_factor);
     fprintf(f, ", \"priority\": \"%s\", \"expert_bias\": %d, \"seed\": %llu},\n",
-            priority_names[c->priority], c->expert_bias, (unsigned long long)o->seed);
+            tool_priority_names[c->priority], c->expert_bias, (unsigned long long)o->seed);
     fputs("  \"routing\": ", f);
     str(f, o->replay_path ? "replay" : o->routing.text);
     if (o->replay_path) {
@@ -221,4 +218,18 @@ int bench_write_trace(const char *path, const bench_event_t *ev, int64_t nev, in
         return -1;
     }
     return 0;
+}
+
+void bench_trace_add(bench_trace_buf_t *tb, int tid, int64_t tokens, int iter, double t_begin,
+                     double t_end) {
+    if (!tb->on) return;
+    if (tb->n == tb->cap) {
+        int64_t cap = tb->cap ? 2 * tb->cap : 256;
+        bench_event_t *ev = realloc(tb->ev, (size_t)cap * sizeof *ev);
+        if (!ev) return; /* a trace without this event beats no benchmark */
+        tb->ev = ev, tb->cap = cap;
+    }
+    bench_event_t *e = &tb->ev[tb->n++];
+    e->pid = tb->pid, e->tid = tid, e->tokens = tokens, e->iter = iter;
+    e->ts_us = 1e6 * (t_begin - tb->t0), e->dur_us = 1e6 * (t_end - t_begin);
 }

@@ -1,5 +1,5 @@
-/* workload.c - the imbalance workloads of moe_bench: routing distributions and the inputs that
- * make the layer's own router follow them.
+/* workload.c - the workloads of moe_bench: routing distributions, the inputs that make the
+ * layer's own router follow them, and what each rank feeds the layer at one size.
  *
  * The router weight is left as the layer initialised it. Each token instead gets, on top of
  * uniform noise, a strong component along the (normalised) router columns of K target experts
@@ -165,3 +165,48 @@ int bench_make_input(const bench_routing_t *r, const float *wg, int64_t T, int64
     free(p), free(inv_norm), free(taken);
     return 0;
 }
+
+/* ---- what one rank feeds the layer at one size -------------------------------------------- */
+
+static uint64_t rank_seed(uint64_t seed, int q) { return seed + 0x9E3779B97F4Aull * (uint64_t)q; }
+
+int64_t bench_rank_tokens(const bench_opts_t *o, const bench_replay_t *rp, int64_t T,
+                          int64_t step, int q, int P, int64_t *begin) {
+    if (rp) {
+        int64_t Ts = rp->tokens[step % rp->num_steps], b = Ts * q / P;
+        if (begin) *begin = b;
+        return Ts * (q + 1) / P - b;
+    }
+    if (begin) *begin = 0;
+    if (o->routing.kind == BENCH_ROUTING_ZERO_RANK && q == 0) return 0;
+    return T;
+}
+
+static int64_t rank_tokens_max(const bench_opts_t *o, const bench_replay_t *rp, int64_t T, int q,
+                               int P) {
+    if (!rp) return bench_rank_tokens(o, rp, T, 0, q, P, NULL);
+    int64_t m = 0;
+    for (int64_t s = 0; s < rp->num_steps; ++s) {
+        int64_t n = bench_rank_tokens(o, rp, T, s, q, P, NULL);
+        m = n > m ? n : m;
+    }
+    return m;
+}
+
+int bench_make_workload(const bench_opts_t *o, const bench_replay_t *rp, const float *wg,
+                        int64_t T, int q, int P, bench_workload_t *wl) {
+    const moe_layer_config_t *c = &o->cfg;
+    const int64_t n = rank_tokens_max(o, rp, T, q, P), D = c->d_model;
+    wl->tokens_max = n;
+    wl->x = malloc((size_t)(n * D + 1) * 4), wl->dy = malloc((size_t)(n * D + 1) * 4);
+    if (!wl->x || !wl->dy) return -1;
+    bench_routing_t plain;
+    bench_routing_parse("learned", &plain);
+    if (bench_make_input(rp ? &plain : &o->routing, wg, n, D, c->num_experts, c->top_k, q, P,
+                         rank_seed(o->seed, q), wl->x) != 0)
+        return -1;
+    bench_fill_uniform(wl->dy, n * D, rank_seed(o->seed, q) + 0x5151, 1.0f / (float)D);
+    return 0;
+}
+
+void bench_free_workload(bench_workload_t *wl) { free(wl->x), free(wl->dy), wl->x = wl->dy = NULL; }

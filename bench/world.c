@@ -9,13 +9,13 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #ifdef MOE_BENCH_MPI
 #include <mpi.h>
 #endif
 
 #include "bench.h"
+#include "core/clock.h"
 
 /* what the threads of a local world share: a reusable barrier that a failing rank can break,
  * and one slot per rank for the gathers */
@@ -140,12 +140,6 @@ int bench_world_gatherv(bench_world_t *w, const void *mine, size_t bytes, void *
     return bench_world_barrier(w);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* the raw exchange of `bytes` per rank in equal pieces to every rank (itself included), all
  * ranks at once: MPI_Alltoall between processes; between threads of one process a memcpy of
  * the same bytes per rank (what the local communicator's exchange costs at best: one copy).
@@ -174,7 +168,7 @@ double bench_world_alltoall_time(bench_world_t *w, size_t bytes, int reps, int o
     for (int r = 0; r <= reps; ++r) {
         /* every rank takes part in every barrier, also after a local failure */
         if (bench_world_barrier(w)) ok = 0;
-        double t0 = now_s();
+        double t0 = moe_now_s();
         if (ok) {
 #ifdef MOE_BENCH_MPI
             if (mpi)
@@ -184,7 +178,7 @@ double bench_world_alltoall_time(bench_world_t *w, size_t bytes, int reps, int o
 #endif
                 ok = copy(b, a, total, ctx) == 0;
         }
-        double t1 = now_s();
+        double t1 = moe_now_s();
         if (r > 0) t_each[r - 1] = t1 - t0;
     }
     if (bench_world_barrier(w)) ok = 0;

@@ -8,9 +8,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "core/clock.h"
 #include "moe/moe.h"
+#include "tool_util.h"
 
 #ifdef MOE_DEMO_MPI
 #include <mpi.h>
@@ -26,19 +27,6 @@
         }                                                                             \
     } while (0)
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static const char *act_name[] = {"relu", "gelu", "silu", "swiglu"};
-
-/* started by mpirun/srun? */
-static int under_mpi(void) {
-    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
-}
-
 int main(int argc, char **argv) {
     int64_t T = 2048;
     if (argc > 1) T = atoll(argv[1]);
@@ -49,14 +37,15 @@ int main(int argc, char **argv) {
     int rank = 0, world = 1;
     moe_comm_t *comm = NULL;
 #ifdef MOE_DEMO_MPI
-    if (under_mpi()) {
+    if (tool_under_mpi()) {
         MPI_Init(&argc, &argv);
         CHECK(moe_comm_create_mpi(&comm, NULL));
         rank = moe_comm_rank(comm);
         world = moe_comm_size(comm);
     }
 #else
-    if (under_mpi()) fprintf(stderr, "note: this demo was built without MPI: one rank each\n");
+    if (tool_under_mpi())
+        fprintf(stderr, "note: this demo was built without MPI: one rank each\n");
 #endif
     moe_layer_config_t cfg = moe_layer_config_default();
     cfg.d_model = 256;
@@ -80,7 +69,7 @@ int main(int argc, char **argv) {
         printf("  shapes   T=%lld tokens%s  D=%lld  F=%lld  E=%lld  K=%lld  act=%s  f32\n",
                (long long)T, world > 1 ? " per rank" : "", (long long)cfg.d_model,
                (long long)cfg.d_ff, (long long)cfg.num_experts, (long long)cfg.top_k,
-               act_name[cfg.activation]);
+               tool_activation_names[cfg.activation]);
         printf("  routing  noisy top-k, softmax over the top-k, capacity factor %.2f (position "
                "priority)\n", cfg.capacity_factor);
     }
@@ -109,11 +98,11 @@ int main(int argc, char **argv) {
     CHECK(moe_layer_forward(layer, x, y, T, 1, NULL)); /* warm-up: buffers and threads */
     CHECK(moe_layer_backward(layer, dy, dx, NULL));
     CHECK(moe_layer_zero_grad(layer, NULL));
-    double t0 = now_s();
+    double t0 = moe_now_s();
     CHECK(moe_layer_forward(layer, x, y, T, 1, NULL));
-    double t1 = now_s();
+    double t1 = moe_now_s();
     CHECK(moe_layer_backward(layer, dy, dx, NULL));
-    double t2 = now_s();
+    double t2 = moe_now_s();
 
     moe_routing_stats_t st;
     int64_t *tpe = malloc((size_t)cfg.num_experts * sizeof(int64_t));
@@ -180,7 +169,7 @@ int main(int argc, char **argv) {
     CHECK(moe_context_destroy(ctx));
     CHECK(moe_comm_destroy(comm));
 #ifdef MOE_DEMO_MPI
-    if (comm || under_mpi()) MPI_Finalize();
+    if (comm || tool_under_mpi()) MPI_Finalize();
 #endif
     return 0;
 }

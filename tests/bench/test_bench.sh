@@ -2,7 +2,9 @@
 # test_bench.sh - one test of moe_bench, picked by name.
 # usage: test_bench.sh CASE path/to/moe_bench [python]
 #   table    the default run prints the header, one row per size and the footer
-#   check    --check passes (bitwise CPU vs CPU) on several layer configurations
+#   check    --check passes (vs its float64 reference) on several layer configurations
+#   check_fails  --check fails when MOE_BENCH_CHECK_PERTURB moves one value of y, dx or a
+#            gradient (1 rank and 4 local ranks): the check can fail
 #   json     --json writes valid JSON with the numbers of the table
 #   trace    --trace writes a Chrome trace: traceEvents of complete events with name/ph/ts/dur/pid/tid
 #   usage    --help lists every option; bad options and impossible runs exit 2 (K > E, E not
@@ -51,6 +53,29 @@ check)
         fi
     done
     echo "check OK"
+    ;;
+check_fails)
+    for name in y dx dWg dW1 db1 dW2 db2; do
+        set +e
+        MOE_BENCH_CHECK_PERTURB=$name "$bench" "${small[@]}" -w 0 -n 1 -t 100 --check \
+            >"$tmp/out" 2>"$tmp/err"
+        rc=$?
+        set -e
+        [ "$rc" = 1 ] || { cat "$tmp/out" "$tmp/err"; fail "perturbed $name: exit $rc, not 1"; }
+        grep -qE '^# Check +: 1 wrong of [1-9][0-9]* compared .* FAILED$' "$tmp/out" ||
+            { cat "$tmp/out"; fail "perturbed $name: check did not report 1 wrong"; }
+        grep -q "^# check: $name\[0\]" "$tmp/err" || fail "perturbed $name: not named on stderr"
+    done
+    for name in y dW2; do
+        set +e
+        MOE_BENCH_CHECK_PERTURB=$name "$bench" -d 64 -F 128 -E 8 -k 2 -w 1 -n 2 --local-ranks 4 \
+            -t 32 --check >"$tmp/out" 2>"$tmp/err"
+        rc=$?
+        set -e
+        [ "$rc" = 1 ] || { cat "$tmp/out" "$tmp/err"; fail "4 ranks, perturbed $name: exit $rc"; }
+        grep -qE '^# Check +: 1 wrong .* FAILED$' "$tmp/out" || fail "4 ranks, $name: not FAILED"
+    done
+    echo "check_fails OK"
     ;;
 json)
     "$bench" "${small[@]}" -b 64 -e 128 --check --json "$tmp/r.json" >"$tmp/out" ||
