@@ -93,11 +93,11 @@ def _ptr(obj):
         return None
     if isinstance(obj, int):
         return _c_int(obj, c_void_p, "pointer")
+    if hasattr(obj, "data_ptr"):  # torch first: its bfloat16 tensors have no array interface
+        return int(obj.data_ptr())
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         return int(cai["data"][0])
-    if hasattr(obj, "data_ptr"):
-        return int(obj.data_ptr())
     raise MoeError(INVALID_ARGUMENT, f"expected a device pointer (int) or a CUDA array, "
                                      f"not {type(obj).__name__}")
 
