@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--tol", type=float, default=2e-3,
+    ap.add_argument("--tol", type=float, default=1e-4,
                     help="largest allowed |loss difference| between the two models at any step")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless the curves agree within --tol and the loss falls")

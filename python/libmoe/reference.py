@@ -44,14 +44,12 @@ class TorchMoE(torch.nn.Module):
         D, Fh, E = d_model, d_ff, num_experts
         F2 = 2 * Fh if activation == "swiglu" else Fh
         kw = {"device": device, "dtype": dtype or torch.float32}
+        # registered in moe.h's order, as libmoe.torch.MoE does
         self.router_weight = torch.nn.Parameter(torch.zeros(D, E, **kw))
         self.w1 = torch.nn.Parameter(torch.zeros(E, D, F2, **kw))
+        self.b1 = torch.nn.Parameter(torch.zeros(E, F2, **kw)) if expert_bias else None
         self.w2 = torch.nn.Parameter(torch.zeros(E, Fh, D, **kw))
-        if expert_bias:
-            self.b1 = torch.nn.Parameter(torch.zeros(E, F2, **kw))
-            self.b2 = torch.nn.Parameter(torch.zeros(E, D, **kw))
-        else:
-            self.b1 = self.b2 = None
+        self.b2 = torch.nn.Parameter(torch.zeros(E, D, **kw)) if expert_bias else None
         self.d_model, self.d_ff, self.num_experts, self.top_k = D, Fh, E, top_k
         self.activation, self.gate, self.renormalize = activation, gate, renormalize
         self.capacity_factor = capacity_factor
