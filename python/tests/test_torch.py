@@ -248,6 +248,7 @@ def test_cuda_module_matches_cpu_module():
     x = torch.randn(2, 40, 16)
     x1, x2 = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # x2's copy to the device
     with torch.cuda.stream(stream):  # the layer runs on torch's current stream
         y2 = gpu(x2)
         (y2 * 2).sum().backward()
