@@ -8,7 +8,7 @@ reported for both.
 The text is Python's own documentation as it ships with the standard library
 (pydoc_data/topics.py, about 470k characters): nothing is downloaded. Characters are the tokens.
 
-  train_torch_lm.py --steps 60 --check          the CI run (CPU, about a minute on 2 cores)
+  train_torch_lm.py --steps 60 --check          the CI run (CPU, under half a minute on 2 cores)
   train_torch_lm.py --device cuda --steps 500   on a GPU (libmoe built with CUDA)
 """
 import argparse
