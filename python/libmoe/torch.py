@@ -25,6 +25,7 @@ DistributedDataParallel's gradient hooks (they hook AccumulateGrad, which the la
 autocast (the layer computes in its own dtype: float32 on CPU; float32, bfloat16 or float16 on
 CUDA); pickling the module (save its state_dict instead); float64.
 """
+import contextlib
 import copy
 import weakref
 
@@ -182,7 +183,7 @@ class MoE(torch.nn.Module):
     def _on_device(self):
         if self._device.type == "cuda":
             return torch.cuda.device(self._device)
-        return _NoContext()
+        return contextlib.nullcontext()
 
     def _grads_before_backward(self):
         # the C backward adds into its gradient buffer: make the buffer hold what .grad holds
@@ -276,10 +277,3 @@ class MoE(torch.nn.Module):
         raise TypeError("libmoe.torch.MoE cannot be pickled (its parameters live in the C "
                         "layer): save and load its state_dict() instead")
 
-
-class _NoContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
