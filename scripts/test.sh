@@ -26,7 +26,7 @@ cd "$dir"
 ctest --output-on-failure -j "$(nproc)"
 
 # the Python binding (python/tests) against the libmoe.so just built, with an interpreter that
-# has numpy and pytest. Not in the sanitizer build: its libmoe.so needs libasan preloaded.
+# has numpy, pytest and torch. Not in the sanitizer build: its libmoe.so needs libasan preloaded.
 if [ "$dir" = build ]; then
     py=$(moe_python numpy pytest torch) ||
         { moe_need_packages "${MOE_PYTHON_PACKAGES[@]}" && py=$(moe_python numpy pytest torch); } ||
