@@ -22,12 +22,14 @@ moe_need_packages() {
 }
 
 # what building libmoe and its tests needs
+# (pkg-config: the install test builds a consumer with it)
 MOE_BUILD_PACKAGES=(cmake ninja-build g++ make libopenblas-openmp-dev libgtest-dev libopenmpi-dev
-    openmpi-bin)
+    openmpi-bin pkg-config)
 
 # what the Python binding's tests need, for Debian's interpreter (the python3 first on PATH may
-# be another one, without numpy)
-MOE_PYTHON_PACKAGES=(python3-numpy python3-pytest)
+# be another one, without numpy): numpy and pytest; torch (1.13, CPU) for libmoe.torch and its
+# training example; venv for the clean environment that `pip install .` is tested in
+MOE_PYTHON_PACKAGES=(python3-numpy python3-pytest python3-torch python3-venv)
 
 # what the plots of scripts/lb-experiment need (for Debian's interpreter)
 MOE_PLOT_PACKAGES=(python3-matplotlib)

@@ -34,13 +34,20 @@ cd "$dir"
 ctest --output-on-failure -j "$(nproc)"
 
 # the Python binding (python/tests) against the libmoe.so just built, with an interpreter that
-# has numpy and pytest. Not in the sanitizer build: its libmoe.so needs libasan preloaded.
+# has numpy, pytest and torch. Not in the sanitizer build: its libmoe.so needs libasan preloaded.
 if [ "$dir" = build ]; then
-    py=$(moe_python numpy pytest) ||
-        { moe_need_packages "${MOE_PYTHON_PACKAGES[@]}" && py=$(moe_python numpy pytest); } ||
-        { echo "no python3 that imports numpy and pytest" >&2; exit 1; }
+    py=$(moe_python numpy pytest torch) ||
+        { moe_need_packages "${MOE_PYTHON_PACKAGES[@]}" && py=$(moe_python numpy pytest torch); } ||
+        { echo "no python3 that imports numpy, pytest and torch" >&2; exit 1; }
     # set -e: any pytest failure fails the script, including exit 5 (no tests collected)
     # one OpenMP thread: the layers here are tiny, where a second thread only waits (the
     # examples' ctest entry does the same)
     OMP_NUM_THREADS=1 LIBMOE_PATH="$PWD/libmoe.so" "$py" -m pytest -q -p no:cacheprovider ../python/tests
+
+    # pip install . from a clean virtual environment (needs PyPI for scikit-build-core and
+    # numpy); the wheel's libmoe.so is built CPU-only here, to keep the suite's time down: the
+    # CUDA build was compiled and tested above
+    vpy=$(moe_python venv ensurepip) || { echo "no python3 with venv and ensurepip" >&2; exit 1; }
+    SKBUILD_CMAKE_DEFINE="MOE_ENABLE_CUDA=OFF" bash ../tests/install/pip.sh "$vpy" "$PWD/pip-test" \
+        "$PWD/libmoe.so"
 fi

@@ -6,7 +6,8 @@ as ints (or objects with __cuda_array_interface__, e.g. a torch or cupy tensor) 
 an int; the *_ptr methods return device pointers.
 """
 import ctypes
-from ctypes import byref, c_float, c_int, c_int32, c_int64, c_void_p
+import operator
+from ctypes import byref, c_float, c_int, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
 import numpy as np
 
@@ -44,11 +45,46 @@ def _arg(cond, message):
         raise MoeError(INVALID_ARGUMENT, message)
 
 
+# the range of every C integer type the API takes: ctypes itself wraps an int that does not fit
+# silently (2**64 + 8 becomes 8), so every integer is checked before it reaches C
+_INT_RANGES = {c_int: (-2**31, 2**31 - 1), c_int64: (-2**63, 2**63 - 1),
+               c_uint64: (0, 2**64 - 1), c_size_t: (0, 2**64 - 1), c_void_p: (0, 2**64 - 1)}
+_INT_NAMES = {c_int: "int", c_int64: "int64_t", c_uint64: "uint64_t", c_size_t: "size_t",
+              c_void_p: "a pointer"}
+
+
+def _c_int(value, ctype, what):
+    """value as a Python int that fits ctype, or MoeError naming the argument and the range."""
+    _arg(not isinstance(value, float) and hasattr(value, "__index__"),
+         f"{what} must be an integer, not {type(value).__name__} ({value!r})")
+    v = operator.index(value)
+    lo, hi = _INT_RANGES[ctype]
+    _arg(lo <= v <= hi, f"{what} = {v} does not fit {_INT_NAMES[ctype]} "
+                        f"(range {lo} .. {hi})")
+    return v
+
+
 def _enum(table, value, what):
     if isinstance(value, str):
         _arg(value.lower() in table, f"{what} '{value}' is not one of {sorted(table)}")
         return table[value.lower()]
-    return int(value)
+    return _c_int(value, c_int, what)
+
+
+def _set_fields(st, fields, what, **values):
+    """Sets fields of a ctypes struct, each integer range-checked against its C type."""
+    types = dict(fields)
+    for k, v in values.items():
+        t = types[k]
+        if t in _INT_RANGES:
+            v = _c_int(v, t, f"{what}.{k}")
+        else:
+            try:
+                v = float(v)
+            except (TypeError, ValueError, OverflowError):
+                raise MoeError(INVALID_ARGUMENT, f"{what}.{k} must be a number that fits a "
+                                                 f"double, not {v!r}") from None
+        setattr(st, k, v)
 
 
 def _ptr(obj):
@@ -56,12 +92,12 @@ def _ptr(obj):
     if obj is None:
         return None
     if isinstance(obj, int):
-        return obj
+        return _c_int(obj, c_void_p, "pointer")
+    if hasattr(obj, "data_ptr"):  # torch first: its bfloat16 tensors have no array interface
+        return int(obj.data_ptr())
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         return int(cai["data"][0])
-    if hasattr(obj, "data_ptr"):
-        return int(obj.data_ptr())
     raise MoeError(INVALID_ARGUMENT, f"expected a device pointer (int) or a CUDA array, "
                                      f"not {type(obj).__name__}")
 
@@ -114,7 +150,8 @@ class Context(_Handle):
         self._lib = _lib.lib()
         self.backend = _enum(BACKENDS, backend, "backend")
         self._h = c_void_p()
-        _check(self._lib.moe_context_create(byref(self._h), self.backend, int(device), None),
+        self.device = _c_int(device, c_int, "device")
+        _check(self._lib.moe_context_create(byref(self._h), self.backend, self.device, None),
                "moe_context_create")
 
     @property
@@ -134,7 +171,7 @@ def layer_config(**kw):
         _arg(k in names, f"'{k}' is not a field of moe_layer_config_t ({sorted(names)})")
         if k in _CONFIG_ENUMS:
             v = _enum(_CONFIG_ENUMS[k][0], v, k)
-        setattr(cfg, k, v)
+        _set_fields(cfg, LayerConfig._fields_, "moe_layer_config_t", **{k: v})
     return cfg
 
 
@@ -198,7 +235,8 @@ class Layer(_Handle):
             return out
         _arg(y is not None and num_tokens is not None,
              "device forward needs y (a pointer) and num_tokens")
-        _check(self._lib.moe_layer_forward(h, _ptr(x), _ptr(y), int(num_tokens),
+        _check(self._lib.moe_layer_forward(h, _ptr(x), _ptr(y),
+                                           _c_int(num_tokens, c_int64, "num_tokens"),
                                            int(bool(training)), _ptr(stream)),
                "moe_layer_forward")
         return None
@@ -328,7 +366,7 @@ class Optimizer(_Handle):
         for key, v in config.items():
             _arg(key in names, f"'{key}' is not a field of moe_optimizer_config_t "
                                f"({sorted(names)})")
-            setattr(cfg, key, v)
+            _set_fields(cfg, OptimizerConfig._fields_, "moe_optimizer_config_t", **{key: v})
         self._h = c_void_p()
         _check(self._lib.moe_optimizer_create(byref(self._h), layer._h, byref(cfg)),
                "moe_optimizer_create")

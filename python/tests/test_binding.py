@@ -239,16 +239,128 @@ def test_bad_input_raises_moe_error(ctx):
         libmoe.Context("tpu")
 
 
-def test_cuda_backend_reports_status():
+def test_integers_that_do_not_fit_c_raise():
+    # ctypes wraps an int that does not fit its C type: 2**64 + 8 would make a layer of width 8
+    cases = [({"d_model": 2**64 + 8}, "d_model"), ({"d_ff": 2**63}, "d_ff"),
+             ({"num_experts": -2**63 - 1}, "num_experts"), ({"top_k": 2**64 + 2}, "top_k"),
+             ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"),
+             ({"noisy_gating": 2**32 + 1}, "noisy_gating"), ({"activation": 2**32 + 1},
+                                                              "activation"),
+             ({"num_chunks": 2**64 + 1}, "num_chunks"), ({"d_model": 8.5}, "d_model"),
+             ({"capacity_factor": 10**400}, "capacity_factor")]
+    ctx = libmoe.Context("cpu")
+    for kw, name in cases:
+        with pytest.raises(MoeError) as e:
+            libmoe.Layer(ctx, **dict(dict(d_model=8, d_ff=8, num_experts=4, top_k=2), **kw))
+        assert e.value.status == libmoe.INVALID_ARGUMENT and name in e.value.message, kw
+        assert "range" in e.value.message or "must be" in e.value.message
+    # the edges of the ranges still work
+    layer = libmoe.Layer(ctx, d_model=8, d_ff=8, num_experts=4, top_k=2, seed=2**64 - 1)
+    assert layer.config["seed"] == 2**64 - 1
+    assert libmoe.Layer(ctx, d_model=np.int64(8), d_ff=8, num_experts=4, top_k=2).d_model == 8
+    with pytest.raises(MoeError) as e:
+        libmoe.Context("cpu", device=2**32)
+    assert "device" in e.value.message
+    with pytest.raises(MoeError) as e:
+        layer.forward(0, y=0, num_tokens=2**64 + 3)
+    assert "num_tokens" in e.value.message
+    with pytest.raises(MoeError) as e:
+        layer.forward(2**64, y=0, num_tokens=0)
+    assert "pointer" in e.value.message
+    with pytest.raises(MoeError) as e:
+        libmoe.Optimizer(layer, "sgd", nesterov=2**32 + 1)
+    assert "nesterov" in e.value.message
+    with pytest.raises(MoeError) as e:
+        libmoe.Optimizer(layer, 2**32)
+    assert "optimizer kind" in e.value.message
+
+
+# ---- the CUDA backend against the CPU backend (skips without a GPU) ---------------------------
+
+class _CudaMemory:
+    """cudaMalloc / cudaMemcpy through the CUDA runtime libmoe.so already loaded (found by its
+    soname), so the device path runs without torch or cupy."""
+
+    H2D, D2H = 1, 2
+
+    def __init__(self):
+        import ctypes
+        self.rt = None
+        for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+            try:
+                self.rt = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if self.rt is None:
+            pytest.fail("a CUDA context exists but no CUDA runtime library could be loaded")
+        self.ctypes = ctypes
+        self.live = []
+
+    def _ok(self, rc, what):
+        assert rc == 0, f"{what} failed with cudaError {rc}"
+
+    def alloc(self, nbytes):
+        p = self.ctypes.c_void_p()
+        self._ok(self.rt.cudaMalloc(self.ctypes.byref(p), self.ctypes.c_size_t(nbytes)),
+                 "cudaMalloc")
+        self.live.append(p.value)
+        return p.value
+
+    def upload(self, dst, a):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        self._ok(self.rt.cudaMemcpy(self.ctypes.c_void_p(dst), self.ctypes.c_void_p(a.ctypes.data),
+                                    self.ctypes.c_size_t(a.nbytes), self.H2D), "cudaMemcpy")
+
+    def download(self, src, shape):
+        a = np.empty(shape, dtype=np.float32)
+        self._ok(self.rt.cudaMemcpy(self.ctypes.c_void_p(a.ctypes.data), self.ctypes.c_void_p(src),
+                                    self.ctypes.c_size_t(a.nbytes), self.D2H), "cudaMemcpy")
+        return a
+
+    def free(self):
+        for p in self.live:
+            self.rt.cudaFree(self.ctypes.c_void_p(p))
+        self.live = []
+
+
+def test_cuda_forward_backward_match_cpu():
     try:
-        c = libmoe.Context("cuda")
-    except MoeError as e:  # a build without CUDA, or no device
-        assert e.status == libmoe.NOT_SUPPORTED
-        return
-    layer = libmoe.Layer(c, d_model=8, d_ff=8, num_experts=2, top_k=1)
+        gpu = libmoe.Context("cuda")
+    except MoeError as e:  # a build without CUDA, or no device: nothing of this can run here
+        assert e.status == libmoe.NOT_SUPPORTED, e
+        pytest.skip(f"no CUDA backend or no GPU: {e.message}")
+    cpu = libmoe.Context("cpu")
+    cfg = dict(d_model=16, d_ff=32, num_experts=4, top_k=2, activation="gelu", seed=11)
+    ref = libmoe.Layer(cpu, **cfg)
+    dev = libmoe.Layer(gpu, **cfg)
     with pytest.raises(MoeError):
-        layer.param("w1")  # numpy views are CPU-only; param_ptr gives device pointers
-    assert layer.param_ptr("w1")[2] == 2 * 8 * 8
+        dev.param("w1")  # numpy views are CPU-only; param_ptr gives device pointers
+    mem = _CudaMemory()
+    try:
+        for name, (v, _) in ref.params().items():  # the same weights on both backends
+            ptr, _, n = dev.param_ptr(name)
+            assert n == v.size
+            mem.upload(ptr, v)
+        T = 48
+        x, dy = rand((T, 16), 21), rand((T, 16), 22)
+        y_ref = ref.forward(x, training=True)
+        dx_ref = ref.backward(dy)
+        xd, yd, dyd, dxd = (mem.alloc(T * 16 * 4) for _ in range(4))
+        mem.upload(xd, x)
+        mem.upload(dyd, dy)
+        dev.forward(xd, y=yd, num_tokens=T, training=True)
+        dev.backward(dyd, dx=dxd)
+        # f32 on both backends, different summation orders (cuBLAS vs OpenBLAS): outputs ~0.1-1
+        np.testing.assert_allclose(mem.download(yd, (T, 16)), y_ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(mem.download(dxd, (T, 16)), dx_ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(dev.routing()[0], ref.routing()[0])
+        for name, (_, g) in ref.params().items():
+            _, gptr, n = dev.param_ptr(name)
+            np.testing.assert_allclose(mem.download(gptr, g.shape), g, rtol=1e-4, atol=1e-5,
+                                       err_msg=name)
+    finally:
+        mem.free()
 
 
 # ---- load balancing: expert choice and the loss-free bias --------------------------------------
