@@ -2,7 +2,7 @@
 // scratch size, and the dispatch to the bf16 / f16 halves (which hold the CUTLASS kernels)
 #include "kernels/grouped_gemm.h"
 
-#include "moe/moe.h"
+#include "kernels/common.cuh"
 
 extern "C" int moe_k_grouped_gemm_available(void) {
     int device = 0, major = 0, minor = 0;
@@ -35,7 +35,7 @@ extern "C" cudaError_t moe_k_grouped_gemm(const moe_k_grouped_gemm_args_t *a,
                                           cudaStream_t stream) {
     if (!a || a->num_groups < 0 || !a->offsets) return cudaErrorInvalidValue;
     if (!moe_k_grouped_gemm_fits(a->M, a->N, a->K, a->kind)) return cudaErrorNotSupported;
-    if (a->dtype == MOE_DTYPE_BF16) return moe_k_grouped_gemm_bf16(a, stream);
-    if (a->dtype == MOE_DTYPE_F16) return moe_k_grouped_gemm_f16(a, stream);
+    if (a->dtype == MOE_K_BF16) return moe_k_grouped_gemm_bf16(a, stream);
+    if (a->dtype == MOE_K_F16) return moe_k_grouped_gemm_f16(a, stream);
     return cudaErrorNotSupported;
 }
