@@ -7,7 +7,9 @@
  *   regroup [source][expert] -> [expert][source]] -> expert FFNs -> [P > 1: regroup back,
  *   all-to-allv back] -> combine.
  * Backward runs it in reverse. The host reads the per-expert counts after the gate (the expert
- * GEMM sizes and the exchange come from them), so a forward synchronises once per call.
+ * GEMM sizes and the exchange come from them), so a forward synchronises once for the routing,
+ * besides the NaN/Inf check of x; with P > 1 the CUDA backend also waits before each chunk's
+ * expert ops (it uploads the chunk's row offsets).
  * With P = 1 the expert side works directly on the permuted buffer: no copies.
  *
  * Determinism: regrouping makes each local expert's rows one contiguous block in a fixed
@@ -352,8 +354,9 @@ static moe_status_t ffn_bwd(moe_layer_t *L, const moe_backend_layer_t *bl,
     return L->ctx->ops->ffn_bwd(L->ctx, &a, stream);
 }
 
-/* Rows to the experts and back, pipelined over chunks of local experts: chunk c + 1's
- * all-to-all is in flight while chunk c's experts compute. Every chunk owns its own rows of
+/* Rows to the experts and back, in chunks of local experts: chunk c + 1's all-to-all is posted
+ * before chunk c's experts compute, so a transport that progressed in the background would
+ * overlap the two (none does yet: docs/expert-parallel.md). Every chunk owns its own rows of
  * ex_wire, so an arrival in flight never meets a departure.
  *   forward:  xp -> ex_wire -> ex_x -> ffn -> ex_y -> ex_wire -> yp
  *   backward: dyp -> ex_wire -> ex_dy -> ffn_bwd -> ex_dx -> ex_wire -> dxp

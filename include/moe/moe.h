@@ -131,9 +131,12 @@ typedef struct moe_layer_config {
                                 a per-expert bias b is added to h for the top-k selection only
                                 (gates use h), and after every training forward
                                 b_e += rate * sign(mean_e' load - load_e). Token choice, no noise. */
-    int64_t num_chunks; /* expert parallelism: the all-to-alls are pipelined with the expert
-                           GEMMs in this many chunks of local experts (capped at E_local;
-                           0 = the default, MOE_DEFAULT_CHUNKS). Results do not depend on it. */
+    int64_t num_chunks; /* expert parallelism: the expert side runs in this many chunks of
+                           local experts (capped at E_local; 0 = the default,
+                           MOE_DEFAULT_CHUNKS), each chunk's exchange posted before the previous
+                           chunk's experts compute. No transport overlaps it yet (MPI does not
+                           progress meanwhile; local and NCCL run in order, docs/expert-parallel.md).
+                           Results do not depend on it. */
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
@@ -191,7 +194,7 @@ MOE_API moe_status_t moe_comm_barrier(moe_comm_t *comm);
 MOE_API moe_status_t moe_comm_destroy(moe_comm_t *comm);
 
 /* ============================================================================================
- * Context: one backend on one device (and, later, one rank of a communicator)
+ * Context: one backend on one device, and optionally one rank of a communicator
  * ========================================================================================== */
 
 typedef struct moe_context moe_context_t;
@@ -360,8 +363,8 @@ typedef enum moe_phase {
 } moe_phase_t;
 
 /* Turns per-phase timing on or off (off by default). When on, the scheduler waits for the
- * stream at the end of every phase so that wall-clock times are exact on both backends (this
- * costs overlap on CUDA: use it to see where time goes, not for peak throughput). */
+ * stream at the end of every phase so that wall-clock times are exact on both backends (the
+ * extra host waits cost time on CUDA: use it to see where time goes, not for peak throughput). */
 MOE_API moe_status_t moe_layer_set_profiling(moe_layer_t *layer, int enable);
 
 /* Seconds spent in each phase by the last forward (forward phases) and the last backward

@@ -4,7 +4,9 @@
  * Contract kept with the scheduler: a forward synchronises the caller's stream once for the
  * routing (after the gate: the per-expert sums and counts come back to the host mirrors, and
  * the expert GEMM sizes are known from then on), besides the NaN/Inf check of x that
- * count_nonfinite answers on the host. Everything else is enqueued on the caller's stream. */
+ * count_nonfinite answers on the host; with expert parallelism it also waits before each chunk's
+ * expert ops, to upload that chunk's row offsets. Everything else is enqueued on the caller's
+ * stream. */
 #include <stdlib.h>
 #include <string.h>
 
