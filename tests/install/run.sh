@@ -29,8 +29,11 @@ cmake --build "$work/cmake" >>"$work/cmake.log" || { cat "$work/cmake.log"; exit
 "$work/cmake/consumer_shared"
 "$work/cmake/consumer_static"
 # the shared consumer uses the installed library, not the build tree's
-ldd "$work/cmake/consumer_shared" | grep -q "$prefix/.*libmoe.so" ||
-    { echo "consumer_shared does not load libmoe from $prefix" >&2; ldd "$work/cmake/consumer_shared"; exit 1; }
+# (ldd's output read whole first: grep -q stops reading early, and pipefail would count
+# the writer's SIGPIPE as a failure)
+libs=$(ldd "$work/cmake/consumer_shared")
+grep -q "$prefix/.*libmoe.so" <<<"$libs" ||
+    { echo "consumer_shared does not load libmoe from $prefix" >&2; echo "$libs"; exit 1; }
 
 echo "== pkg-config libmoe"
 export PKG_CONFIG_PATH=$(dirname "$pc")
