@@ -114,6 +114,24 @@ TEST(Edge, CapacitySoSmallMostAreDropped) {
     }
 }
 
+// a finite but huge capacity factor is no limit: the capacity is clamped to T * K before it is
+// converted to an integer (the conversion itself overflowed before, undefined behaviour), and
+// the layer computes what the dropless layer computes
+TEST(Edge, HugeCapacityFactorIsDropless) {
+    moe_layer_config_t c = small_config(8, 16, 4, 2);
+    Layer dropless(c);
+    c.capacity_factor = 1e300;
+    Layer huge(c);
+    ASSERT_EQ(huge.status, MOE_STATUS_SUCCESS);
+    std::vector<float> x = uniform(30 * 8, 4);
+    LibRun a, b;
+    library_forward(dropless, x, 30, 1, 8, 4, 2, &a);
+    library_forward(huge, x, 30, 1, 8, 4, 2, &b);
+    EXPECT_EQ(b.st.num_dropped, 0);
+    EXPECT_EQ(a.y, b.y);
+    EXPECT_EQ(a.counts, b.counts);
+}
+
 TEST(Edge, TokenCountGrowsAndShrinks) {
     moe_layer_config_t c = small_config(8, 16, 4, 2);
     c.noisy_gating = 1;

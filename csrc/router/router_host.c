@@ -9,7 +9,10 @@
 
 int64_t moe_router_capacity(double capacity_factor, int64_t T, int64_t K, int64_t E) {
     if (!(capacity_factor > 0.0)) return -1;
-    return (int64_t)ceil(capacity_factor * (double)T * (double)K / (double)E);
+    /* no expert can receive more than all T * K assignments, so a larger capacity is the same
+     * limit; clamping before the conversion keeps a huge factor defined (T * K < 2^31) */
+    double c = ceil(capacity_factor * (double)T * (double)K / (double)E);
+    return c < (double)(T * K) ? (int64_t)c : T * K;
 }
 
 double moe_router_cv2(const double *v, int64_t n, double *grad) {
