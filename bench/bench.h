@@ -282,6 +282,12 @@ double bench_memcpy_time(const tool_mem_t *m, size_t bytes, int reps, int64_t to
 /* the raw all-to-all of `bytes` per rank in backend memory, reps times (t_each: reps doubles) */
 double bench_alltoall_ceiling(bench_world_t *w, const tool_mem_t *m, size_t bytes, int reps,
                               double *t_each);
+#ifdef MOE_BENCH_NCCL
+/* nccl_ceiling.c: under mpirun with --backend cuda, one grouped ncclSend/ncclRecv all-to-all of
+ * `bytes` per rank on a communicator of the tool's own; median seconds over reps, -1 on failure
+ * (collective over MPI_COMM_WORLD) */
+double bench_nccl_alltoall_time(size_t bytes, int reps, double *t_each);
+#endif
 /* OpenMP and OpenBLAS threads for the whole process (--threads) */
 void bench_set_threads(int n);
 /* OpenBLAS's thread count, -1 when the BLAS is not OpenBLAS */

@@ -79,6 +79,9 @@ static void free_cb(void *p, void *ctx) { tool_mem_free(ctx, p); }
 
 double bench_alltoall_ceiling(bench_world_t *w, const tool_mem_t *m, size_t bytes, int reps,
                               double *t_each) {
+#ifdef MOE_BENCH_NCCL
+    if (w->kind == BENCH_WORLD_MPI && m->gpu) return bench_nccl_alltoall_time(bytes, reps, t_each);
+#endif
     return bench_world_alltoall_time(w, bytes, reps, m->gpu, copy_cb, alloc_cb, free_cb,
                                      (void *)m, t_each);
 }

@@ -282,9 +282,14 @@ static int ceilings_and_row(rank_state_t *s, int64_t T, bench_row_t *r, const pa
     double sent_mean = 0;
     for (int q = 0; q < P; ++q) sent_mean += s->gall[q * BENCH_G_STATS + 1] / P;
     double a2a_raw = -1.0;
-    /* MPI + CUDA: the NCCL exchange is not reachable through the public API, and an MPI
-     * all-to-all of host memory would be no ceiling for it: none (give --link-bw) */
-    if (P > 1 && !(s->w->kind == BENCH_WORLD_MPI && s->mem.gpu)) {
+    /* MPI + CUDA: an NCCL all-to-all of device memory on the tool's own communicator (an MPI
+     * all-to-all of host memory would be no ceiling for the NCCL exchange); a build without
+     * NCCL has none (give --link-bw) */
+    int have_ceiling = 1;
+#ifndef MOE_BENCH_NCCL
+    have_ceiling = !(s->w->kind == BENCH_WORLD_MPI && s->mem.gpu);
+#endif
+    if (P > 1 && have_ceiling) {
         double t0 = moe_now_s();
         a2a_raw = bench_alltoall_ceiling(s->w, &s->mem, (size_t)(sent_mean * D * es), reps,
                                          s->tf + n3);

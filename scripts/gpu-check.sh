@@ -131,6 +131,28 @@ if step "configure" build.log 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_
     step "torch peers, mixtral shape (T 8192)" peers.log 120 \
         python3 "$ROOT/bench/peers/torch_moe.py" --device cuda --peer all --tokens 8192 \
         --d-model 4096 --d-ff 14336 --experts 8 --top-k 2 --activation swiglu --warmup 2 --iters 5
+    # the Python binding's GPU tests (libmoe.torch and the ctypes layer on CUDA, against the CPU
+    # layer), when the machine's python3 has numpy, pytest and torch with CUDA
+    if python3 -c 'import numpy, pytest, torch; assert torch.cuda.is_available()' 2>/dev/null; then
+        step "pytest (Python binding, CUDA tests included)" pytest.log 90 \
+            env OMP_NUM_THREADS=1 LIBMOE_PATH="$BUILD/libmoe.so" \
+            python3 -m pytest -q -p no:cacheprovider "$ROOT/python/tests"
+    else
+        rows+=("| pytest (Python binding) | skipped: no python3 with numpy, pytest and CUDA torch | 0 s |")
+    fi
+    # several GPUs: the NCCL layer under mpirun, one GPU per rank, checked against the float64
+    # reference (--check), and its exchange against the NCCL all-to-all ceiling of the same bytes
+    # (the ceil column); on one GPU this part is skipped and says so
+    NGPU=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)
+    if [ "$NGPU" -ge 2 ] && command -v mpirun >/dev/null 2>&1; then
+        step "mpirun -np $NGPU moe_bench --check (NCCL, 1 GPU per rank)" moebench.log 90 \
+            mpirun -np "$NGPU" --allow-run-as-root "$MB" --backend cuda --check -t 2048
+        step "mpirun -np $NGPU moe_bench mixtral bf16 (NCCL, ceiling at equal bytes)" moebench.log 120 \
+            mpirun -np "$NGPU" --allow-run-as-root "$MB" --backend cuda --preset mixtral \
+            --dtype bf16 -t 8192 -w 2 -n 5
+    else
+        rows+=("| expert parallelism over NCCL on several GPUs | skipped: $NGPU GPU(s) on this machine | 0 s |")
+    fi
     step "compute-sanitizer memcheck (GPU tests)" memcheck.log 200 \
         compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
         "$TB" --gtest_brief=1
