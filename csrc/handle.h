@@ -94,6 +94,16 @@ struct moe_layer {
 
     float *score_bias_h; /* (E) host mirror of s.score_bias (loss-free balancing) */
 
+    /* expert availability (routing extensions): the user's mask and the last forward's
+     * availability (host, E each), its backend copy (E bytes), and the counter of training
+     * forwards that keys the dropout draw */
+    uint8_t *expert_mask_h;
+    uint8_t *avail_h;
+    uint8_t *avail_d;
+    int avail_all;          /* the last forward had every expert available: ops get NULL */
+    int64_t num_available;  /* available experts in the last forward */
+    uint64_t train_calls;
+
     int profiling;
     double phase_s[MOE_PHASE_COUNT];
 

@@ -33,7 +33,48 @@ moe_layer_config_t moe_layer_config_default(void) {
     c.priority = MOE_PRIORITY_POSITION;
     c.expert_bias = 1;
     c.seed = 1234;
+    /* routing extensions */
+    c.score_func = MOE_SCORE_SOFTMAX;
+    c.routed_scaling_factor = 1.0;
+    c.group_score = MOE_GROUP_SCORE_TOP2_SUM;
     return c;
+}
+
+/* the fields of the routing extensions (moe.h's block of the same name) */
+static moe_status_t validate_routing_ext(const moe_layer_config_t *c) {
+    MOE_ARG(c->score_func == MOE_SCORE_SOFTMAX || c->score_func == MOE_SCORE_SIGMOID,
+            "cfg->score_func %d is not a moe_score_func_t", (int)c->score_func);
+    MOE_ARG(isfinite(c->routed_scaling_factor) && c->routed_scaling_factor > 0.0,
+            "cfg->routed_scaling_factor must be finite and > 0");
+    MOE_ARG(c->num_groups >= 0 && c->num_groups <= c->num_experts,
+            "cfg->num_groups %lld is not in [0, num_experts = %lld]", (long long)c->num_groups,
+            (long long)c->num_experts);
+    if (c->num_groups > 1) {
+        MOE_ARG(c->num_experts % c->num_groups == 0,
+                "cfg->num_groups %lld does not divide num_experts %lld",
+                (long long)c->num_groups, (long long)c->num_experts);
+        MOE_ARG(c->topk_group >= 1 && c->topk_group <= c->num_groups,
+                "cfg->topk_group %lld is not in [1, num_groups = %lld]",
+                (long long)c->topk_group, (long long)c->num_groups);
+        MOE_ARG(c->topk_group * (c->num_experts / c->num_groups) >= c->top_k,
+                "cfg->topk_group %lld groups of %lld experts hold fewer than top_k = %lld",
+                (long long)c->topk_group, (long long)(c->num_experts / c->num_groups),
+                (long long)c->top_k);
+        MOE_ARG(c->group_score == MOE_GROUP_SCORE_TOP2_SUM || c->group_score == MOE_GROUP_SCORE_MAX,
+                "cfg->group_score %d is not a moe_group_score_t", (int)c->group_score);
+    }
+    MOE_ARG(isfinite(c->expert_dropout) && c->expert_dropout >= 0.0 && c->expert_dropout < 1.0,
+            "cfg->expert_dropout must be in [0, 1)");
+    const int ext = c->score_func != MOE_SCORE_SOFTMAX || c->num_groups > 1 ||
+                    c->expert_dropout > 0.0 || c->routed_scaling_factor != 1.0;
+    MOE_ARG(!ext || !c->noisy_gating,
+            "cfg->noisy_gating with cfg->score_func / num_groups / expert_dropout / "
+            "routed_scaling_factor: Shazeer's noisy gating and load estimator are defined for "
+            "plain softmax routing only");
+    MOE_ARG(!ext || c->router == MOE_ROUTER_TOKEN_CHOICE,
+            "cfg->router: score_func / num_groups / expert_dropout / routed_scaling_factor "
+            "apply to token choice only");
+    return MOE_STATUS_SUCCESS;
 }
 
 static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t backend) {
@@ -82,6 +123,7 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
     MOE_ARG(c->d_model * f2 <= MOE_MAX_NUMEL / c->num_experts,
             "expert weights of num_experts x d_model x d_ff = %lld x %lld x %lld are too large",
             (long long)c->num_experts, (long long)c->d_model, (long long)f2);
+    MOE_CHECK(validate_routing_ext(c));
     if (backend == MOE_BACKEND_CPU && c->dtype != MOE_DTYPE_F32)
         return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
                        "cfg->dtype %s: the CPU backend computes in f32 only",
@@ -196,6 +238,17 @@ static uint64_t config_hash(const moe_layer_config_t *c) {
         memcpy(&bits, &d[i], sizeof bits);
         MOE_MIX(bits);
     }
+    /* routing extensions */
+    MOE_MIX(c->score_func); MOE_MIX(c->num_groups); MOE_MIX(c->topk_group);
+    MOE_MIX(c->group_score);
+    {
+        double r[2] = {c->routed_scaling_factor, c->expert_dropout};
+        for (int i = 0; i < 2; ++i) {
+            uint64_t bits;
+            memcpy(&bits, &r[i], sizeof bits);
+            MOE_MIX(bits);
+        }
+    }
 #undef MOE_MIX
     return h;
 }
@@ -224,6 +277,7 @@ static void free_host_arrays(moe_layer_t *L) {
     free(s->offsets_h), free(s->counts_h), free(s->dropped_h);
     free(s->prob_sum_h), free(s->importance_h), free(s->load_h);
     free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
+    free(L->expert_mask_h), free(L->avail_h);
 }
 
 moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
@@ -281,7 +335,14 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     x->chunk_plan = (int64_t *)calloc(4 * P * MOE_MAX_CHUNKS, sizeof(int64_t));
     int64_t chunks = cfg->num_chunks ? cfg->num_chunks : MOE_DEFAULT_CHUNKS;
     x->num_chunks = chunks < s->E_local ? chunks : s->E_local;
-    if (!s->offsets_h || !s->counts_h || !s->dropped_h || !s->prob_sum_h || !s->importance_h ||
+    L->expert_mask_h = (uint8_t *)malloc(E);
+    L->avail_h = (uint8_t *)malloc(E);
+    if (L->expert_mask_h) memset(L->expert_mask_h, 1, E);
+    if (L->avail_h) memset(L->avail_h, 1, E);
+    L->avail_all = 1;
+    L->num_available = s->E;
+    if (!L->expert_mask_h || !L->avail_h || !s->offsets_h || !s->counts_h || !s->dropped_h ||
+        !s->prob_sum_h || !s->importance_h ||
         !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load ||
         !x->send_counts || !x->recv_counts || !x->ex_offsets || !x->chunk_offsets ||
         !x->chunk_plan || !L->score_bias_h) {
@@ -301,6 +362,14 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
             free_params(L);
         }
     }
+    if (st == MOE_STATUS_SUCCESS) {
+        st = ctx->ops->mem.alloc(ctx, (void **)&L->avail_d, E);
+        if (st != MOE_STATUS_SUCCESS) {
+            ctx->ops->mem.free(ctx, s->score_bias);
+            s->score_bias = NULL;
+            free_params(L);
+        }
+    }
     if (st != MOE_STATUS_SUCCESS) {
         free_host_arrays(L);
         free(L);
@@ -311,6 +380,8 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         st = ctx->ops->layer_init(ctx, &bl);
         s->impl = bl.impl;
         if (st != MOE_STATUS_SUCCESS) {
+            ctx->ops->mem.free(ctx, s->score_bias);
+            ctx->ops->mem.free(ctx, L->avail_d);
             free_params(L);
             free_host_arrays(L);
             free(L);
@@ -336,6 +407,7 @@ moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     moe__buffers_free(layer);
     free_params(layer);
     layer->ctx->ops->mem.free(layer->ctx, layer->s.score_bias);
+    layer->ctx->ops->mem.free(layer->ctx, layer->avail_d);
     free_host_arrays(layer);
     layer->ctx->num_layers--;
     layer->magic = 0;
@@ -469,4 +541,59 @@ moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias) {
     MOE_CHECK(ctx->ops->mem.copy(ctx, layer->s.score_bias, bias, (size_t)layer->s.E * sizeof(float),
                                  MOE_COPY_H2D, NULL));
     return ctx->ops->mem.sync(ctx, NULL);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * expert availability (routing extensions)
+ * ------------------------------------------------------------------------------------------- */
+
+moe_status_t moe_layer_set_expert_mask(moe_layer_t *layer, const uint8_t *mask) {
+    MOE_LAYER_ARG(layer);
+    const int64_t E = layer->s.E;
+    int64_t n = 0;
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t e = 0; e < E; ++e) {
+        uint8_t v = mask ? (mask[e] != 0) : 1;
+        n += v;
+        h = (h ^ v) * 1099511628211ull;
+    }
+    MOE_ARG(n >= layer->s.K, "mask leaves %lld experts available, fewer than top_k = %lld",
+            (long long)n, (long long)layer->s.K);
+    MOE_ARG(n == E || !layer->s.cfg.noisy_gating,
+            "mask: an expert mask is not defined with noisy_gating (Shazeer's load estimator)");
+    MOE_ARG(n == E || layer->s.cfg.router == MOE_ROUTER_TOKEN_CHOICE,
+            "mask: an expert mask applies to token choice only");
+    moe_context_t *ctx = layer->ctx;
+    if (ctx->world > 1) {
+        /* collective: every rank must route with the same experts */
+        uint64_t *all = (uint64_t *)malloc((size_t)ctx->world * sizeof(uint64_t));
+        if (!all) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "mask check");
+        moe_status_t st = moe__comm_allgather_u64(ctx->comm, h, all);
+        for (int q = 0; q < ctx->world && st == MOE_STATUS_SUCCESS; ++q)
+            if (all[q] != all[ctx->rank])
+                st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
+                             "mask: rank %d's expert mask differs from rank %d's (every rank "
+                             "must pass the same mask)",
+                             ctx->rank, q);
+        free(all);
+        MOE_CHECK(st);
+    }
+    for (int64_t e = 0; e < E; ++e) layer->expert_mask_h[e] = mask ? (mask[e] != 0) : 1;
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_expert_mask(const moe_layer_t *layer, uint8_t *mask) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(mask != NULL, "mask is NULL");
+    memcpy(mask, layer->expert_mask_h, (size_t)layer->s.E);
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_expert_availability(const moe_layer_t *layer, uint8_t *available,
+                                           int64_t *num_available) {
+    MOE_LAYER_ARG(layer);
+    MOE_ARG(layer->s.have_forward, "no successful forward yet");
+    if (available) memcpy(available, layer->avail_h, (size_t)layer->s.E);
+    if (num_available) *num_available = layer->num_available;
+    return MOE_STATUS_SUCCESS;
 }

@@ -83,12 +83,48 @@ static moe_status_t update_score_bias(moe_layer_t *L, void *stream) {
     for (int64_t e = 0; e < s->E; ++e) mean += (double)s->counts_h[e];
     mean /= (double)s->E;
     const float rate = (float)s->cfg.bias_update_rate;
+    if (!L->avail_all) {
+        /* an unavailable expert keeps its bias; the mean is over the available ones */
+        mean = 0.0;
+        for (int64_t e = 0; e < s->E; ++e) mean += L->avail_h[e] ? (double)s->counts_h[e] : 0.0;
+        mean /= (double)L->num_available;
+    }
     for (int64_t e = 0; e < s->E; ++e) {
+        if (!L->avail_h[e]) continue;
         double c = (double)s->counts_h[e];
         L->score_bias_h[e] += c < mean ? rate : (c > mean ? -rate : 0.0f);
     }
     return L->ctx->ops->mem.copy(L->ctx, s->score_bias, L->score_bias_h,
                                  (size_t)s->E * sizeof(float), MOE_COPY_H2D, stream);
+}
+
+/* Expert availability of this forward (routing extensions): the user's mask and, in training
+ * with expert_dropout, the draw keyed by the count of earlier training forwards. Identical on
+ * every rank (the mask is collective, the draw does not depend on the rank). */
+static moe_status_t expert_availability(moe_layer_t *L, int training, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const double p = training ? s->cfg.expert_dropout : 0.0;
+    L->num_available = moe_router_availability(L->expert_mask_h, s->E, s->K, p, s->cfg.seed,
+                                               L->train_calls, L->avail_h);
+    if (training) L->train_calls++;
+    L->avail_all = L->num_available == s->E;
+    if (L->avail_all) return MOE_STATUS_SUCCESS;
+    return L->ctx->ops->mem.copy(L->ctx, L->avail_d, L->avail_h, (size_t)s->E, MOE_COPY_H2D,
+                                 stream);
+}
+
+/* forced routing may not name an expert that is unavailable in this forward */
+static moe_status_t forced_available(moe_layer_t *L) {
+    if (L->avail_all) return MOE_STATUS_SUCCESS;
+    for (int64_t i = 0; i < L->forced_T * L->s.K; ++i) {
+        int32_t e = L->forced_idx[i];
+        if (e >= 0 && e < L->s.E && !L->avail_h[e])
+            return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
+                           "forced routing sends token %lld to expert %d, which is unavailable "
+                           "in this forward (mask or expert dropout)",
+                           (long long)(i / L->s.K), (int)e);
+    }
+    return MOE_STATUS_SUCCESS;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -116,7 +152,8 @@ static moe_status_t gate_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void
                                             .prob_sum = s->prob_sum_h,
                                             .importance = s->importance_h,
                                             .load = s->load_h,
-                                            .z_sum = &s->z_sum}};
+                                            .z_sum = &s->z_sum},
+                                   .avail = L->avail_all ? NULL : L->avail_d};
     return L->ctx->ops->gate_fwd(L->ctx, &a, stream);
 }
 
@@ -193,7 +230,8 @@ static moe_status_t gate_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, void
                                    .dnoise = s->dnoise,
                                    .dw_router = s->grad[MOE_PARAM_ROUTER_WEIGHT],
                                    .dw_noise = s->grad[MOE_PARAM_NOISE_WEIGHT],
-                                   .dx = dx};
+                                   .dx = dx,
+                                   .avail = L->avail_all ? NULL : L->avail_d};
     return L->ctx->ops->gate_bwd(L->ctx, &a, stream);
 }
 
@@ -460,6 +498,7 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     s->have_forward = 0;
     s->T = T;
     s->noisy_now = s->cfg.noisy_gating && training;
+    MOE_CHECK(expert_availability(L, training, stream));
     if (s->cfg.router == MOE_ROUTER_EXPERT_CHOICE) {
         /* each expert takes C = ceil(cf T k / E) tokens, at most all of them */
         double cf = s->cfg.capacity_factor > 0.0 ? s->cfg.capacity_factor : 1.0;
@@ -483,7 +522,8 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     if (s->noisy_now) s->call++;
     L->forced_last = L->forced_idx != NULL;
     if (L->forced_idx) {
-        moe_status_t fst = T > 0 ? moe__apply_forced_routing(L, stream) : MOE_STATUS_SUCCESS;
+        moe_status_t fst = forced_available(L);
+        if (fst == MOE_STATUS_SUCCESS && T > 0) fst = moe__apply_forced_routing(L, stream);
         free(L->forced_idx), free(L->forced_gate);
         L->forced_idx = NULL, L->forced_gate = NULL;
         MOE_CHECK(fst);

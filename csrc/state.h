@@ -44,6 +44,8 @@ typedef struct moe_gate_fwd_args {
     int32_t *idx;                   /* (T, K1) out: chosen experts, then the load threshold */
     float *gate;                    /* (T, K) out */
     moe_router_sums_t sums;         /* host out: the per-expert sums of this rank */
+    /* routing extensions (router/select.h) */
+    const uint8_t *avail;           /* (E) expert availability of this call, or NULL: all */
 } moe_gate_fwd_args_t;
 
 /* route: slot assignment of the T*K assignments (router_host.h's rule) */
@@ -153,6 +155,8 @@ typedef struct moe_gate_bwd_args {
     float *dlogits, *dnoise;        /* (T, E) scratch: gradients of x Wg and x Wn */
     void *dw_router, *dw_noise;     /* (D, E) gradients (accumulated) */
     void *dx;                       /* (T, D) accumulated */
+    /* routing extensions (router/select.h) */
+    const uint8_t *avail;           /* (E) the forward's expert availability, or NULL: all */
 } moe_gate_bwd_args_t;
 
 struct moe_optim_scalars; /* core/optim_update.h */

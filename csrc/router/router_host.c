@@ -1,6 +1,7 @@
 /* router_host.c - capacity, slot assignment and aux-loss finalisation (see router_host.h). */
 #include "router/router_host.h"
 
+#include "core/philox.h"
 #include "core/status.h"
 
 #include <math.h>
@@ -131,4 +132,53 @@ int64_t moe_router_assign_slots(const int32_t *idx, int64_t ldi, const float *ga
                 (capacity >= 0 && slot >= capacity) ? -1 : (int32_t)(offsets[e] + slot);
         }
     return offsets[E];
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * routing extensions: per-token options, expert availability
+ * ------------------------------------------------------------------------------------------- */
+
+moe_router_opts_t moe_router_opts_make(const moe_layer_config_t *c, const uint8_t *avail) {
+    moe_router_opts_t o;
+    o.sigmoid = c->score_func == MOE_SCORE_SIGMOID;
+    o.gate_mode = (int)c->gate;
+    o.renormalize = c->renormalize;
+    o.num_groups = c->num_groups > 1 ? (int)c->num_groups : 0;
+    o.topk_group = o.num_groups ? (int)c->topk_group : 0;
+    o.group_max = c->group_score == MOE_GROUP_SCORE_MAX;
+    o.scale = (float)c->routed_scaling_factor;
+    o.avail = avail;
+    o.active = o.sigmoid || o.num_groups > 1 || avail != NULL || o.scale != 1.0f;
+    return o;
+}
+
+#define MOE_PHILOX_TAG_DROP 0x44524F50u /* "DROP" */
+
+static double drop_uniform(uint64_t seed, uint64_t call, int64_t e) {
+    moe_philox_out_t r = moe_philox4x32((uint32_t)e, (uint32_t)((uint64_t)e >> 32), (uint32_t)call,
+                                        MOE_PHILOX_TAG_DROP ^ (uint32_t)(call >> 32), seed);
+    return moe_u01(r.v[0]);
+}
+
+int64_t moe_router_availability(const uint8_t *mask, int64_t E, int64_t K, double dropout,
+                                uint64_t seed, uint64_t call, uint8_t *avail) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; ++e) {
+        avail[e] = mask[e] && !(dropout > 0.0 && drop_uniform(seed, call, e) < dropout);
+        n += avail[e];
+    }
+    while (n < K) {
+        /* bring back the dropped expert of the mask with the largest u (lower index on ties) */
+        int64_t best = -1;
+        double bu = -1.0;
+        for (int64_t e = 0; e < E; ++e) {
+            if (!mask[e] || avail[e]) continue;
+            double u = drop_uniform(seed, call, e);
+            if (u > bu) bu = u, best = e;
+        }
+        if (best < 0) break; /* the mask itself has fewer than K: refused by the layer */
+        avail[best] = 1;
+        ++n;
+    }
+    return n;
 }

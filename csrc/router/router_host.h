@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "moe/moe.h"
+#include "router/select.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -53,6 +54,17 @@ int64_t moe_router_assign_slots(const int32_t *idx, int64_t ldi, const float *ga
                                 int64_t K, int64_t E, int64_t capacity, int priority,
                                 int32_t *row, int64_t *offsets, int64_t *dropped,
                                 int64_t *order);
+
+/* The per-token options of the routing extensions from a layer's config; avail (E, in the
+ * backend's memory) or NULL when every expert is available. */
+moe_router_opts_t moe_router_opts_make(const moe_layer_config_t *cfg, const uint8_t *avail);
+
+/* Expert availability of one forward (host, E bytes): avail = mask, and when dropout > 0 an
+ * expert is dropped when its uniform u_e = Philox(seed; e, lo32(call), hi32(call) ^ "DROP") is
+ * below dropout; if fewer than K available experts remain, the dropped ones with the largest u_e
+ * (ties to the lower index) come back until K are available. Returns the available count. */
+int64_t moe_router_availability(const uint8_t *mask, int64_t E, int64_t K, double dropout,
+                                uint64_t seed, uint64_t call, uint8_t *avail);
 
 #ifdef __cplusplus
 }

@@ -99,6 +99,18 @@ typedef enum moe_router_type {
     MOE_ROUTER_EXPERT_CHOICE = 1 /* each expert picks its top C tokens (Zhou et al. 2022) */
 } moe_router_type_t;
 
+/* Score function of the router (the routing extensions: docs/semantics.md). */
+typedef enum moe_score_func {
+    MOE_SCORE_SOFTMAX = 0, /* gates from a softmax (cfg.gate says which), as before */
+    MOE_SCORE_SIGMOID = 1  /* s_e = sigmoid(h_e) per expert (DeepSeek-V3); cfg.gate is unused */
+} moe_score_func_t;
+
+/* Score of an expert group in group-limited gating. */
+typedef enum moe_group_score {
+    MOE_GROUP_SCORE_TOP2_SUM = 0, /* sum of the group's 2 best selection scores (DeepSeek-V3) */
+    MOE_GROUP_SCORE_MAX = 1       /* the group's best selection score (DeepSeek-V2) */
+} moe_group_score_t;
+
 /* ============================================================================================
  * Layer configuration
  * ========================================================================================== */
@@ -137,14 +149,37 @@ typedef struct moe_layer_config {
                            chunk's experts compute. No transport overlaps it yet (MPI does not
                            progress meanwhile; local and NCCL run in order, docs/expert-parallel.md).
                            Results do not depend on it. */
+
+    /* ---- routing extensions: score function, group-limited gating, expert dropout
+     * (docs/semantics.md "Routing extensions"). Token choice only; none of them combines with
+     * noisy_gating (INVALID_ARGUMENT). ---- */
+    moe_score_func_t score_func;  /* SOFTMAX (default) or SIGMOID; with SIGMOID the selection
+                                     bias of bias_update_rate is added to sigmoid(h) */
+    double routed_scaling_factor; /* > 0, default 1: every gate weight is multiplied by it */
+    int64_t num_groups;           /* G: 0 or 1 = no groups; G > 1 divides num_experts, experts
+                                     [g E/G, (g+1) E/G) form group g */
+    int64_t topk_group;           /* G > 1: groups a token keeps, in [1, G], with
+                                     topk_group * E / G >= top_k */
+    moe_group_score_t group_score; /* how a group is ranked (G > 1) */
+    double expert_dropout;        /* in [0, 1): in a training forward each expert is unavailable
+                                     with this probability (at least top_k stay available) */
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
 #define MOE_MAX_CHUNKS 16
 
 /* Defaults: D 512, F 2048, E 8, K 2, GELU, F32, SOFTMAX_OF_TOPK, renormalize 1, noisy 0,
- * dropless (capacity_factor 0), POSITION priority, all loss coefs 0, expert_bias 1, seed 1234. */
+ * dropless (capacity_factor 0), POSITION priority, all loss coefs 0, expert_bias 1, seed 1234;
+ * score_func SOFTMAX, routed_scaling_factor 1, no groups, group_score TOP2_SUM, no dropout. */
 MOE_API moe_layer_config_t moe_layer_config_default(void);
+
+/* Fills *cfg with the routed-expert layer of a named model family: "mixtral", "qwen2-moe",
+ * "qwen3-moe", "deepseek-v3", "switch", "olmoe" (docs/presets.md: which HF transformers block
+ * each matches, its sizes, and where libmoe's conventions differ). Every field not named by the
+ * preset keeps moe_layer_config_default()'s value; the caller may change any field afterwards
+ * (e.g. smaller d_model / d_ff for tests). Unknown name: INVALID_ARGUMENT listing the known
+ * names, *cfg unchanged. */
+MOE_API moe_status_t moe_layer_config_preset(const char *name, moe_layer_config_t *cfg);
 
 /* ============================================================================================
  * Communicator: expert parallelism over P ranks
@@ -277,6 +312,23 @@ MOE_API int64_t moe_layer_routing_width(const moe_layer_t *layer);
  * bias_update_rate > 0. */
 MOE_API moe_status_t moe_layer_score_bias(const moe_layer_t *layer, float *bias);
 MOE_API moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias);
+
+/* Expert availability (docs/semantics.md "Routing extensions"). mask: E bytes, host, 1 = the
+ * expert may be selected, 0 = it is never selected and receives no rows (pruning, fault
+ * experiments); NULL makes every expert available again. At least top_k experts must be
+ * available. Applies from the next forward on; not allowed with noisy_gating or expert choice
+ * (INVALID_ARGUMENT) unless every entry is 1. Collective with expert parallelism: every rank
+ * must pass the same mask (INVALID_ARGUMENT on every rank otherwise, nothing changed). */
+MOE_API moe_status_t moe_layer_set_expert_mask(moe_layer_t *layer, const uint8_t *mask);
+
+/* The mask set by moe_layer_set_expert_mask (E bytes, host; all 1 at creation). */
+MOE_API moe_status_t moe_layer_expert_mask(const moe_layer_t *layer, uint8_t *mask);
+
+/* Availability of every expert in the last forward (E bytes, host): the mask and, in a training
+ * forward with expert_dropout > 0, this call's dropout draw. *num_available (may be NULL) gets
+ * their count. INVALID_ARGUMENT before the first forward. */
+MOE_API moe_status_t moe_layer_expert_availability(const moe_layer_t *layer, uint8_t *available,
+                                                   int64_t *num_available);
 
 /* Sums the router (and noise) weight gradients over the ranks of the context's communicator, in
  * place, so the replicated router weights stay equal after an optimizer step. Off unless called;

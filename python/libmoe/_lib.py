@@ -6,7 +6,7 @@ include/moe/moe.h field by field; their struct_size is checked against the libra
 import ctypes
 import os
 from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32,
-                    c_int64, c_size_t, c_uint64, c_void_p)
+                    c_int64, c_size_t, c_uint8, c_uint64, c_void_p)
 
 # ---- enumerations (values of moe.h) ---------------------------------------------------------
 
@@ -28,6 +28,8 @@ GATES = {"softmax_of_topk": 0, "topk_of_softmax": 1}
 PRIORITIES = {"position": 0, "score": 1}
 ROUTERS = {"token_choice": 0, "expert_choice": 1}
 OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
+SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
+GROUP_SCORES = {"top2_sum": 0, "max": 1}
 PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5}
 
 # ---- structs ----------------------------------------------------------------------------------
@@ -56,6 +58,13 @@ class LayerConfig(Structure):
         ("router", c_int),
         ("bias_update_rate", c_double),
         ("num_chunks", c_int64),
+        # routing extensions: score function, group-limited gating, expert dropout
+        ("score_func", c_int),
+        ("routed_scaling_factor", c_double),
+        ("num_groups", c_int64),
+        ("topk_group", c_int64),
+        ("group_score", c_int),
+        ("expert_dropout", c_double),
     ]
 
 
@@ -132,6 +141,10 @@ def _declare(lib):
         "moe_layer_routing": (c_int, [c_void_p, P(c_int32), P(c_float), P(c_int32)]),
         "moe_layer_routing_width": (c_int64, [c_void_p]),
         "moe_layer_score_bias": (c_int, [c_void_p, P(c_float)]),
+        "moe_layer_config_preset": (c_int, [c_char_p, P(LayerConfig)]),
+        "moe_layer_set_expert_mask": (c_int, [c_void_p, P(c_uint8)]),
+        "moe_layer_expert_mask": (c_int, [c_void_p, P(c_uint8)]),
+        "moe_layer_expert_availability": (c_int, [c_void_p, P(c_uint8), P(c_int64)]),
         "moe_optimizer_config_default": (OptimizerConfig, [c_int]),
         "moe_optimizer_create": (c_int, [P(c_void_p), c_void_p, P(OptimizerConfig)]),
         "moe_optimizer_step": (c_int, [c_void_p, c_void_p]),

@@ -12,8 +12,9 @@ from ctypes import byref, c_float, c_int, c_int32, c_int64, c_size_t, c_uint64, 
 import numpy as np
 
 from . import _lib
-from ._lib import (ACTIVATIONS, BACKENDS, DTYPES, GATES, OPTIMIZERS, PARAMS, PRIORITIES,
-                   ROUTERS, STATUS_NAMES, LayerConfig, OptimizerConfig, RoutingStats)
+from ._lib import (ACTIVATIONS, BACKENDS, DTYPES, GATES, GROUP_SCORES, OPTIMIZERS, PARAMS,
+                   PRIORITIES, ROUTERS, SCORE_FUNCS, STATUS_NAMES, LayerConfig, OptimizerConfig,
+                   RoutingStats)
 
 SUCCESS = 0
 INVALID_ARGUMENT = 1
@@ -160,12 +161,21 @@ class Context(_Handle):
 
 
 _CONFIG_ENUMS = {"activation": (ACTIVATIONS,), "dtype": (DTYPES,),
-                 "gate": (GATES,), "priority": (PRIORITIES,), "router": (ROUTERS,)}
+                 "gate": (GATES,), "priority": (PRIORITIES,), "router": (ROUTERS,),
+                 "score_func": (SCORE_FUNCS,), "group_score": (GROUP_SCORES,)}
+
+PRESETS = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3", "switch", "olmoe")
 
 
-def layer_config(**kw):
-    """moe_layer_config_default() with the given fields changed (enums as names or ints)."""
+def layer_config(preset=None, **kw):
+    """moe_layer_config_default(), or moe_layer_config_preset(preset) when a preset name is
+    given (one of PRESETS, docs/presets.md), with the given fields changed (enums as names or
+    ints)."""
     cfg = _lib.lib().moe_layer_config_default()
+    if preset is not None:
+        _arg(isinstance(preset, str), f"preset must be a name, not {type(preset).__name__}")
+        _check(_lib.lib().moe_layer_config_preset(preset.encode(), byref(cfg)),
+               "moe_layer_config_preset")
     names = {f[0] for f in LayerConfig._fields_} - {"struct_size"}
     for k, v in kw.items():
         _arg(k in names, f"'{k}' is not a field of moe_layer_config_t ({sorted(names)})")
@@ -187,11 +197,11 @@ class Layer(_Handle):
 
     _destroy = "moe_layer_destroy"
 
-    def __init__(self, ctx, **config):
+    def __init__(self, ctx, preset=None, **config):
         _arg(isinstance(ctx, Context) and ctx._h, "ctx must be a live Context")
         self._lib = _lib.lib()
         self.ctx = ctx
-        cfg = layer_config(**config)
+        cfg = layer_config(preset, **config)
         self._h = c_void_p()
         _check(self._lib.moe_layer_create(byref(self._h), ctx._h, byref(cfg)),
                "moe_layer_create")
@@ -348,6 +358,37 @@ class Layer(_Handle):
                                               b.ctypes.data_as(ctypes.POINTER(c_float))),
                "moe_layer_score_bias")
         return b
+
+    # ---- expert availability ----
+    def set_expert_mask(self, mask):
+        """Experts that may be selected: a bool / 0-1 array of num_experts entries, or None for
+        all (moe_layer_set_expert_mask; collective with expert parallelism)."""
+        if mask is None:
+            _check(self._lib.moe_layer_set_expert_mask(self._live(), None),
+                   "moe_layer_set_expert_mask")
+            return
+        m = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
+        _arg(m.shape == (self.num_experts,),
+             f"mask must have {self.num_experts} entries, not shape {m.shape}")
+        _check(self._lib.moe_layer_set_expert_mask(
+            self._live(), m.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))),
+            "moe_layer_set_expert_mask")
+
+    def expert_mask(self):
+        """The mask set by set_expert_mask, bool (E,)."""
+        m = np.zeros(self.num_experts, dtype=np.uint8)
+        _check(self._lib.moe_layer_expert_mask(
+            self._live(), m.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))),
+            "moe_layer_expert_mask")
+        return m.astype(bool)
+
+    def expert_availability(self):
+        """Experts available in the last forward (mask and expert dropout), bool (E,)."""
+        m = np.zeros(self.num_experts, dtype=np.uint8)
+        _check(self._lib.moe_layer_expert_availability(
+            self._live(), m.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), None),
+            "moe_layer_expert_availability")
+        return m.astype(bool)
 
 
 class Optimizer(_Handle):

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 
 #include "core/philox.h"  // only the noise stream eps (moe_gating_noise)
@@ -76,6 +77,13 @@ Model Model::from_layer(moe_layer_t *layer) {
         const float *f = (const float *)v;
         m.param[p].assign(f, f + n);
     }
+    if (m.cfg.bias_update_rate > 0) {
+        std::vector<float> b(m.E);
+        moe_layer_score_bias(layer, b.data());
+        m.score_bias.assign(b.begin(), b.end());
+    }
+    m.mask.assign(m.E, 1);
+    moe_layer_expert_mask(layer, m.mask.data());
     return m;
 }
 
@@ -146,36 +154,126 @@ Forward Model::forward(const std::vector<double> &x, int64_t T, bool training, u
     if (f.noisy)
         for (int64_t i = 0; i < T * E; ++i) f.h[i] += f.eps[i] * f.sigma[i];
 
+    // expert availability: the mask, and in training the dropout draw (u_e < p drops e; the
+    // dropped ones with the largest u_e come back while fewer than K are available)
+    f.avail.assign(E, 1);
+    if (!mask.empty()) f.avail = mask;
+    const double pdrop = training ? cfg.expert_dropout : 0.0;
+    std::vector<double> u(E, 2.0);
+    if (pdrop > 0)
+        for (int64_t e = 0; e < E; ++e) {
+            moe_philox_out_t r = moe_philox4x32((uint32_t)e, 0u, (uint32_t)drop_call,
+                                                0x44524F50u ^ (uint32_t)(drop_call >> 32),
+                                                cfg.seed);
+            u[e] = ((double)(r.v[0] >> 8) + 0.5) / 16777216.0;
+        }
+    std::vector<uint8_t> mk = f.avail;
+    for (int64_t e = 0; e < E; ++e)
+        if (u[e] < pdrop) f.avail[e] = 0;
+    f.num_available = std::count(f.avail.begin(), f.avail.end(), 1);
+    while (f.num_available < K) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+            if (mk[e] && !f.avail[e] && (best < 0 || u[e] > u[best])) best = e;
+        f.avail[best] = 1;
+        f.num_available++;
+    }
+    const bool sig = cfg.score_func == MOE_SCORE_SIGMOID;
+    const double scale = cfg.routed_scaling_factor;
+    const int64_t G = cfg.num_groups > 1 ? cfg.num_groups : 1, gsz = E / G;
+
     // top-k, gates, softmax of the clean logits
     for (int64_t t = 0; t < T; ++t) {
         const double *h = &f.h[t * E];
+        std::vector<double> sel(E);
+        for (int64_t e = 0; e < E; ++e)
+            sel[e] = (sig ? sigmoid(h[e]) : h[e]) + (score_bias.empty() ? 0.0 : score_bias[e]);
+        std::vector<uint8_t> cand = f.avail;
+        if (G > 1) {
+            // group score over the available experts: the best, or the sum of the best two
+            std::vector<double> gs(G);
+            std::vector<int64_t> na(G, 0);
+            for (int64_t g = 0; g < G; ++g) {
+                std::vector<double> v;
+                for (int64_t e = g * gsz; e < (g + 1) * gsz; ++e)
+                    if (f.avail[e]) v.push_back(sel[e]);
+                std::sort(v.begin(), v.end(), std::greater<double>());
+                na[g] = (int64_t)v.size();
+                gs[g] = v.empty() ? -INFINITY
+                                  : (cfg.group_score == MOE_GROUP_SCORE_MAX || v.size() == 1
+                                         ? v[0]
+                                         : v[0] + v[1]);
+            }
+            std::vector<int64_t> gord(G);
+            std::iota(gord.begin(), gord.end(), 0);
+            std::stable_sort(gord.begin(), gord.end(),
+                             [&](int64_t a, int64_t b) { return gs[a] > gs[b]; });
+            std::vector<uint8_t> keep(G, 0);
+            int64_t kept = 0, have = 0;
+            while (kept < G && (kept < cfg.topk_group || have < K)) {
+                keep[gord[kept]] = 1;
+                have += na[gord[kept]];
+                ++kept;
+            }
+            // the last kept group against the first dropped one
+            if (kept < G && std::isfinite(gs[gord[kept]]) &&
+                gs[gord[kept - 1]] - gs[gord[kept]] < tol * (1.0 + std::fabs(gs[gord[kept]])))
+                f.num_fragile++;
+            for (int64_t e = 0; e < E; ++e) cand[e] = cand[e] && keep[e / gsz];
+        }
         int32_t *ord = &f.order[t * E];
         std::iota(ord, ord + E, 0);
-        std::stable_sort(ord, ord + E, [h](int32_t a, int32_t b) { return h[a] > h[b]; });
+        std::stable_sort(ord, ord + E, [&](int32_t a, int32_t b) {
+            if (cand[a] != cand[b]) return cand[a] > cand[b];
+            return sel[a] > sel[b];
+        });
+        const int64_t ncand = std::count(cand.begin(), cand.end(), 1);
         // near-ties that decide the chosen set (K-th vs K+1-th) or the order among the K
-        int64_t last = K < E ? K : K - 1;
+        int64_t last = K < ncand ? K : K - 1;
         for (int64_t j = 0; j < last; ++j) {
-            double gap = h[ord[j]] - h[ord[j + 1]];
-            if (gap < tol * (1.0 + std::fabs(h[ord[j]]))) {
+            double gap = sel[ord[j]] - sel[ord[j + 1]];
+            if (gap < tol * (1.0 + std::fabs(sel[ord[j]]))) {
                 f.num_fragile++;
                 break;
             }
         }
         for (int64_t j = 0; j < K; ++j) f.idx[t * K + j] = ord[j];
-        double mx = h[ord[0]];
-        if (cfg.gate == MOE_GATE_SOFTMAX_OF_TOPK || cfg.renormalize) {
+        if (sig) {
+            double z = 0;
+            for (int64_t j = 0; j < K; ++j) z += sigmoid(h[ord[j]]);
+            double d = cfg.renormalize ? z + 1e-20 : 1.0;
+            for (int64_t j = 0; j < K; ++j) f.gate[t * K + j] = scale * sigmoid(h[ord[j]]) / d;
+        } else if (cfg.gate == MOE_GATE_SOFTMAX_OF_TOPK || cfg.renormalize) {
+            double mx = h[ord[0]];
+            for (int64_t j = 1; j < K; ++j) mx = std::max(mx, h[ord[j]]);
             double z = 0;
             for (int64_t j = 0; j < K; ++j) z += std::exp(h[ord[j]] - mx);
-            for (int64_t j = 0; j < K; ++j) f.gate[t * K + j] = std::exp(h[ord[j]] - mx) / z;
+            for (int64_t j = 0; j < K; ++j)
+                f.gate[t * K + j] = scale * std::exp(h[ord[j]] - mx) / z;
         } else {
-            double z = 0;
-            for (int64_t e = 0; e < E; ++e) z += std::exp(h[e] - mx);
-            for (int64_t j = 0; j < K; ++j) f.gate[t * K + j] = std::exp(h[ord[j]] - mx) / z;
+            double mx = -INFINITY, z = 0;
+            for (int64_t e = 0; e < E; ++e)
+                if (f.avail[e]) mx = std::max(mx, h[e]);
+            for (int64_t e = 0; e < E; ++e)
+                if (f.avail[e]) z += std::exp(h[e] - mx);
+            for (int64_t j = 0; j < K; ++j)
+                f.gate[t * K + j] = scale * std::exp(h[ord[j]] - mx) / z;
         }
+        // the aux losses' probabilities over the available experts: softmax, or normalised
+        // sigmoid scores; lse over the available experts
         const double *lg = &f.logits[t * E];
-        double lm = *std::max_element(lg, lg + E), z = 0;
-        for (int64_t e = 0; e < E; ++e) z += std::exp(lg[e] - lm);
-        for (int64_t e = 0; e < E; ++e) f.p[t * E + e] = std::exp(lg[e] - lm) / z;
+        double lm = -INFINITY, z = 0, zs = 0;
+        for (int64_t e = 0; e < E; ++e)
+            if (f.avail[e]) lm = std::max(lm, lg[e]);
+        for (int64_t e = 0; e < E; ++e)
+            if (f.avail[e]) {
+                z += std::exp(lg[e] - lm);
+                zs += sigmoid(lg[e]);
+            }
+        for (int64_t e = 0; e < E; ++e)
+            f.p[t * E + e] = !f.avail[e] ? 0.0
+                             : sig       ? sigmoid(lg[e]) / zs
+                                         : std::exp(lg[e] - lm) / z;
         f.lse[t] = lm + std::log(z);
     }
 
@@ -325,29 +423,51 @@ Grads Model::backward(const Forward &f, const std::vector<double> &x,
                 dgate[t * K + j] += cfg.importance_loss_coef * gi[f.idx[t * K + j]];
     }
 
-    // gates -> scores h
+    // gates -> scores h (gates carry the routed scaling factor c)
+    const double c = cfg.routed_scaling_factor;
+    const bool sig = cfg.score_func == MOE_SCORE_SIGMOID;
     std::vector<double> dh(T * E, 0.0);
     for (int64_t t = 0; t < T; ++t) {
         const double *h = &f.h[t * E];
         double *dht = &dh[t * E];
-        if (cfg.gate == MOE_GATE_SOFTMAX_OF_TOPK || cfg.renormalize) {
-            // g_j = exp(h_{idx_j}) / sum_i exp(h_{idx_i})
+        if (sig) {
+            // g_j = c s_j / Z, Z = sum_i s_i + 1e-20 (renormalize) or 1; s = sigmoid(h)
+            double z = 0;
+            for (int64_t j = 0; j < K; ++j) z += sigmoid(h[f.idx[t * K + j]]);
+            const double Z = cfg.renormalize ? z + 1e-20 : 1.0;
+            for (int64_t i = 0; i < K; ++i) {
+                int64_t a = f.idx[t * K + i];
+                double si = sigmoid(h[a]), ds = 0;
+                for (int64_t j = 0; j < K; ++j) {
+                    double sj = sigmoid(h[f.idx[t * K + j]]);
+                    double dgj_dsi = cfg.renormalize ? c * ((i == j ? 1.0 : 0.0) / Z - sj / (Z * Z))
+                                                     : (i == j ? c : 0.0);
+                    ds += dgate[t * K + j] * dgj_dsi;
+                }
+                dht[a] += ds * si * (1.0 - si);
+            }
+        } else if (cfg.gate == MOE_GATE_SOFTMAX_OF_TOPK || cfg.renormalize) {
+            // g_j = c exp(h_{idx_j}) / sum_i exp(h_{idx_i})
             for (int64_t j = 0; j < K; ++j)
                 for (int64_t i = 0; i < K; ++i) {
-                    double gj = f.gate[t * K + j], gi = f.gate[t * K + i];
+                    double gj = f.gate[t * K + j], gi = f.gate[t * K + i] / c;
                     double dgj_dhi = gj * ((i == j ? 1.0 : 0.0) - gi);
                     dht[f.idx[t * K + i]] += dgate[t * K + j] * dgj_dhi;
                 }
         } else {
-            // g_j = p_{idx_j}, p = softmax(h) over all E
-            double mx = *std::max_element(h, h + E), z = 0;
-            std::vector<double> ph(E);
-            for (int64_t e = 0; e < E; ++e) z += std::exp(h[e] - mx);
-            for (int64_t e = 0; e < E; ++e) ph[e] = std::exp(h[e] - mx) / z;
+            // g_j = c p_{idx_j}, p = softmax(h) over the available experts
+            double mx = -INFINITY, z = 0;
+            for (int64_t e = 0; e < E; ++e)
+                if (f.avail[e]) mx = std::max(mx, h[e]);
+            std::vector<double> ph(E, 0.0);
+            for (int64_t e = 0; e < E; ++e)
+                if (f.avail[e]) z += std::exp(h[e] - mx);
+            for (int64_t e = 0; e < E; ++e)
+                if (f.avail[e]) ph[e] = std::exp(h[e] - mx) / z;
             for (int64_t j = 0; j < K; ++j) {
                 int64_t a = f.idx[t * K + j];
                 for (int64_t e = 0; e < E; ++e)
-                    dht[e] += dgate[t * K + j] * ph[a] * ((a == e ? 1.0 : 0.0) - ph[e]);
+                    dht[e] += dgate[t * K + j] * c * ph[a] * ((a == e ? 1.0 : 0.0) - ph[e]);
             }
         }
     }
@@ -358,19 +478,33 @@ Grads Model::backward(const Forward &f, const std::vector<double> &x,
         for (int64_t i = 0; i < T * E; ++i) dsigma[i] = dh[i] * f.eps[i];
     for (int64_t t = 0; t < T; ++t) {
         const double *p = &f.p[t * E];
+        const double *lg = &f.logits[t * E];
+        // softmax of the logits over the available experts (= p with softmax scores)
+        std::vector<double> q(E, 0.0);
+        for (int64_t e = 0; e < E; ++e)
+            if (f.avail[e]) q[e] = std::exp(lg[e] - f.lse[t]);
+        double S = 0;  // sum of the available sigmoid scores
+        for (int64_t e = 0; e < E; ++e)
+            if (f.avail[e]) S += sigmoid(lg[e]);
         if (cfg.switch_loss_coef != 0) {
             // switch = E sum_e f_e (1/T) sum_t p_te, f constant
-            for (int64_t e = 0; e < E; ++e)
+            for (int64_t e = 0; e < E; ++e) {
+                if (!f.avail[e]) continue;
+                const double se = sigmoid(lg[e]);
                 for (int64_t k = 0; k < E; ++k) {
+                    if (!f.avail[k] || f.counts[k] == 0) continue;
                     double fk = (double)f.counts[k] / (double)(T * K);
-                    double dpk_dle = p[k] * ((k == e ? 1.0 : 0.0) - p[e]);
+                    // softmax: p_k (d_ke - p_e); normalised sigmoid: s_e (1 - s_e) / S (d_ke - p_k)
+                    double dpk_dle = sig ? se * (1.0 - se) / S * ((k == e ? 1.0 : 0.0) - p[k])
+                                         : p[k] * ((k == e ? 1.0 : 0.0) - p[e]);
                     dlogits[t * E + e] += cfg.switch_loss_coef * (double)E / (double)T * fk *
                                           dpk_dle;
                 }
+            }
         }
         if (cfg.z_loss_coef != 0)
             for (int64_t e = 0; e < E; ++e)
-                dlogits[t * E + e] += cfg.z_loss_coef * 2.0 * f.lse[t] / (double)T * p[e];
+                dlogits[t * E + e] += cfg.z_loss_coef * 2.0 * f.lse[t] / (double)T * q[e];
     }
     if (f.noisy && cfg.load_loss_coef != 0) {
         std::vector<double> gl;

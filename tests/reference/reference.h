@@ -37,6 +37,9 @@ struct Forward {
     std::vector<double> lse;                         // (T)
     std::vector<double> importance, load;            // (E)
     std::vector<int32_t> order;                      // (T, E) experts sorted by h, best first
+    // routing extensions
+    std::vector<uint8_t> avail;                      // (E) expert availability of this call
+    int64_t num_available = 0;
 };
 
 struct Grads {
@@ -49,8 +52,14 @@ struct Model {
     moe_layer_config_t cfg{};
     int64_t D = 0, F = 0, F2 = 0, E = 0, K = 0;
     std::vector<double> param[MOE_PARAM_COUNT];
+    // routing extensions: the selection bias (E, empty = 0), the user's expert mask (E, empty =
+    // all available) and the dropout counter (earlier training forwards of the layer)
+    std::vector<double> score_bias;
+    std::vector<uint8_t> mask;
+    uint64_t drop_call = 0;
 
-    // Copies config and parameters out of a (CPU) library layer.
+    // Copies config and parameters out of a (CPU) library layer (and its selection bias and
+    // expert mask).
     static Model from_layer(moe_layer_t *layer);
     // Loss the backward differentiates: sum(dy * y) + aux_loss.
     static double total_loss(const Forward &f, const std::vector<double> &dy);

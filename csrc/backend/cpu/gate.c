@@ -13,6 +13,8 @@
 #include "core/philox.h"
 #include "core/status.h"
 #include "router/router.h"
+#include "router/router_host.h"
+#include "router/select.h"
 
 moe_status_t moe__cpu_count_nonfinite(moe_context_t *ctx, const void *x, int64_t n,
                                         int64_t *num_bad, void *stream) {
@@ -38,6 +40,8 @@ moe_status_t moe__cpu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *a,
     const int gate_mode = (int)l->cfg.gate, renorm = l->cfg.renormalize;
     const float *x = (const float *)a->x;
     const moe_router_sums_t *sums = &a->sums;
+    const moe_router_opts_t o = moe_router_opts_make(&l->cfg, a->avail);
+    const int64_t G = o.num_groups;
     moe__cpu_sgemm(0, 0, T, E, D, x, D, (const float *)a->w_router, E, 0.0f, a->logits, E);
     if (noisy)
         moe__cpu_sgemm(0, 0, T, E, D, x, D, (const float *)a->w_noise, E, 0.0f, a->noise_raw, E);
@@ -54,8 +58,9 @@ moe_status_t moe__cpu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *a,
     int failed = 0;
 #pragma omp parallel reduction(| : failed) MOE_PAR(T * E * 8)
     {
-        /* per-thread rows: p, sigma, phi (E each), top-k values (K1) */
-        float *scr = (float *)malloc((size_t)(3 * E + K1) * sizeof(float));
+        /* per-thread rows: p, sigma, phi (E each), top-k values (K1), group scores and kept
+         * flags (G each) */
+        float *scr = (float *)malloc((size_t)(3 * E + K1 + 2 * G) * sizeof(float));
         if (!scr) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblk; ++b) {
@@ -77,14 +82,25 @@ moe_status_t moe__cpu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *a,
                     }
                     h = hr;
                 }
-                float lse = moe_router_softmax(lg, (int)E, p);
+                int32_t *idx = a->idx + t * K1;
+                float *g = a->gate + t * K;
+                float lse;
+                if (o.active) {
+                    /* routing extensions (no noise here: the layer refuses the combination) */
+                    float *gsc = val + K1, *keep = gsc + G;
+                    lse = moe_router_aux_probs(lg, (int)E, &o, p);
+                    if (G > 1) moe_router_groups(h, a->score_bias, &o, (int)E, (int)K, gsc, keep);
+                    moe_router_topk_opts(h, a->score_bias, &o, G > 1 ? keep : NULL, (int)E,
+                                         (int)K1, idx, val);
+                    moe_router_gates_opts(h, (int)E, idx, (int)K, &o, g);
+                } else {
+                    lse = moe_router_softmax(lg, (int)E, p);
+                    moe_router_topk_biased(h, a->score_bias, (int)E, (int)K1, idx, val);
+                    moe_router_gates(h, (int)E, idx, (int)K, gate_mode, renorm, g);
+                }
                 a->lse[t] = lse;
                 *pz += (double)lse * (double)lse;
                 for (int64_t e = 0; e < E; ++e) pp[e] += p[e];
-                int32_t *idx = a->idx + t * K1;
-                float *g = a->gate + t * K;
-                moe_router_topk_biased(h, a->score_bias, (int)E, (int)K1, idx, val);
-                moe_router_gates(h, (int)E, idx, (int)K, gate_mode, renorm, g);
                 for (int64_t j = 0; j < K; ++j) {
                     pi[idx[j]] += g[j];
                     pc[idx[j]] += 1;
@@ -133,6 +149,7 @@ moe_status_t moe__cpu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *a,
     const int noisy = a->noisy;
     const int gate_mode = (int)l->cfg.gate, renorm = l->cfg.renormalize;
     const moe_aux_coefs_t *c = a->coefs;
+    const moe_router_opts_t o = moe_router_opts_make(&l->cfg, a->avail);
     int failed = 0;
 #pragma omp parallel reduction(| : failed) MOE_PAR(T * E * 8)
     {
@@ -147,10 +164,19 @@ moe_status_t moe__cpu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *a,
             const float *h = noisy ? a->h + t * E : lg;
             const int32_t *idx = a->idx + t * K1;
             for (int64_t j = 0; j < K; ++j) dg[j] = a->dgate[t * K + j] + c->imp[idx[j]];
+            float *dl = a->dlogits + t * E;
+            if (o.active) {
+                /* routing extensions: no noise (refused by the layer); sigma is scratch */
+                moe_router_gates_opts_bwd(h, (int)E, idx, (int)K, &o, a->gate + t * K, dg, dh);
+                for (int64_t e = 0; e < E; ++e) dl[e] = dh[e];
+                if (c->any_logit)
+                    moe_router_aux_bwd(lg, (int)E, &o, c->switch_f, c->z_scale, a->lse[t], p,
+                                       sigma, dl);
+                continue;
+            }
             moe_router_gates_bwd(h, (int)E, idx, (int)K, gate_mode, renorm, a->gate + t * K, dg,
                                  dh);
             /* dh is the gradient of the scores h; h = logits (+ eps sigma) */
-            float *dl = a->dlogits + t * E;
             for (int64_t e = 0; e < E; ++e) dl[e] = dh[e];
             if (c->any_logit) {
                 moe_router_softmax(lg, (int)E, p);
