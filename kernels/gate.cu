@@ -12,6 +12,7 @@
 
 #include "core/philox.h"
 #include "router/router.h"
+#include "router/select.h"
 
 /* ---- NaN/Inf count -------------------------------------------------------------------------- */
 
@@ -40,7 +41,8 @@ extern "C" cudaError_t moe_k_count_nonfinite(const void *x, int dtype, int64_t n
 
 __global__ void __launch_bounds__(MOE_K_GATE_BLOCK) gate_fwd_kernel(moe_k_gate_args_t a) {
     const int E = (int)a.E, K = (int)a.K, K1 = (int)a.K1;
-    const int64_t stride = 3 * a.E + a.K1;
+    const int G = a.opts.active ? a.opts.num_groups : 0;
+    const int64_t stride = 3 * a.E + a.K1 + 2 * G;
     const int64_t t0 = (int64_t)blockIdx.x * MOE_K_GATE_BLOCK;
     const int64_t t = t0 + threadIdx.x;
     __shared__ double zs[MOE_K_GATE_BLOCK];
@@ -59,12 +61,23 @@ __global__ void __launch_bounds__(MOE_K_GATE_BLOCK) gate_fwd_kernel(moe_k_gate_a
             }
             h = hr;
         }
-        float lse = moe_router_softmax(lg, E, p);
+        int32_t *idx = a.idx + t * a.K1;
+        float lse;
+        if (a.opts.active) {
+            /* routing extensions, the CPU backend's bodies (never noisy: refused by the layer) */
+            float *gsc = val + K1, *keep = gsc + G;
+            lse = moe_router_aux_probs(lg, E, &a.opts, p);
+            if (G > 1) moe_router_groups(h, a.score_bias, &a.opts, E, K, gsc, keep);
+            moe_router_topk_opts(h, a.score_bias, &a.opts, G > 1 ? keep : (const float *)0, E,
+                                 K1, idx, val);
+            moe_router_gates_opts(h, E, idx, K, &a.opts, a.gate + t * a.K);
+        } else {
+            lse = moe_router_softmax(lg, E, p);
+            moe_router_topk_biased(h, a.score_bias, E, K1, idx, val);
+            moe_router_gates(h, E, idx, K, a.gate_mode, a.renormalize, a.gate + t * a.K);
+        }
         a.lse[t] = lse;
         zs[threadIdx.x] = (double)lse * (double)lse;
-        int32_t *idx = a.idx + t * a.K1;
-        moe_router_topk_biased(h, a.score_bias, E, K1, idx, val);
-        moe_router_gates(h, E, idx, K, a.gate_mode, a.renormalize, a.gate + t * a.K);
         if (a.noisy) moe_router_load_fwd(lg, h, sigma, idx, K, E, phi);
     }
     __syncthreads(); /* the block's per-token rows are in global memory: sum them per expert */
@@ -320,7 +333,9 @@ static int gate_use_warp(const moe_k_gate_args_t *a) {
         forced = v && strcmp(v, "thread") == 0;
     }
     /* a selection bias (loss-free balancing) takes the per-thread path, whose top-k applies it */
-    return !forced && a->E <= 256 && a->K1 <= MOE_K_GATE_MAXK1 && a->score_bias == NULL;
+    /* so do the routing extensions (sigmoid, groups, availability, scaling) */
+    return !forced && a->E <= 256 && a->K1 <= MOE_K_GATE_MAXK1 && a->score_bias == NULL &&
+           !a->opts.active;
 }
 
 extern "C" int64_t moe_k_gate_num_blocks(int64_t T) {
@@ -366,8 +381,16 @@ __global__ void gate_bwd_kernel(moe_k_gate_bwd_args_t a) {
     const float *h = a.noisy ? a.h + t * a.E : lg;
     const int32_t *idx = a.idx + t * a.K1;
     for (int j = 0; j < K; ++j) dg[j] = a.dg[t * a.K + j] + imp[idx[j]];
-    moe_router_gates_bwd(h, E, idx, K, a.gate_mode, a.renormalize, a.gate + t * a.K, dg, dh);
     float *dl = a.dlogits + t * a.E;
+    if (a.opts.active) {
+        /* routing extensions: never noisy; sigma is scratch */
+        moe_router_gates_opts_bwd(h, E, idx, K, &a.opts, a.gate + t * a.K, dg, dh);
+        for (int e = 0; e < E; ++e) dl[e] = dh[e];
+        if (a.any_logit)
+            moe_router_aux_bwd(lg, E, &a.opts, switch_f, a.z_scale, a.lse[t], p, sigma, dl);
+        return;
+    }
+    moe_router_gates_bwd(h, E, idx, K, a.gate_mode, a.renormalize, a.gate + t * a.K, dg, dh);
     for (int e = 0; e < E; ++e) dl[e] = dh[e];
     if (a.any_logit) {
         moe_router_softmax(lg, E, p);

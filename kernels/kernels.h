@@ -13,6 +13,8 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include "router/select.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -44,6 +46,9 @@ typedef struct moe_k_gate_args {
     int64_t *cnt_part;      /* (nblk, E) block partial counts */
     double *red;            /* (3E + 1) totals: prob, importance, load, z */
     int64_t *counts;        /* (E) assignments per expert before dropping */
+    /* routing extensions (router/select.h): when opts.active the per-thread path runs the
+     * extended bodies and scr rows are 3E + K1 + 2G wide (G = opts.num_groups) */
+    moe_router_opts_t opts;
 } moe_k_gate_args_t;
 
 /* Blocks of token partials the gate pass may write for T tokens: size of part / cnt_part. */
@@ -63,6 +68,7 @@ typedef struct moe_k_gate_bwd_args {
     float *scr;      /* (T, 4E + K) */
     float *dlogits;  /* (T, E) out */
     float *dnoise;   /* (T, E) out, when noisy: gradient of x Wn */
+    moe_router_opts_t opts; /* routing extensions (router/select.h) */
 } moe_k_gate_bwd_args_t;
 
 /* Gate backward per token: gates, switch / z / importance / load terms and the noise network. */

@@ -249,7 +249,9 @@ static moe_status_t cu_layer_init(moe_context_t *ctx, moe_backend_layer_t *s) {
 static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_backend_layer_t *s, int64_t T) {
     const int64_t E = s->E, K = s->K, n = T * K;
     const int64_t nblk = moe_k_gate_num_blocks(T);
-    int64_t per = 3 * E + s->K1 > 4 * E + K ? 3 * E + s->K1 : 4 * E + K;
+    /* the forward's rows hold 2G more floats with group-limited gating (routing extensions) */
+    const int64_t G = s->cfg.num_groups > 1 ? s->cfg.num_groups : 0;
+    int64_t per = 3 * E + s->K1 + 2 * G > 4 * E + K ? 3 * E + s->K1 + 2 * G : 4 * E + K;
     MOE_CU_ALLOC(L->gate_scr, T * per);
     MOE_CU_ALLOC(L->part, nblk * (3 * E + 1));
     MOE_CU_ALLOC(L->cnt_part, nblk * E);
@@ -347,7 +349,8 @@ static moe_status_t cu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *g
                                  .part = L->part,
                                  .cnt_part = L->cnt_part,
                                  .red = L->red,
-                                 .counts = L->counts_d};
+                                 .counts = L->counts_d,
+                                 .opts = moe_router_opts_make(&l->cfg, g->avail)};
     MOE_CUDA_CHECK(moe_k_gate_fwd(&a, st));
     MOE_CUDA_CHECK(cudaMemcpyAsync(L->red_h, L->red, (size_t)(3 * E + 1) * sizeof(double),
                                    cudaMemcpyDeviceToHost, st));
@@ -724,7 +727,8 @@ static moe_status_t cu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *g
                                      .z_scale = k->z_scale,
                                      .scr = L->gate_scr,
                                      .dlogits = g->dlogits,
-                                     .dnoise = g->dnoise};
+                                     .dnoise = g->dnoise,
+                                     .opts = moe_router_opts_make(&l->cfg, g->avail)};
     MOE_CUDA_CHECK(moe_k_gate_bwd(&a, st));
     if (l->cfg.dtype == MOE_DTYPE_F32) return cu_router_bwd_f32(c->blas, g);
     return cu_router_bwd_16(c->blas, g, st);
