@@ -27,8 +27,9 @@ static void usage(FILE *f) {
 "      --capacity-factor C  capacity C*T*K/E per expert; 0 = dropless (default 0)\n"
 "      --priority P         position | score: who claims capacity first (default position)\n"
 "      --no-bias            experts without b1, b2\n"
-"      --preset NAME        mixtral (D 4096, F 14336, E 8, K 2, swiglu) or deepseek (D 7168,\n"
-"                           F 2048, E 256, K 8, swiglu); other options given override it\n"
+"      --preset NAME        a model family's routed experts (moe_layer_config_preset,\n"
+"                           docs/presets.md): mixtral | qwen2-moe | qwen3-moe | deepseek-v3\n"
+"                           (or deepseek) | switch | olmoe; other options given override it\n"
 "workload\n"
 "      --routing R          learned (the layer's own router; default) | uniform | zipf:S |\n"
 "                           hot:FRACTION (share of assignments on expert 0) | rank-skew[:S]\n"
@@ -155,15 +156,12 @@ static int parse_preset(int argc, char **argv, bench_opts_t *o) {
     opterr = 0;
     while ((c = getopt_long(argc, argv, short_opts, long_opts, NULL)) != -1) {
         if (c != OPT_PRESET) continue;
-        if (strcmp(optarg, "mixtral") == 0) {
-            o->cfg.d_model = 4096, o->cfg.d_ff = 14336, o->cfg.num_experts = 8, o->cfg.top_k = 2;
-        } else if (strcmp(optarg, "deepseek") == 0) {
-            o->cfg.d_model = 7168, o->cfg.d_ff = 2048, o->cfg.num_experts = 256, o->cfg.top_k = 8;
-        } else {
-            fprintf(stderr, "moe_bench: --preset '%s' is not one of: mixtral deepseek\n", optarg);
+        /* the library's presets (docs/presets.md); "deepseek" is the older name of deepseek-v3 */
+        const char *name = strcmp(optarg, "deepseek") == 0 ? "deepseek-v3" : optarg;
+        if (moe_layer_config_preset(name, &o->cfg) != MOE_STATUS_SUCCESS) {
+            fprintf(stderr, "moe_bench: --preset: %s\n", moe_last_error());
             return -1;
         }
-        o->cfg.activation = MOE_ACTIVATION_SWIGLU;
         o->preset = optarg;
     }
     optind = 0; /* glibc: full re-initialisation */
