@@ -96,7 +96,10 @@ typedef enum moe_priority {
 /* Who chooses. */
 typedef enum moe_router_type {
     MOE_ROUTER_TOKEN_CHOICE = 0, /* each token picks its top_k experts */
-    MOE_ROUTER_EXPERT_CHOICE = 1 /* each expert picks its top C tokens (Zhou et al. 2022) */
+    MOE_ROUTER_EXPERT_CHOICE = 1, /* each expert picks its top C tokens (Zhou et al. 2022) */
+    MOE_ROUTER_HIERARCHICAL = 2   /* a primary gate picks topk_group of num_groups groups, each
+                                     group's own secondary router picks top_k / topk_group of its
+                                     experts; gate = product (Shazeer et al. 2017, appendix B) */
 } moe_router_type_t;
 
 /* ============================================================================================
@@ -137,6 +140,16 @@ typedef struct moe_layer_config {
                            chunk's experts compute. No transport overlaps it yet (MPI does not
                            progress meanwhile; local and NCCL run in order, docs/expert-parallel.md).
                            Results do not depend on it. */
+
+    /* ---- expert groups (hierarchical routing) ---------------------------------------------
+     * MOE_ROUTER_HIERARCHICAL: the E experts form num_groups = G groups of E / G consecutive
+     * experts (G >= 1 divides E); the primary router Wg (D, G) picks topk_group = k1 groups
+     * (1 <= k1 <= G), group g's secondary router (MOE_PARAM_SECONDARY_ROUTER_WEIGHT) picks
+     * k2 = top_k / k1 of its experts (top_k divisible by k1, k2 <= E / G), so a token still
+     * has top_k experts. Gate modes apply at each level; no gating noise, no selection bias.
+     * Losses: both levels' (docs/semantics.md). Other routers: 0 or 1 (no groups). */
+    int64_t num_groups; /* G; 0 = no groups */
+    int64_t topk_group; /* k1; 0 = unset */
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
@@ -220,13 +233,16 @@ MOE_API moe_backend_t moe_context_backend(const moe_context_t *ctx);
 typedef struct moe_layer moe_layer_t;
 
 typedef enum moe_param {
-    MOE_PARAM_ROUTER_WEIGHT = 0, /* Wg (D, E) */
+    MOE_PARAM_ROUTER_WEIGHT = 0, /* Wg (D, E); (D, num_groups) for MOE_ROUTER_HIERARCHICAL */
     MOE_PARAM_NOISE_WEIGHT = 1,  /* Wn (D, E), only when noisy_gating */
     MOE_PARAM_W1 = 2,            /* (E_local, D, F), or (E_local, D, 2F) for SWIGLU: [gate | up] */
     MOE_PARAM_B1 = 3,            /* (E_local, F) or (E_local, 2F), only when expert_bias */
     MOE_PARAM_W2 = 4,            /* (E_local, F, D) */
     MOE_PARAM_B2 = 5,            /* (E_local, D), only when expert_bias */
-    MOE_PARAM_COUNT = 6
+    /* hierarchical routing: replicated on every rank like Wg */
+    MOE_PARAM_SECONDARY_ROUTER_WEIGHT = 6, /* (num_groups, D, E / num_groups), only when router =
+                                              HIERARCHICAL: group g's router */
+    MOE_PARAM_COUNT = 7
 } moe_param_t;
 
 /* Creates a layer on ctx. The config is validated (INVALID_ARGUMENT naming the field); the
@@ -278,7 +294,7 @@ MOE_API int64_t moe_layer_routing_width(const moe_layer_t *layer);
 MOE_API moe_status_t moe_layer_score_bias(const moe_layer_t *layer, float *bias);
 MOE_API moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias);
 
-/* Sums the router (and noise) weight gradients over the ranks of the context's communicator, in
+/* Sums the router (and noise, and secondary router) weight gradients over the ranks of the context's communicator, in
  * place, so the replicated router weights stay equal after an optimizer step. Off unless called;
  * a no-op on one rank. Collective. Expert weights are owned by one rank and need no reduction. */
 MOE_API moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream);
@@ -299,6 +315,13 @@ typedef struct moe_routing_stats {
     double imbalance; /* max over mean of tokens_per_expert */
     int64_t rows_sent;     /* this rank: kept rows sent to experts (own rank included) */
     int64_t rows_received; /* this rank: rows its experts received from all ranks */
+    /* hierarchical routing: each level's unscaled losses, [0] the primary level (over groups),
+     * [1] the secondary level (within groups); switch_loss ... z_loss above are their sums.
+     * Zero for the other routers. */
+    double level_switch_loss[2];
+    double level_importance_loss[2];
+    double level_load_loss[2];
+    double level_z_loss[2];
 } moe_routing_stats_t;
 
 /* Routing statistics of the last forward (synchronises the layer's stream on CUDA).

@@ -26,9 +26,10 @@ DTYPES = {"f32": 0, "bf16": 1, "f16": 2}
 ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swiglu": 3}
 GATES = {"softmax_of_topk": 0, "topk_of_softmax": 1}
 PRIORITIES = {"position": 0, "score": 1}
-ROUTERS = {"token_choice": 0, "expert_choice": 1}
+ROUTERS = {"token_choice": 0, "expert_choice": 1, "hierarchical": 2}
 OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
-PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5}
+PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5,
+          "secondary_router_weight": 6}
 
 # ---- structs ----------------------------------------------------------------------------------
 
@@ -56,6 +57,9 @@ class LayerConfig(Structure):
         ("router", c_int),
         ("bias_update_rate", c_double),
         ("num_chunks", c_int64),
+        # expert groups (hierarchical routing)
+        ("num_groups", c_int64),
+        ("topk_group", c_int64),
     ]
 
 
@@ -72,6 +76,11 @@ class RoutingStats(Structure):
         ("imbalance", c_double),
         ("rows_sent", c_int64),
         ("rows_received", c_int64),
+        # hierarchical routing: [primary, secondary] level losses
+        ("level_switch_loss", c_double * 2),
+        ("level_importance_loss", c_double * 2),
+        ("level_load_loss", c_double * 2),
+        ("level_z_loss", c_double * 2),
     ]
 
 
