@@ -308,6 +308,39 @@ TEST(HierLayer, OneGroupEqualsFlatRouter) {
     }
 }
 
+// the same forward and backward twice on fresh layers: bitwise identical results (fixed orders)
+TEST(HierLayer, Deterministic) {
+    moe_layer_config_t cfg = hier_config(16, 24, 32, 8, 3, 2);
+    cfg.capacity_factor = 1.0;
+    cfg.priority = MOE_PRIORITY_SCORE;
+    cfg.switch_loss_coef = 0.1;
+    cfg.importance_loss_coef = 0.1;
+    cfg.z_loss_coef = 0.01;
+    const int64_t T = 700, D = 16;  // several reduction blocks of 256 tokens
+    std::vector<float> x = moetest::uniform(T * D, 31), dy = moetest::uniform(T * D, 32);
+    std::vector<float> y[2], dx[2], gws[2], gwp[2];
+    moe_routing_stats_t st[2];
+    for (int run = 0; run < 2; ++run) {
+        moetest::Layer L(cfg);
+        ASSERT_EQ(L.status, MOE_STATUS_SUCCESS);
+        y[run].assign(T * D, 0.0f);
+        dx[run].assign(T * D, 0.0f);
+        ASSERT_EQ(moe_layer_forward(L, x.data(), y[run].data(), T, 1, nullptr), MOE_STATUS_SUCCESS);
+        ASSERT_EQ(moe_layer_backward(L, dy.data(), dx[run].data(), nullptr), MOE_STATUS_SUCCESS);
+        ASSERT_EQ(moe_layer_stats(L, &st[run], nullptr, nullptr), MOE_STATUS_SUCCESS);
+        gws[run] = moetest::param_grad(L, MOE_PARAM_SECONDARY_ROUTER_WEIGHT);
+        gwp[run] = moetest::param_grad(L, MOE_PARAM_ROUTER_WEIGHT);
+    }
+    EXPECT_EQ(y[0], y[1]);
+    EXPECT_EQ(dx[0], dx[1]);
+    EXPECT_EQ(gws[0], gws[1]);
+    EXPECT_EQ(gwp[0], gwp[1]);
+    EXPECT_EQ(std::memcmp(st[0].level_switch_loss, st[1].level_switch_loss,
+                          sizeof st[0].level_switch_loss), 0);
+    EXPECT_EQ(st[0].aux_loss, st[1].aux_loss);
+    EXPECT_GT(st[0].num_dropped, 0);
+}
+
 // ---- finite differences of the reference's backward --------------------------------------
 
 struct GradCase {
