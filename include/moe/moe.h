@@ -285,7 +285,8 @@ MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void
                                         void *stream);
 
 /* Width of the routing arrays (moe_layer_routing, moe_layer_force_routing, traces): top_k for
- * token choice, num_experts for expert choice. Pure query; 0 for an invalid handle. */
+ * token choice and hierarchical routing, num_experts for expert choice. Pure query; 0 for an
+ * invalid handle. */
 MOE_API int64_t moe_layer_routing_width(const moe_layer_t *layer);
 
 /* The per-expert selection bias of auxiliary-loss-free balancing (E floats, host), read or
@@ -333,7 +334,8 @@ MOE_API moe_status_t moe_layer_stats(moe_layer_t *layer, moe_routing_stats_t *st
 
 /* Routing of this rank's tokens in the last forward, host arrays (num_tokens, W) in token order,
  * W = moe_layer_routing_width (top_k; num_experts for expert choice): chosen expert in rank
- * order of h (best first), its gate weight, and 1/0 whether it was kept (not dropped).
+ * order of h (best first; hierarchical routing: the best group's experts first, each group's
+ * best first), its gate weight, and 1/0 whether it was kept (not dropped).
  * Any pointer may be NULL. */
 MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float *gate,
                                        int32_t *kept);
@@ -360,7 +362,8 @@ MOE_API moe_status_t moe_layer_trace_close(moe_layer_t *layer);
  * capacity and drops then follow the layer's own config. The router still runs (its cost is
  * part of the layer) and its losses are reported, computed from the forced assignment counts.
  * One-shot: later forwards route normally. Backward through a forced forward computes the expert
- * and combine gradients; the router receives no gradient from the forced gates. */
+ * and combine gradients; the router receives no gradient from the forced gates.
+ * NOT_SUPPORTED for router = MOE_ROUTER_HIERARCHICAL. */
 MOE_API moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
                                              const float *gate, int64_t num_tokens);
 
