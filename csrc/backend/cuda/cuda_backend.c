@@ -263,11 +263,6 @@ static int64_t cu_gate_scr_per(const moe_backend_layer_t *s) {
 }
 
 static moe_status_t cu_layer_init(moe_context_t *ctx, moe_backend_layer_t *s) {
-    if (s->cfg.router == MOE_ROUTER_HIERARCHICAL && s->cfg.dtype != MOE_DTYPE_F32)
-        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
-                       "cfg->dtype %s: hierarchical routing on the CUDA backend needs f32 "
-                       "storage in this build",
-                       moe_dtype_name(s->cfg.dtype));
     MOE_CUDA_CHECK(cudaSetDevice(ctx->device));
     cu_layer_t *L = (cu_layer_t *)calloc(1, sizeof *L);
     if (!L) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "CUDA layer state");
@@ -771,8 +766,28 @@ static moe_status_t cu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *g
 
 /* ---------------------------------------------------------------------------------------------
  * hierarchical gating (kernels/gate_hier.cu): the router GEMMs of both levels around the
- * per-token kernels; f32 storage (layer_init refuses the others)
+ * per-token kernels. The routers run in f32 whatever the storage: with a 16-bit dtype x, Wp and
+ * Ws are widened into f32 scratch first (x32; w32 holds Wp at 0 and Ws at D E), and the
+ * gradients are added into their 16-bit destinations with one rounding, as the flat router's.
  * ------------------------------------------------------------------------------------------- */
+
+/* the f32 routers (and x, when given): *x, *wp, *ws replaced by f32 pointers */
+static moe_status_t cu_hier_router_f32(const moe_backend_layer_t *l, int64_t T, const void **x,
+                                       const void **wp, const void **ws, cudaStream_t st) {
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int dt = (int)l->cfg.dtype;
+    if (l->cfg.dtype == MOE_DTYPE_F32) return MOE_STATUS_SUCCESS;
+    const int64_t DE = l->D * l->E;
+    if (x) {
+        MOE_CUDA_CHECK(moe_k_to_f32(*x, dt, T * l->D, L->x32, st));
+        *x = L->x32;
+    }
+    MOE_CUDA_CHECK(moe_k_to_f32(*wp, dt, l->D * l->cfg.num_groups, L->w32, st));
+    *wp = L->w32;
+    MOE_CUDA_CHECK(moe_k_to_f32(*ws, dt, DE, L->w32 + DE, st));
+    *ws = L->w32 + DE;
+    return MOE_STATUS_SUCCESS;
+}
 
 static moe_status_t cu_gate_hier_fwd(moe_context_t *ctx, const moe_gate_hier_fwd_args_t *g,
                                      void *stream) {
@@ -784,11 +799,12 @@ static moe_status_t cu_gate_hier_fwd(moe_context_t *ctx, const moe_gate_hier_fwd
     const int dt = MOE_DTYPE_F32;
     MOE_CHECK(cu_enter(ctx, stream));
     MOE_CHECK(cu_reserve(l, T));
-    const float *ws = (const float *)g->w_secondary;
-    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, G, D, g->x, D, g->w_primary, G, 0.0f,
-                                g->logits1, G, dt, 1));
+    const void *x = g->x, *wp = g->w_primary, *wsv = g->w_secondary;
+    MOE_CHECK(cu_hier_router_f32(l, T, &x, &wp, &wsv, st));
+    const float *ws = (const float *)wsv;
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, G, D, x, D, wp, G, 0.0f, g->logits1, G, dt, 1));
     for (int64_t q = 0; q < G; ++q)
-        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, Eg, D, g->x, D, ws + q * D * Eg, Eg, 0.0f,
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, Eg, D, x, D, ws + q * D * Eg, Eg, 0.0f,
                                     g->logits + q * Eg, E, dt, 1));
     const moe_k_gate_hier_args_t a = {.T = T,
                                       .E = E,
@@ -821,6 +837,34 @@ static moe_status_t cu_gate_hier_fwd(moe_context_t *ctx, const moe_gate_hier_fwd
     MOE_CUDA_CHECK(cudaStreamSynchronize(st));
     memcpy(g->sums, L->hier_red_h, nb);
     memcpy(g->counts, L->counts_h, (size_t)E * sizeof(int64_t));
+    return MOE_STATUS_SUCCESS;
+}
+
+/* 16-bit storage: the router GEMMs of the backward in f32 on the forward's widened x (x32), each
+ * result added into its 16-bit destination with one rounding */
+static moe_status_t cu_hier_router_bwd_16(cublasHandle_t blas, const moe_gate_hier_bwd_args_t *g,
+                                          cudaStream_t st) {
+    const moe_backend_layer_t *l = g->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int64_t T = g->T, D = l->D, E = l->E, G = g->G, Eg = E / G;
+    const int dt = (int)l->cfg.dtype, f32 = MOE_DTYPE_F32;
+    const void *wp = g->w_primary, *wsv = g->w_secondary;
+    MOE_CHECK(cu_hier_router_f32(l, T, NULL, &wp, &wsv, st));
+    const float *ws = (const float *)wsv;
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, G, T, L->x32, D, g->dlogits1, G, 0.0f, L->dw32, G,
+                                f32, 1));
+    MOE_CUDA_CHECK(moe_k_add_f32(g->dw_primary, dt, L->dw32, D * G, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, G, g->dlogits1, G, wp, G, 0.0f, L->dx32, D, f32,
+                                1));
+    for (int64_t q = 0; q < G; ++q) {
+        const float *dl = g->dlogits + q * Eg;
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, Eg, T, L->x32, D, dl, E, 0.0f,
+                                    L->dw32 + q * D * Eg, Eg, f32, 1));
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, Eg, dl, E, ws + q * D * Eg, Eg, 1.0f,
+                                    L->dx32, D, f32, 1));
+    }
+    MOE_CUDA_CHECK(moe_k_add_f32(g->dw_secondary, dt, L->dw32, D * E, st));
+    MOE_CUDA_CHECK(moe_k_add_f32(g->dx, dt, L->dx32, T * D, st));
     return MOE_STATUS_SUCCESS;
 }
 
@@ -863,6 +907,7 @@ static moe_status_t cu_gate_hier_bwd(moe_context_t *ctx, const moe_gate_hier_bwd
                                           .dlogits1 = g->dlogits1,
                                           .dlogits = g->dlogits};
     MOE_CUDA_CHECK(moe_k_gate_hier_bwd(&a, st));
+    if (l->cfg.dtype != MOE_DTYPE_F32) return cu_hier_router_bwd_16(c->blas, g, st);
     const float *ws = (const float *)g->w_secondary;
     float *dws = (float *)g->dw_secondary;
     MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, G, T, g->x, D, g->dlogits1, G, 1.0f,
