@@ -44,6 +44,12 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     MOE_BUF(yp, K * D * v);
     MOE_BUF(dyp, K * D * v);
     MOE_BUF(dxp, K * D * v);
+    /* hierarchical gating (G = 0 otherwise) */
+    MOE_BUF(h_logits1, s->G * f);
+    MOE_BUF(h_dlogits1, s->G * f);
+    MOE_BUF(h_grp, s->G ? s->k1 * (int64_t)sizeof(int32_t) : 0);
+    MOE_BUF(h_g1, s->G ? s->k1 * f : 0);
+    MOE_BUF(h_g2, s->G ? K * f : 0);
 #undef MOE_BUF
     return n;
 }

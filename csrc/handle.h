@@ -62,6 +62,15 @@ typedef struct moe_layer_state {
     moe_routing_stats_t stats;
 
     void *impl; /* the backend's own per-layer state (layer_init; NULL for the CPU backend) */
+
+    /* hierarchical gating (router MOE_ROUTER_HIERARCHICAL; NULL and 0 for the other routers):
+     * G groups, k1 and k2 choices per token; per-token buffers logits1, dlogits1 (T, G),
+     * grp, g1 (T, k1), g2 (T, K); host sums and coefficients */
+    int64_t G, k1, k2;
+    float *h_logits1, *h_dlogits1, *h_g1, *h_g2;
+    int32_t *h_grp;
+    double *hier_sums_h; /* (MOE_HIER_NSUMS(G, E)) */
+    moe_hier_coefs_t hier_coefs;
 } moe_layer_state_t;
 
 /* the exchange plan of one forward with expert parallelism (host arrays) */

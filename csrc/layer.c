@@ -10,6 +10,7 @@
 #include "core/philox.h"
 #include "core/status.h"
 #include "handle.h"
+#include "router/hier.h"
 #include "scheduler.h"
 
 /* largest tensor dimension product we accept: keeps every index inside int64 and row ids
@@ -46,10 +47,13 @@ static moe_status_t validate_routing_ext(const moe_layer_config_t *c) {
             "cfg->score_func %d is not a moe_score_func_t", (int)c->score_func);
     MOE_ARG(isfinite(c->routed_scaling_factor) && c->routed_scaling_factor > 0.0,
             "cfg->routed_scaling_factor must be finite and > 0");
-    MOE_ARG(c->num_groups >= 0 && c->num_groups <= c->num_experts,
+    /* hierarchical routing's groups: validate_groups */
+    const int grouped = c->router != MOE_ROUTER_HIERARCHICAL && c->num_groups > 1;
+    MOE_ARG(c->router == MOE_ROUTER_HIERARCHICAL ||
+                (c->num_groups >= 0 && c->num_groups <= c->num_experts),
             "cfg->num_groups %lld is not in [0, num_experts = %lld]", (long long)c->num_groups,
             (long long)c->num_experts);
-    if (c->num_groups > 1) {
+    if (grouped) {
         MOE_ARG(c->num_experts % c->num_groups == 0,
                 "cfg->num_groups %lld does not divide num_experts %lld",
                 (long long)c->num_groups, (long long)c->num_experts);
@@ -65,7 +69,7 @@ static moe_status_t validate_routing_ext(const moe_layer_config_t *c) {
     }
     MOE_ARG(isfinite(c->expert_dropout) && c->expert_dropout >= 0.0 && c->expert_dropout < 1.0,
             "cfg->expert_dropout must be in [0, 1)");
-    const int ext = c->score_func != MOE_SCORE_SOFTMAX || c->num_groups > 1 ||
+    const int ext = c->score_func != MOE_SCORE_SOFTMAX || grouped ||
                     c->expert_dropout > 0.0 || c->routed_scaling_factor != 1.0;
     MOE_ARG(!ext || !c->noisy_gating,
             "cfg->noisy_gating with cfg->score_func / num_groups / expert_dropout / "
@@ -74,6 +78,41 @@ static moe_status_t validate_routing_ext(const moe_layer_config_t *c) {
     MOE_ARG(!ext || c->router == MOE_ROUTER_TOKEN_CHOICE,
             "cfg->router: score_func / num_groups / expert_dropout / routed_scaling_factor "
             "apply to token choice only");
+    return MOE_STATUS_SUCCESS;
+}
+
+/* the expert groups of hierarchical routing (moe.h's block "expert groups under hierarchical
+ * routing") */
+static moe_status_t validate_groups(const moe_layer_config_t *c) {
+    MOE_ARG(c->num_groups >= 0, "cfg->num_groups %lld is negative", (long long)c->num_groups);
+    MOE_ARG(c->topk_group >= 0, "cfg->topk_group %lld is negative", (long long)c->topk_group);
+    /* group-limited token choice: validate_routing_ext */
+    if (c->router != MOE_ROUTER_HIERARCHICAL) return MOE_STATUS_SUCCESS;
+    const int64_t E = c->num_experts, G = c->num_groups;
+    MOE_ARG(G >= 1 && G <= E, "cfg->num_groups %lld is not in [1, num_experts = %lld]",
+            (long long)G, (long long)E);
+    MOE_ARG(E % G == 0, "cfg->num_groups %lld does not divide num_experts %lld", (long long)G,
+            (long long)E);
+    MOE_ARG(c->topk_group >= 1 && c->topk_group <= G,
+            "cfg->topk_group %lld is not in [1, num_groups = %lld]", (long long)c->topk_group,
+            (long long)G);
+    MOE_ARG(c->top_k % c->topk_group == 0,
+            "cfg->top_k %lld is not divisible by cfg->topk_group %lld (top_k = topk_group x "
+            "experts per chosen group)",
+            (long long)c->top_k, (long long)c->topk_group);
+    MOE_ARG(c->top_k / c->topk_group <= E / G,
+            "cfg->top_k %lld / topk_group %lld = %lld experts per chosen group exceeds the %lld "
+            "experts of a group",
+            (long long)c->top_k, (long long)c->topk_group, (long long)(c->top_k / c->topk_group),
+            (long long)(E / G));
+    if (c->noisy_gating)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "cfg->noisy_gating: router = MOE_ROUTER_HIERARCHICAL has no gating noise "
+                       "in this build");
+    if (c->bias_update_rate != 0.0)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "cfg->bias_update_rate: loss-free bias balancing is not defined for "
+                       "router = MOE_ROUTER_HIERARCHICAL");
     return MOE_STATUS_SUCCESS;
 }
 
@@ -99,8 +138,10 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
     MOE_ARG(c->priority == MOE_PRIORITY_POSITION || c->priority == MOE_PRIORITY_SCORE,
             "cfg->priority %d is not a moe_priority_t", (int)c->priority);
     MOE_ARG(isfinite(c->capacity_factor), "cfg->capacity_factor is not finite");
-    MOE_ARG(c->router == MOE_ROUTER_TOKEN_CHOICE || c->router == MOE_ROUTER_EXPERT_CHOICE,
+    MOE_ARG(c->router == MOE_ROUTER_TOKEN_CHOICE || c->router == MOE_ROUTER_EXPERT_CHOICE ||
+                c->router == MOE_ROUTER_HIERARCHICAL,
             "cfg->router %d is not a moe_router_type_t", (int)c->router);
+    MOE_CHECK(validate_groups(c));
     MOE_ARG(isfinite(c->bias_update_rate) && c->bias_update_rate >= 0.0,
             "cfg->bias_update_rate must be finite and >= 0");
     MOE_ARG(c->bias_update_rate == 0.0 || c->router == MOE_ROUTER_TOKEN_CHOICE,
@@ -147,10 +188,12 @@ static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v)
     case MOE_PARAM_ROUTER_WEIGHT: bound = 1.0f / sqrtf((float)s->D); break;
     case MOE_PARAM_NOISE_WEIGHT: bound = 0.0f; break; /* zero, as Shazeer et al. */
     case MOE_PARAM_W1:
-    case MOE_PARAM_B1: bound = 1.0f / sqrtf((float)s->D); break;
+    case MOE_PARAM_B1:
+    case MOE_PARAM_SECONDARY_ROUTER_WEIGHT: bound = 1.0f / sqrtf((float)s->D); break;
     default: bound = 1.0f / sqrtf((float)s->F); break; /* W2, B2 */
     }
-    int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT;
+    int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT ||
+                     p == MOE_PARAM_SECONDARY_ROUTER_WEIGHT;
     for (int64_t i = 0; i < n; ++i)
         v[i] = bound == 0.0f ? 0.0f
                              : moe_init_uniform(seed, (uint32_t)p,
@@ -171,7 +214,9 @@ static moe_status_t alloc_params(moe_layer_t *L) {
     moe_context_t *ctx = L->ctx;
     const moe_backend_ops_t *ops = ctx->ops;
     size_t esz = moe_dtype_size(s->cfg.dtype);
-    s->numel[MOE_PARAM_ROUTER_WEIGHT] = s->D * s->E;
+    /* hierarchical routing: the primary router (D, G) and the G secondary (D, E / G) */
+    s->numel[MOE_PARAM_ROUTER_WEIGHT] = s->G ? s->D * s->G : s->D * s->E;
+    s->numel[MOE_PARAM_SECONDARY_ROUTER_WEIGHT] = s->G ? s->D * s->E : 0;
     s->numel[MOE_PARAM_NOISE_WEIGHT] = s->cfg.noisy_gating ? s->D * s->E : 0;
     s->numel[MOE_PARAM_W1] = s->E_local * s->D * s->F2;
     s->numel[MOE_PARAM_B1] = s->cfg.expert_bias ? s->E_local * s->F2 : 0;
@@ -278,6 +323,7 @@ static void free_host_arrays(moe_layer_t *L) {
     free(s->prob_sum_h), free(s->importance_h), free(s->load_h);
     free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
     free(L->expert_mask_h), free(L->avail_h);
+    free(s->hier_sums_h), free(s->hier_coefs.c);
 }
 
 moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
@@ -288,6 +334,12 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
             ctx == NULL ? "NULL" : "not a live moe_context_t");
     MOE_ARG(cfg != NULL, "cfg is NULL");
     MOE_CHECK(validate_config(cfg, ctx->backend));
+    if (cfg->router == MOE_ROUTER_HIERARCHICAL &&
+        (!ctx->ops->gate_hier_fwd || !ctx->ops->gate_hier_bwd))
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "cfg->router MOE_ROUTER_HIERARCHICAL: the %s backend has no hierarchical "
+                       "gate",
+                       ctx->ops->name);
     MOE_ARG(cfg->num_experts % ctx->world == 0,
             "cfg->num_experts %lld is not divisible by the %d ranks of the communicator",
             (long long)cfg->num_experts, ctx->world);
@@ -308,6 +360,11 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         s->cfg.gate = MOE_GATE_TOPK_OF_SOFTMAX;
         s->cfg.renormalize = 0;
         s->cfg.priority = MOE_PRIORITY_SCORE;
+    }
+    if (cfg->router == MOE_ROUTER_HIERARCHICAL) {
+        s->G = cfg->num_groups;
+        s->k1 = cfg->topk_group;
+        s->k2 = cfg->top_k / cfg->topk_group;
     }
     s->K1 = s->K < s->E ? s->K + 1 : s->E;
     s->E_local = s->E / ctx->world;
@@ -333,6 +390,10 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     L->score_bias_h = (float *)calloc(E, sizeof(float));
     x->chunk_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
     x->chunk_plan = (int64_t *)calloc(4 * P * MOE_MAX_CHUNKS, sizeof(int64_t));
+    if (s->G) {
+        s->hier_sums_h = (double *)calloc((size_t)MOE_HIER_NSUMS(s->G, s->E), sizeof(double));
+        s->hier_coefs.c = (float *)calloc((size_t)MOE_HIER_NCOEFS(s->G, s->E), sizeof(float));
+    }
     int64_t chunks = cfg->num_chunks ? cfg->num_chunks : MOE_DEFAULT_CHUNKS;
     x->num_chunks = chunks < s->E_local ? chunks : s->E_local;
     L->expert_mask_h = (uint8_t *)malloc(E);
@@ -345,7 +406,8 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         !s->prob_sum_h || !s->importance_h ||
         !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load ||
         !x->send_counts || !x->recv_counts || !x->ex_offsets || !x->chunk_offsets ||
-        !x->chunk_plan || !L->score_bias_h) {
+        !x->chunk_plan || !L->score_bias_h ||
+        (s->G && (!s->hier_sums_h || !s->hier_coefs.c))) {
         free_host_arrays(L);
         free(L);
         return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "per-expert host arrays for %zu experts", E);
@@ -487,8 +549,9 @@ moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream) 
     moe_context_t *ctx = layer->ctx;
     if (ctx->world == 1) return MOE_STATUS_SUCCESS;
     MOE_ARG(layer->s.cfg.dtype == MOE_DTYPE_F32, "router gradient all-reduce needs f32 storage");
-    moe_param_t which[2] = {MOE_PARAM_ROUTER_WEIGHT, MOE_PARAM_NOISE_WEIGHT};
-    for (int i = 0; i < 2; ++i)
+    moe_param_t which[3] = {MOE_PARAM_ROUTER_WEIGHT, MOE_PARAM_NOISE_WEIGHT,
+                            MOE_PARAM_SECONDARY_ROUTER_WEIGHT};
+    for (int i = 0; i < 3; ++i)
         if (layer->s.grad[which[i]])
             MOE_CHECK(moe__comm_allreduce_f32(ctx->comm, &ctx->mem,
                                               (float *)layer->s.grad[which[i]],

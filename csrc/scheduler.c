@@ -26,6 +26,7 @@
 #include "core/dtype.h"
 #include "core/status.h"
 #include "handle.h"
+#include "router/hier.h"
 #include "router/router_host.h"
 #include "scheduler.h"
 #include "trace.h"
@@ -72,6 +73,8 @@ static moe_status_t reduce_stats(moe_layer_t *L, int64_t *T_total) {
         *T_total = (int64_t)buf[5 * E + 1];
     }
     free(buf);
+    if (st == MOE_STATUS_SUCCESS && s->G) /* hierarchical gating's per-group sums */
+        st = moe__comm_allreduce_f64(ctx->comm, s->hier_sums_h, MOE_HIER_NSUMS(s->G, E));
     return st;
 }
 
@@ -131,8 +134,63 @@ static moe_status_t forced_available(moe_layer_t *L) {
  * the token-side ops: their arguments from the layer's buffers
  * ------------------------------------------------------------------------------------------- */
 
+/* ---- hierarchical gating (MOE_ROUTER_HIERARCHICAL): its gate ops replace the flat ones ---- */
+
+static moe_status_t gate_hier_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_gate_hier_fwd_args_t a = {.layer = bl,
+                                        .T = s->T,
+                                        .G = s->G,
+                                        .k1 = s->k1,
+                                        .k2 = s->k2,
+                                        .x = s->x,
+                                        .w_primary = s->param[MOE_PARAM_ROUTER_WEIGHT],
+                                        .w_secondary = s->param[MOE_PARAM_SECONDARY_ROUTER_WEIGHT],
+                                        .logits1 = s->h_logits1,
+                                        .logits = s->logits,
+                                        .lse = s->lse,
+                                        .grp = s->h_grp,
+                                        .g1 = s->h_g1,
+                                        .g2 = s->h_g2,
+                                        .idx = s->idx,
+                                        .gate = s->gate,
+                                        .counts = s->counts_h,
+                                        .sums = s->hier_sums_h};
+    for (int64_t e = 0; e < s->E; ++e) s->prob_sum_h[e] = s->importance_h[e] = s->load_h[e] = 0.0;
+    s->z_sum = 0.0;
+    return L->ctx->ops->gate_hier_fwd(L->ctx, &a, stream);
+}
+
+static moe_status_t gate_hier_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *dx,
+                                  void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_gate_hier_bwd_args_t a = {.layer = bl,
+                                        .T = s->T,
+                                        .G = s->G,
+                                        .k1 = s->k1,
+                                        .k2 = s->k2,
+                                        .x = s->x,
+                                        .w_primary = s->param[MOE_PARAM_ROUTER_WEIGHT],
+                                        .w_secondary = s->param[MOE_PARAM_SECONDARY_ROUTER_WEIGHT],
+                                        .logits1 = s->h_logits1,
+                                        .logits = s->logits,
+                                        .grp = s->h_grp,
+                                        .idx = s->idx,
+                                        .g1 = s->h_g1,
+                                        .g2 = s->h_g2,
+                                        .dgate = s->dg,
+                                        .coefs = &s->hier_coefs,
+                                        .dlogits1 = s->h_dlogits1,
+                                        .dlogits = s->dlogits,
+                                        .dw_primary = s->grad[MOE_PARAM_ROUTER_WEIGHT],
+                                        .dw_secondary = s->grad[MOE_PARAM_SECONDARY_ROUTER_WEIGHT],
+                                        .dx = dx};
+    return L->ctx->ops->gate_hier_bwd(L->ctx, &a, stream);
+}
+
 static moe_status_t gate_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *stream) {
     moe_layer_state_t *s = &L->s;
+    if (s->G) return gate_hier_fwd(L, bl, stream);
     const moe_gate_fwd_args_t a = {.layer = bl,
                                    .T = s->T,
                                    .noisy = s->noisy_now,
@@ -211,6 +269,7 @@ static moe_status_t unpermute_bwd(moe_layer_t *L, const moe_backend_layer_t *bl,
 static moe_status_t gate_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *dx,
                              void *stream) {
     moe_layer_state_t *s = &L->s;
+    if (s->G) return gate_hier_bwd(L, bl, dx, stream);
     const moe_gate_bwd_args_t a = {.layer = bl,
                                    .T = s->T,
                                    .noisy = s->noisy_now,
@@ -518,6 +577,7 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
             s->prob_sum_h[e] = s->importance_h[e] = s->load_h[e] = 0.0;
         }
         s->z_sum = 0.0;
+        if (s->G) memset(s->hier_sums_h, 0, (size_t)MOE_HIER_NSUMS(s->G, s->E) * sizeof(double));
     }
     if (s->noisy_now) s->call++;
     L->forced_last = L->forced_idx != NULL;
@@ -544,8 +604,12 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
                                     .importance = s->importance_h,
                                     .load = s->load_h,
                                     .z_sum = &s->z_sum};
-    MOE_CHECK(moe_router_finalize(&s->cfg, s->E, s->K, s->noisy_now, &sums, T_total, &s->stats,
-                                  &s->coefs));
+    if (s->G)
+        MOE_CHECK(moe_hier_finalize(&s->cfg, s->E, s->G, s->k1, s->k2, s->hier_sums_h,
+                                    s->counts_h, T_total, &s->stats, &s->hier_coefs));
+    else
+        MOE_CHECK(moe_router_finalize(&s->cfg, s->E, s->K, s->noisy_now, &sums, T_total,
+                                      &s->stats, &s->coefs));
     if (s->score_bias && training) MOE_CHECK(update_score_bias(L, stream));
     int64_t dropped = 0;
     for (int64_t e = 0; e < s->E; ++e) dropped += s->dropped_h[e];

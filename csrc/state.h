@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "moe/moe.h"
+#include "router/hier_host.h"
 #include "router/router_host.h"
 
 #ifdef __cplusplus
@@ -158,6 +159,45 @@ typedef struct moe_gate_bwd_args {
     /* routing extensions (router/select.h) */
     const uint8_t *avail;           /* (E) the forward's expert availability, or NULL: all */
 } moe_gate_bwd_args_t;
+
+/* ---- hierarchical gating (router MOE_ROUTER_HIERARCHICAL; router/hier.h, hier_host.h) ----
+ * G groups of E / G experts, k1 groups and k2 experts per group per token, K = k1 k2. */
+
+/* gate_hier_fwd: the router GEMMs of both levels, the two-level top-k, gates and the sums */
+typedef struct moe_gate_hier_fwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T, G, k1, k2;
+    const void *x;           /* (T, D) */
+    const void *w_primary;   /* (D, G) */
+    const void *w_secondary; /* (G, D, E / G) */
+    float *logits1;          /* (T, G) out: primary logits */
+    float *logits;           /* (T, E) out: every group's secondary logits */
+    float *lse;              /* (T) out: logsumexp of the primary logits */
+    int32_t *grp;            /* (T, k1) out: chosen groups, best first */
+    float *g1;               /* (T, k1) out: their primary gates */
+    float *g2;               /* (T, K) out: the secondary gates of the chosen experts */
+    int32_t *idx;            /* (T, K1) out: chosen experts (group-major); column K is -1 */
+    float *gate;             /* (T, K) out: g1 g2 */
+    int64_t *counts;         /* host (E) out: assignments per expert */
+    double *sums;            /* host (MOE_HIER_NSUMS(G, E)) out: this rank's sums */
+} moe_gate_hier_fwd_args_t;
+
+/* gate_hier_bwd: both levels' gates and aux losses, then the router GEMMs; the routers' share
+ * of dx is added to what unpermute_bwd wrote */
+typedef struct moe_gate_hier_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T, G, k1, k2;
+    const void *x;                       /* (T, D) the forward's input */
+    const void *w_primary, *w_secondary; /* as moe_gate_hier_fwd_args_t */
+    const float *logits1, *logits;       /* the forward's */
+    const int32_t *grp, *idx;            /* (T, k1), (T, K1) */
+    const float *g1, *g2;                /* (T, k1), (T, K) */
+    const float *dgate;                  /* (T, K) from combine_bwd */
+    const moe_hier_coefs_t *coefs;       /* host: the aux-loss gradient coefficients */
+    float *dlogits1, *dlogits;           /* (T, G), (T, E) scratch */
+    void *dw_primary, *dw_secondary;     /* gradients (accumulated) */
+    void *dx;                            /* (T, D) accumulated */
+} moe_gate_hier_bwd_args_t;
 
 struct moe_optim_scalars; /* core/optim_update.h */
 

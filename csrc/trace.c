@@ -91,6 +91,9 @@ moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_i
     MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
     MOE_ARG(num_tokens == 0 || (expert_index != NULL && gate != NULL),
             "expert_index and gate must not be NULL");
+    if (layer->s.G) /* the two levels' sums would not follow from a forced assignment */
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "forced routing: not available for router = MOE_ROUTER_HIERARCHICAL");
     const int64_t K = layer->s.K, E = layer->s.E, n = num_tokens * K;
     for (int64_t t = 0; t < num_tokens; ++t)
         for (int64_t j = 0; j < K; ++j) {

@@ -74,6 +74,51 @@ typedef struct moe_k_gate_bwd_args {
 /* Gate backward per token: gates, switch / z / importance / load terms and the noise network. */
 cudaError_t moe_k_gate_bwd(const moe_k_gate_bwd_args_t *a, cudaStream_t stream);
 
+/* ---- gate_hier.cu: hierarchical gating (router/hier.h) ---------------------------------------
+ * G groups of E / G experts, k1 groups and k2 experts per group per token, K = k1 k2. */
+
+typedef struct moe_k_gate_hier_args {
+    int64_t T, E, K, K1, G, k1, k2;
+    int gate_mode, renormalize;
+    const float *logits1; /* (T, G) primary logits */
+    const float *logits;  /* (T, E) secondary logits of every group */
+    float *lse;           /* (T) out: logsumexp of the primary logits */
+    int32_t *grp;         /* (T, k1) out */
+    float *g1;            /* (T, k1) out */
+    float *g2;            /* (T, K) out */
+    int32_t *idx;         /* (T, K1) out; column K is -1 */
+    float *gate;          /* (T, K) out */
+    float *scr;           /* (T, moe_k_gate_hier_scratch) per-token scratch */
+    double *part;         /* (nblk, MOE_HIER_NSUMS(G, E)) block partials */
+    int64_t *cnt_part;    /* (nblk, E) block partial counts */
+    double *red;          /* (MOE_HIER_NSUMS(G, E)) totals */
+    int64_t *counts;      /* (E) assignments per expert */
+} moe_k_gate_hier_args_t;
+
+/* blocks of token partials for T tokens (rows of part / cnt_part) */
+int64_t moe_k_gate_hier_num_blocks(int64_t T);
+/* floats of per-token scratch the forward and the backward need */
+int64_t moe_k_gate_hier_scratch(int64_t E, int64_t K, int64_t G, int64_t k1, int64_t k2);
+
+/* Two-level top-k, gates and the sums of both levels after the router GEMMs. */
+cudaError_t moe_k_gate_hier_fwd(const moe_k_gate_hier_args_t *a, cudaStream_t stream);
+
+typedef struct moe_k_gate_hier_bwd_args {
+    int64_t T, E, K, K1, G, k1, k2;
+    int gate_mode, renormalize, any_logit;
+    const float *logits1, *logits, *g1, *g2, *dg; /* forward state, dg (T, K) */
+    const int32_t *grp, *idx;
+    const float *coefs; /* (MOE_HIER_NCOEFS(G, E)) device */
+    float z1_scale, z2_scale;
+    float *scr;         /* (T, scr_stride) */
+    int64_t scr_stride; /* >= moe_k_gate_hier_scratch */
+    float *dlogits1;    /* (T, G) out */
+    float *dlogits;     /* (T, E) out */
+} moe_k_gate_hier_bwd_args_t;
+
+/* Backward per token: both levels' gates, switch, z and importance terms. */
+cudaError_t moe_k_gate_hier_bwd(const moe_k_gate_hier_bwd_args_t *a, cudaStream_t stream);
+
 /* ---- permute.cu --------------------------------------------------------------------------- */
 
 typedef struct moe_k_route_args {

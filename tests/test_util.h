@@ -94,7 +94,7 @@ double rel_err(const std::vector<A> &a, const std::vector<double> &b, double flo
 inline double scalar_err(double a, double b) { return std::fabs(a - b) / std::max(1.0, std::fabs(b)); }
 
 inline const char *param_name(int p) {
-    static const char *n[] = {"Wg", "Wn", "W1", "b1", "W2", "b2"};
+    static const char *n[] = {"Wg", "Wn", "W1", "b1", "W2", "b2", "Ws"};
     return n[p];
 }
 

@@ -55,6 +55,13 @@ struct moe_backend_ops {
                                   void *stream);
     moe_status_t (*gate_bwd)(moe_context_t *ctx, const moe_gate_bwd_args_t *a, void *stream);
 
+    /* optional (NULL: MOE_ROUTER_HIERARCHICAL is NOT_SUPPORTED on this backend): the gate ops of
+     * hierarchical gating, called in place of gate_fwd / gate_bwd */
+    moe_status_t (*gate_hier_fwd)(moe_context_t *ctx, const moe_gate_hier_fwd_args_t *a,
+                                  void *stream);
+    moe_status_t (*gate_hier_bwd)(moe_context_t *ctx, const moe_gate_hier_bwd_args_t *a,
+                                  void *stream);
+
     /* optional (NULL: no optimizer on this backend): one optimizer step in backend memory */
     moe_status_t (*optim_update)(moe_context_t *ctx, const moe_optim_args_t *a, void *stream);
 };

@@ -96,7 +96,10 @@ typedef enum moe_priority {
 /* Who chooses. */
 typedef enum moe_router_type {
     MOE_ROUTER_TOKEN_CHOICE = 0, /* each token picks its top_k experts */
-    MOE_ROUTER_EXPERT_CHOICE = 1 /* each expert picks its top C tokens (Zhou et al. 2022) */
+    MOE_ROUTER_EXPERT_CHOICE = 1, /* each expert picks its top C tokens (Zhou et al. 2022) */
+    MOE_ROUTER_HIERARCHICAL = 2   /* a primary gate picks topk_group of num_groups groups, each
+                                     group's own secondary router picks top_k / topk_group of its
+                                     experts; gate = product (Shazeer et al. 2017, appendix B) */
 } moe_router_type_t;
 
 /* Score function of the router (the routing extensions: docs/semantics.md). */
@@ -157,12 +160,21 @@ typedef struct moe_layer_config {
                                      bias of bias_update_rate is added to sigmoid(h) */
     double routed_scaling_factor; /* > 0, default 1: every gate weight is multiplied by it */
     int64_t num_groups;           /* G: 0 or 1 = no groups; G > 1 divides num_experts, experts
-                                     [g E/G, (g+1) E/G) form group g */
+                                     [g E/G, (g+1) E/G) form group g (hierarchical routing:
+                                     see below) */
     int64_t topk_group;           /* G > 1: groups a token keeps, in [1, G], with
                                      topk_group * E / G >= top_k */
     moe_group_score_t group_score; /* how a group is ranked (G > 1) */
     double expert_dropout;        /* in [0, 1): in a training forward each expert is unavailable
                                      with this probability (at least top_k stay available) */
+
+    /* ---- expert groups under hierarchical routing -----------------------------------------
+     * MOE_ROUTER_HIERARCHICAL uses num_groups and topk_group above: the E experts form
+     * num_groups = G groups of E / G consecutive experts (G >= 1 divides E); the primary router
+     * Wg (D, G) picks topk_group = k1 groups (1 <= k1 <= G), group g's secondary router
+     * (MOE_PARAM_SECONDARY_ROUTER_WEIGHT) picks k2 = top_k / k1 of its experts (top_k divisible
+     * by k1, k2 <= E / G), so a token still has top_k experts. Gate modes apply at each level; no
+     * gating noise, no selection bias. Losses: both levels' (docs/semantics.md). ---- */
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
@@ -255,13 +267,16 @@ MOE_API moe_backend_t moe_context_backend(const moe_context_t *ctx);
 typedef struct moe_layer moe_layer_t;
 
 typedef enum moe_param {
-    MOE_PARAM_ROUTER_WEIGHT = 0, /* Wg (D, E) */
+    MOE_PARAM_ROUTER_WEIGHT = 0, /* Wg (D, E); (D, num_groups) for MOE_ROUTER_HIERARCHICAL */
     MOE_PARAM_NOISE_WEIGHT = 1,  /* Wn (D, E), only when noisy_gating */
     MOE_PARAM_W1 = 2,            /* (E_local, D, F), or (E_local, D, 2F) for SWIGLU: [gate | up] */
     MOE_PARAM_B1 = 3,            /* (E_local, F) or (E_local, 2F), only when expert_bias */
     MOE_PARAM_W2 = 4,            /* (E_local, F, D) */
     MOE_PARAM_B2 = 5,            /* (E_local, D), only when expert_bias */
-    MOE_PARAM_COUNT = 6
+    /* hierarchical routing: replicated on every rank like Wg */
+    MOE_PARAM_SECONDARY_ROUTER_WEIGHT = 6, /* (num_groups, D, E / num_groups), only when router =
+                                              HIERARCHICAL: group g's router */
+    MOE_PARAM_COUNT = 7
 } moe_param_t;
 
 /* Creates a layer on ctx. The config is validated (INVALID_ARGUMENT naming the field); the
@@ -304,7 +319,8 @@ MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void
                                         void *stream);
 
 /* Width of the routing arrays (moe_layer_routing, moe_layer_force_routing, traces): top_k for
- * token choice, num_experts for expert choice. Pure query; 0 for an invalid handle. */
+ * token choice and hierarchical routing, num_experts for expert choice. Pure query; 0 for an
+ * invalid handle. */
 MOE_API int64_t moe_layer_routing_width(const moe_layer_t *layer);
 
 /* The per-expert selection bias of auxiliary-loss-free balancing (E floats, host), read or
@@ -330,8 +346,9 @@ MOE_API moe_status_t moe_layer_expert_mask(const moe_layer_t *layer, uint8_t *ma
 MOE_API moe_status_t moe_layer_expert_availability(const moe_layer_t *layer, uint8_t *available,
                                                    int64_t *num_available);
 
-/* Sums the router (and noise) weight gradients over the ranks of the context's communicator, in
- * place, so the replicated router weights stay equal after an optimizer step. Off unless called;
+/* Sums the router (and noise, and secondary router) weight gradients over the ranks of the
+ * context's communicator, in place, so the replicated router weights stay equal after an
+ * optimizer step. Off unless called;
  * a no-op on one rank. Collective. Expert weights are owned by one rank and need no reduction. */
 MOE_API moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream);
 
@@ -351,6 +368,13 @@ typedef struct moe_routing_stats {
     double imbalance; /* max over mean of tokens_per_expert */
     int64_t rows_sent;     /* this rank: kept rows sent to experts (own rank included) */
     int64_t rows_received; /* this rank: rows its experts received from all ranks */
+    /* hierarchical routing: each level's unscaled losses, [0] the primary level (over groups),
+     * [1] the secondary level (within groups); switch_loss ... z_loss above are their sums.
+     * Zero for the other routers. */
+    double level_switch_loss[2];
+    double level_importance_loss[2];
+    double level_load_loss[2];
+    double level_z_loss[2];
 } moe_routing_stats_t;
 
 /* Routing statistics of the last forward (synchronises the layer's stream on CUDA).
@@ -362,7 +386,8 @@ MOE_API moe_status_t moe_layer_stats(moe_layer_t *layer, moe_routing_stats_t *st
 
 /* Routing of this rank's tokens in the last forward, host arrays (num_tokens, W) in token order,
  * W = moe_layer_routing_width (top_k; num_experts for expert choice): chosen expert in rank
- * order of h (best first), its gate weight, and 1/0 whether it was kept (not dropped).
+ * order of h (best first; hierarchical routing: the best group's experts first, each group's
+ * best first), its gate weight, and 1/0 whether it was kept (not dropped).
  * Any pointer may be NULL. */
 MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float *gate,
                                        int32_t *kept);
@@ -389,7 +414,8 @@ MOE_API moe_status_t moe_layer_trace_close(moe_layer_t *layer);
  * capacity and drops then follow the layer's own config. The router still runs (its cost is
  * part of the layer) and its losses are reported, computed from the forced assignment counts.
  * One-shot: later forwards route normally. Backward through a forced forward computes the expert
- * and combine gradients; the router receives no gradient from the forced gates. */
+ * and combine gradients; the router receives no gradient from the forced gates.
+ * NOT_SUPPORTED for router = MOE_ROUTER_HIERARCHICAL. */
 MOE_API moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
                                              const float *gate, int64_t num_tokens);
 

@@ -26,11 +26,12 @@ DTYPES = {"f32": 0, "bf16": 1, "f16": 2}
 ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swiglu": 3}
 GATES = {"softmax_of_topk": 0, "topk_of_softmax": 1}
 PRIORITIES = {"position": 0, "score": 1}
-ROUTERS = {"token_choice": 0, "expert_choice": 1}
+ROUTERS = {"token_choice": 0, "expert_choice": 1, "hierarchical": 2}
 OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
 SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
 GROUP_SCORES = {"top2_sum": 0, "max": 1}
-PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5}
+PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5,
+          "secondary_router_weight": 6}
 
 # ---- structs ----------------------------------------------------------------------------------
 
@@ -58,7 +59,8 @@ class LayerConfig(Structure):
         ("router", c_int),
         ("bias_update_rate", c_double),
         ("num_chunks", c_int64),
-        # routing extensions: score function, group-limited gating, expert dropout
+        # routing extensions: score function, group-limited gating (and the groups of
+        # hierarchical routing), expert dropout
         ("score_func", c_int),
         ("routed_scaling_factor", c_double),
         ("num_groups", c_int64),
@@ -81,6 +83,11 @@ class RoutingStats(Structure):
         ("imbalance", c_double),
         ("rows_sent", c_int64),
         ("rows_received", c_int64),
+        # hierarchical routing: [primary, secondary] level losses
+        ("level_switch_loss", c_double * 2),
+        ("level_importance_loss", c_double * 2),
+        ("level_load_loss", c_double * 2),
+        ("level_z_loss", c_double * 2),
     ]
 
 

@@ -279,6 +279,12 @@ class Layer(_Handle):
     # ---- parameters ----
     def _shape(self, which, numel):
         D, E, F2, F = self.d_model, self.num_experts, self._f2, self.config["d_ff"]
+        G = self.config.get("num_groups", 0)
+        if self.config.get("router") == ROUTERS["hierarchical"]:  # (D, G) and (G, D, E / G)
+            if which == "router_weight":
+                return (D, G)
+            if which == "secondary_router_weight":
+                return (G, D, E // G)
         per = {"router_weight": (D, E), "noise_weight": (D, E)}
         if which in per:
             return per[which]
@@ -329,6 +335,9 @@ class Layer(_Handle):
                                          dpe.ctypes.data_as(ctypes.POINTER(c_int64))),
                "moe_layer_stats")
         out = {f[0]: getattr(st, f[0]) for f in st._fields_}
+        for k, v in out.items():
+            if not isinstance(v, (int, float)):
+                out[k] = list(v)  # the per-level arrays
         out["tokens_per_expert"] = tpe
         out["dropped_per_expert"] = dpe
         return out

@@ -118,8 +118,58 @@ static ExpertPass expert_fwd(const Model &m, int64_t e, const double *x) {
     return r;
 }
 
+// the capacity walk and the combine, given the routing f.idx and gates f.gate
+void Model::route_combine(Forward &f, const std::vector<double> &x, double tol) const {
+    const int64_t T = f.T;
+    // capacity walk
+    f.counts.assign(E, 0);
+    f.dropped.assign(E, 0);
+    f.kept.assign(T * K, 1);
+    f.capacity = cfg.capacity_factor > 0
+                     ? (int64_t)std::ceil(cfg.capacity_factor * (double)T * (double)K / (double)E)
+                     : -1;
+    std::vector<int64_t> walk(T * K);  // positions p = j T + t
+    std::iota(walk.begin(), walk.end(), 0);
+    auto g_of = [&](int64_t p) { return f.gate[(p % T) * K + p / T]; };
+    if (f.capacity >= 0 && cfg.priority == MOE_PRIORITY_SCORE)
+        std::stable_sort(walk.begin(), walk.end(),
+                         [&](int64_t a, int64_t b) { return g_of(a) > g_of(b); });
+    std::vector<int64_t> slots(E, 0);
+    std::vector<std::vector<int64_t>> claims(E);
+    for (int64_t p : walk) {
+        int64_t t = p % T, j = p / T;
+        int32_t e = f.idx[t * K + j];
+        f.counts[e]++;
+        claims[e].push_back(p);
+        if (f.capacity >= 0 && slots[e]++ >= f.capacity) {
+            f.kept[t * K + j] = 0;
+            f.dropped[e]++;
+            f.num_dropped++;
+        }
+    }
+    // SCORE: the claims just inside and just outside the capacity must not be a near-tie
+    if (f.capacity >= 0 && cfg.priority == MOE_PRIORITY_SCORE)
+        for (int64_t e = 0; e < E; ++e) {
+            int64_t C = f.capacity;
+            if (C >= 1 && (int64_t)claims[e].size() > C) {
+                double gap = g_of(claims[e][C - 1]) - g_of(claims[e][C]);
+                if (gap != 0.0 && gap < tol) f.num_fragile++;
+            }
+        }
+
+    // combine
+    f.y.assign(T * D, 0.0);
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < K; ++j) {
+            if (!f.kept[t * K + j]) continue;
+            ExpertPass r = expert_fwd(*this, f.idx[t * K + j], &x[t * D]);
+            for (int64_t d = 0; d < D; ++d) f.y[t * D + d] += f.gate[t * K + j] * r.out[d];
+        }
+}
+
 Forward Model::forward(const std::vector<double> &x, int64_t T, bool training, uint64_t call,
                        double tol) const {
+    if (cfg.router == MOE_ROUTER_HIERARCHICAL) return forward_hier(x, T, tol);
     Forward f;
     f.T = T;
     f.noisy = cfg.noisy_gating && training;
@@ -277,50 +327,7 @@ Forward Model::forward(const std::vector<double> &x, int64_t T, bool training, u
         f.lse[t] = lm + std::log(z);
     }
 
-    // capacity walk
-    f.counts.assign(E, 0);
-    f.dropped.assign(E, 0);
-    f.kept.assign(T * K, 1);
-    f.capacity = cfg.capacity_factor > 0
-                     ? (int64_t)std::ceil(cfg.capacity_factor * (double)T * (double)K / (double)E)
-                     : -1;
-    std::vector<int64_t> walk(T * K);  // positions p = j T + t
-    std::iota(walk.begin(), walk.end(), 0);
-    auto g_of = [&](int64_t p) { return f.gate[(p % T) * K + p / T]; };
-    if (f.capacity >= 0 && cfg.priority == MOE_PRIORITY_SCORE)
-        std::stable_sort(walk.begin(), walk.end(),
-                         [&](int64_t a, int64_t b) { return g_of(a) > g_of(b); });
-    std::vector<int64_t> slots(E, 0);
-    std::vector<std::vector<int64_t>> claims(E);
-    for (int64_t p : walk) {
-        int64_t t = p % T, j = p / T;
-        int32_t e = f.idx[t * K + j];
-        f.counts[e]++;
-        claims[e].push_back(p);
-        if (f.capacity >= 0 && slots[e]++ >= f.capacity) {
-            f.kept[t * K + j] = 0;
-            f.dropped[e]++;
-            f.num_dropped++;
-        }
-    }
-    // SCORE: the claims just inside and just outside the capacity must not be a near-tie
-    if (f.capacity >= 0 && cfg.priority == MOE_PRIORITY_SCORE)
-        for (int64_t e = 0; e < E; ++e) {
-            int64_t C = f.capacity;
-            if (C >= 1 && (int64_t)claims[e].size() > C) {
-                double gap = g_of(claims[e][C - 1]) - g_of(claims[e][C]);
-                if (gap != 0.0 && gap < tol) f.num_fragile++;
-            }
-        }
-
-    // combine
-    f.y.assign(T * D, 0.0);
-    for (int64_t t = 0; t < T; ++t)
-        for (int64_t j = 0; j < K; ++j) {
-            if (!f.kept[t * K + j]) continue;
-            ExpertPass r = expert_fwd(*this, f.idx[t * K + j], &x[t * D]);
-            for (int64_t d = 0; d < D; ++d) f.y[t * D + d] += f.gate[t * K + j] * r.out[d];
-        }
+    route_combine(f, x, tol);
 
     // losses
     double sw = 0;
@@ -413,6 +420,11 @@ Grads Model::backward(const Forward &f, const std::vector<double> &x,
                     g.dx[t * D + d] += W1[(e * D + d) * F2 + c] * dH[c];
                 }
         }
+
+    if (cfg.router == MOE_ROUTER_HIERARCHICAL) {  // both levels' gates and losses
+        backward_hier(f, x, dgate, &g);
+        return g;
+    }
 
     // importance loss: Imp_e = sum of gates routed to e (dropped ones too)
     if (cfg.importance_loss_coef != 0) {

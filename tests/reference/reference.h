@@ -40,6 +40,14 @@ struct Forward {
     // routing extensions
     std::vector<uint8_t> avail;                      // (E) expert availability of this call
     int64_t num_available = 0;
+    // hierarchical routing (reference_hier.cc): logits holds the secondary logits of every
+    // group, lse the primary logsumexp
+    std::vector<double> logits1;              // (T, G) primary logits
+    std::vector<int32_t> grp;                 // (T, k1) chosen groups, best first
+    std::vector<double> g1, g2;               // (T, k1) primary gates, (T, K) secondary gates
+    std::vector<double> n1, imp1, imp2;       // (G) tokens per group, (G), (E) importances
+    double level_switch[2] = {0, 0}, level_importance[2] = {0, 0};
+    double level_load[2] = {0, 0}, level_z[2] = {0, 0};
 };
 
 struct Grads {
@@ -70,6 +78,14 @@ struct Model {
                     double tol = 2e-5) const;
     Grads backward(const Forward &f, const std::vector<double> &x,
                    const std::vector<double> &dy) const;
+
+    // the capacity walk and the combine from f.idx and f.gate (shared by the routers)
+    void route_combine(Forward &f, const std::vector<double> &x, double tol) const;
+    // hierarchical routing (reference_hier.cc): forward, and the backward of both gate levels
+    // and their losses from dgate (the gradient of the product gates)
+    Forward forward_hier(const std::vector<double> &x, int64_t T, double tol) const;
+    void backward_hier(const Forward &f, const std::vector<double> &x,
+                       std::vector<double> &dgate, Grads *g) const;
 };
 
 // CV^2 of v (population variance over mean^2 + 1e-10) and its gradient (may be null).

@@ -42,6 +42,11 @@ moe_status_t moe__cpu_combine_bwd(moe_context_t *ctx, const moe_combine_bwd_args
 /* ffn.c */
 moe_status_t moe__cpu_ffn_fwd(moe_context_t *ctx, const moe_ffn_fwd_args_t *a, void *stream);
 moe_status_t moe__cpu_ffn_bwd(moe_context_t *ctx, const moe_ffn_bwd_args_t *a, void *stream);
+/* gate_hier.c: hierarchical gating */
+moe_status_t moe__cpu_gate_hier_fwd(moe_context_t *ctx, const moe_gate_hier_fwd_args_t *a,
+                                    void *stream);
+moe_status_t moe__cpu_gate_hier_bwd(moe_context_t *ctx, const moe_gate_hier_bwd_args_t *a,
+                                    void *stream);
 /* optim.c */
 moe_status_t moe__cpu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream);
 

@@ -71,4 +71,6 @@ const moe_backend_ops_t moe_cpu_backend = {
     .unpermute_bwd = moe__cpu_unpermute_bwd,
     .gate_bwd = moe__cpu_gate_bwd,
     .optim_update = moe__cpu_optim_update,
+    .gate_hier_fwd = moe__cpu_gate_hier_fwd,
+    .gate_hier_bwd = moe__cpu_gate_hier_bwd,
 };

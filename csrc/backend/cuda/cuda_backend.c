@@ -16,6 +16,7 @@
 #include "core/dtype.h"
 #include "core/status.h"
 #include "kernels/kernels.h"
+#include "router/hier.h"
 
 _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_BF16 == 1 && MOE_DTYPE_F16 == 2,
                "kernels/common.cuh mirrors the moe_dtype_t values");
@@ -53,6 +54,12 @@ typedef struct cu_layer {
     void **gemm_ptrs;   /* (3 E_local) pointer arrays of the grouped GEMM */
     double *red_h;      /* pinned (3E + 1) */
     int64_t *counts_h;  /* pinned (E) */
+    /* hierarchical gating (router HIERARCHICAL only, else NULL) */
+    double *hier_part;    /* (nblk, MOE_HIER_NSUMS) block partials, token-sized */
+    int64_t *hier_cnt;    /* (nblk, E) block partial counts, token-sized */
+    double *hier_red;     /* (MOE_HIER_NSUMS) device totals */
+    double *hier_red_h;   /* pinned (MOE_HIER_NSUMS) */
+    float *hier_coefs_d;  /* (MOE_HIER_NCOEFS) aux-loss coefficients */
 } cu_layer_t;
 
 static cu_context_t *cu_ctx(moe_context_t *ctx) { return (cu_context_t *)ctx->impl; }
@@ -186,7 +193,8 @@ static moe_status_t cu_count_nonfinite(moe_context_t *ctx, const void *x, int64_
 
 static void cu_free_tokens(cu_layer_t *L) {
     void *p[] = {L->gate_scr, L->part,      L->cnt_part,  L->keys_in,  L->keys_out, L->vals_in,
-                 L->vals_out, L->fkeys_in,  L->fkeys_out, L->cub_temp, L->x32,      L->dx32};
+                 L->vals_out, L->fkeys_in,  L->fkeys_out, L->cub_temp, L->x32,      L->dx32,
+                 L->hier_part, L->hier_cnt};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; ++i) cudaFree(p[i]);
     L->gate_scr = NULL, L->part = NULL, L->cnt_part = NULL;
     L->keys_in = L->keys_out = L->vals_in = L->vals_out = NULL;
@@ -194,6 +202,7 @@ static void cu_free_tokens(cu_layer_t *L) {
     L->cub_temp = NULL;
     L->cub_bytes = 0;
     L->x32 = L->dx32 = NULL;
+    L->hier_part = NULL, L->hier_cnt = NULL;
     L->cap_tokens = 0;
 }
 
@@ -206,6 +215,7 @@ static void cu_layer_fini(moe_context_t *ctx, moe_backend_layer_t *s) {
     cudaFree(L->coefs_d), cudaFree(L->gemm_ptrs), cudaFree(L->w32), cudaFree(L->dw32);
     cudaFreeHost(L->red_h), cudaFreeHost(L->counts_h);
     cudaFree(L->ffn_off_d), cudaFreeHost(L->ffn_off_h);
+    cudaFree(L->hier_red), cudaFree(L->hier_coefs_d), cudaFreeHost(L->hier_red_h);
     free(L);
     s->impl = NULL;
 }
@@ -230,7 +240,30 @@ static moe_status_t cu_layer_alloc_experts(cu_layer_t *L, const moe_backend_laye
     }
     MOE_CUDA_CHECK(cudaMallocHost((void **)&L->red_h, (size_t)(3 * E + 1) * sizeof(double)));
     MOE_CUDA_CHECK(cudaMallocHost((void **)&L->counts_h, (size_t)E * sizeof(int64_t)));
+    if (s->cfg.router == MOE_ROUTER_HIERARCHICAL) {
+        const int64_t G = s->cfg.num_groups;
+        MOE_CU_ALLOC(L->hier_red, MOE_HIER_NSUMS(G, E));
+        MOE_CU_ALLOC(L->hier_coefs_d, MOE_HIER_NCOEFS(G, E));
+        MOE_CUDA_CHECK(cudaMallocHost((void **)&L->hier_red_h,
+                                      (size_t)MOE_HIER_NSUMS(G, E) * sizeof(double)));
+    }
     return MOE_STATUS_SUCCESS;
+}
+
+/* the router width of the per-token gate scratch: the flat gate's, or hierarchical gating's */
+static int64_t cu_gate_scr_per(const moe_backend_layer_t *s) {
+    const int64_t E = s->E, K = s->K;
+    /* the forward's rows hold 2G more floats with group-limited gating (routing extensions) */
+    const int64_t G2 = s->cfg.router != MOE_ROUTER_HIERARCHICAL && s->cfg.num_groups > 1
+                           ? 2 * s->cfg.num_groups
+                           : 0;
+    int64_t per = 3 * E + s->K1 + G2 > 4 * E + K ? 3 * E + s->K1 + G2 : 4 * E + K;
+    if (s->cfg.router == MOE_ROUTER_HIERARCHICAL) {
+        const int64_t G = s->cfg.num_groups, k1 = s->cfg.topk_group;
+        int64_t h = moe_k_gate_hier_scratch(E, K, G, k1, K / k1);
+        per = h > per ? h : per;
+    }
+    return per;
 }
 
 static moe_status_t cu_layer_init(moe_context_t *ctx, moe_backend_layer_t *s) {
@@ -249,10 +282,13 @@ static moe_status_t cu_layer_init(moe_context_t *ctx, moe_backend_layer_t *s) {
 static moe_status_t cu_alloc_tokens(cu_layer_t *L, const moe_backend_layer_t *s, int64_t T) {
     const int64_t E = s->E, K = s->K, n = T * K;
     const int64_t nblk = moe_k_gate_num_blocks(T);
-    /* the forward's rows hold 2G more floats with group-limited gating (routing extensions) */
-    const int64_t G = s->cfg.num_groups > 1 ? s->cfg.num_groups : 0;
-    int64_t per = 3 * E + s->K1 + 2 * G > 4 * E + K ? 3 * E + s->K1 + 2 * G : 4 * E + K;
+    const int64_t per = cu_gate_scr_per(s);
     MOE_CU_ALLOC(L->gate_scr, T * per);
+    if (s->cfg.router == MOE_ROUTER_HIERARCHICAL) {
+        const int64_t hb = moe_k_gate_hier_num_blocks(T);
+        MOE_CU_ALLOC(L->hier_part, hb * MOE_HIER_NSUMS(s->cfg.num_groups, E));
+        MOE_CU_ALLOC(L->hier_cnt, hb * E);
+    }
     MOE_CU_ALLOC(L->part, nblk * (3 * E + 1));
     MOE_CU_ALLOC(L->cnt_part, nblk * E);
     MOE_CU_ALLOC(L->keys_in, n);
@@ -734,6 +770,166 @@ static moe_status_t cu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *g
     return cu_router_bwd_16(c->blas, g, st);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * hierarchical gating (kernels/gate_hier.cu): the router GEMMs of both levels around the
+ * per-token kernels. The routers run in f32 whatever the storage: with a 16-bit dtype x, Wp and
+ * Ws are widened into f32 scratch first (x32; w32 holds Wp at 0 and Ws at D E), and the
+ * gradients are added into their 16-bit destinations with one rounding, as the flat router's.
+ * ------------------------------------------------------------------------------------------- */
+
+/* the f32 routers (and x, when given): *x, *wp, *ws replaced by f32 pointers */
+static moe_status_t cu_hier_router_f32(const moe_backend_layer_t *l, int64_t T, const void **x,
+                                       const void **wp, const void **ws, cudaStream_t st) {
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int dt = (int)l->cfg.dtype;
+    if (l->cfg.dtype == MOE_DTYPE_F32) return MOE_STATUS_SUCCESS;
+    const int64_t DE = l->D * l->E;
+    if (x) {
+        MOE_CUDA_CHECK(moe_k_to_f32(*x, dt, T * l->D, L->x32, st));
+        *x = L->x32;
+    }
+    MOE_CUDA_CHECK(moe_k_to_f32(*wp, dt, l->D * l->cfg.num_groups, L->w32, st));
+    *wp = L->w32;
+    MOE_CUDA_CHECK(moe_k_to_f32(*ws, dt, DE, L->w32 + DE, st));
+    *ws = L->w32 + DE;
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t cu_gate_hier_fwd(moe_context_t *ctx, const moe_gate_hier_fwd_args_t *g,
+                                     void *stream) {
+    cu_context_t *c = cu_ctx(ctx);
+    const moe_backend_layer_t *l = g->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    cudaStream_t st = (cudaStream_t)stream;
+    const int64_t T = g->T, D = l->D, E = l->E, G = g->G, Eg = E / G;
+    const int dt = MOE_DTYPE_F32;
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CHECK(cu_reserve(l, T));
+    const void *x = g->x, *wp = g->w_primary, *wsv = g->w_secondary;
+    MOE_CHECK(cu_hier_router_f32(l, T, &x, &wp, &wsv, st));
+    const float *ws = (const float *)wsv;
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, G, D, x, D, wp, G, 0.0f, g->logits1, G, dt, 1));
+    for (int64_t q = 0; q < G; ++q)
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 0, T, Eg, D, x, D, ws + q * D * Eg, Eg, 0.0f,
+                                    g->logits + q * Eg, E, dt, 1));
+    const moe_k_gate_hier_args_t a = {.T = T,
+                                      .E = E,
+                                      .K = l->K,
+                                      .K1 = l->K1,
+                                      .G = G,
+                                      .k1 = g->k1,
+                                      .k2 = g->k2,
+                                      .gate_mode = (int)l->cfg.gate,
+                                      .renormalize = l->cfg.renormalize,
+                                      .logits1 = g->logits1,
+                                      .logits = g->logits,
+                                      .lse = g->lse,
+                                      .grp = g->grp,
+                                      .g1 = g->g1,
+                                      .g2 = g->g2,
+                                      .idx = g->idx,
+                                      .gate = g->gate,
+                                      .scr = L->gate_scr,
+                                      .part = L->hier_part,
+                                      .cnt_part = L->hier_cnt,
+                                      .red = L->hier_red,
+                                      .counts = L->counts_d};
+    MOE_CUDA_CHECK(moe_k_gate_hier_fwd(&a, st));
+    const size_t nb = (size_t)MOE_HIER_NSUMS(G, E) * sizeof(double);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->hier_red_h, L->hier_red, nb, cudaMemcpyDeviceToHost, st));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->counts_h, L->counts_d, (size_t)E * sizeof(int64_t),
+                                   cudaMemcpyDeviceToHost, st));
+    /* the one routing sync of a forward, as the flat gate's */
+    MOE_CUDA_CHECK(cudaStreamSynchronize(st));
+    memcpy(g->sums, L->hier_red_h, nb);
+    memcpy(g->counts, L->counts_h, (size_t)E * sizeof(int64_t));
+    return MOE_STATUS_SUCCESS;
+}
+
+/* 16-bit storage: the router GEMMs of the backward in f32 on the forward's widened x (x32), each
+ * result added into its 16-bit destination with one rounding */
+static moe_status_t cu_hier_router_bwd_16(cublasHandle_t blas, const moe_gate_hier_bwd_args_t *g,
+                                          cudaStream_t st) {
+    const moe_backend_layer_t *l = g->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    const int64_t T = g->T, D = l->D, E = l->E, G = g->G, Eg = E / G;
+    const int dt = (int)l->cfg.dtype, f32 = MOE_DTYPE_F32;
+    const void *wp = g->w_primary, *wsv = g->w_secondary;
+    MOE_CHECK(cu_hier_router_f32(l, T, NULL, &wp, &wsv, st));
+    const float *ws = (const float *)wsv;
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, G, T, L->x32, D, g->dlogits1, G, 0.0f, L->dw32, G,
+                                f32, 1));
+    MOE_CUDA_CHECK(moe_k_add_f32(g->dw_primary, dt, L->dw32, D * G, st));
+    MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, G, g->dlogits1, G, wp, G, 0.0f, L->dx32, D, f32,
+                                1));
+    for (int64_t q = 0; q < G; ++q) {
+        const float *dl = g->dlogits + q * Eg;
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 1, 0, D, Eg, T, L->x32, D, dl, E, 0.0f,
+                                    L->dw32 + q * D * Eg, Eg, f32, 1));
+        MOE_CUBLAS_CHECK(moe_k_gemm(blas, 0, 1, T, D, Eg, dl, E, ws + q * D * Eg, Eg, 1.0f,
+                                    L->dx32, D, f32, 1));
+    }
+    MOE_CUDA_CHECK(moe_k_add_f32(g->dw_secondary, dt, L->dw32, D * E, st));
+    MOE_CUDA_CHECK(moe_k_add_f32(g->dx, dt, L->dx32, T * D, st));
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t cu_gate_hier_bwd(moe_context_t *ctx, const moe_gate_hier_bwd_args_t *g,
+                                     void *stream) {
+    cu_context_t *c = cu_ctx(ctx);
+    const moe_backend_layer_t *l = g->layer;
+    cu_layer_t *L = (cu_layer_t *)l->impl;
+    cudaStream_t st = (cudaStream_t)stream;
+    const int64_t T = g->T, D = l->D, E = l->E, G = g->G, Eg = E / G;
+    const int dt = MOE_DTYPE_F32;
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CHECK(cu_reserve(l, T));
+    const moe_hier_coefs_t *k = g->coefs;
+    MOE_CUDA_CHECK(cudaMemcpyAsync(L->hier_coefs_d, k->c,
+                                   (size_t)MOE_HIER_NCOEFS(G, E) * sizeof(float),
+                                   cudaMemcpyHostToDevice, st));
+    const moe_k_gate_hier_bwd_args_t a = {.T = T,
+                                          .E = E,
+                                          .K = l->K,
+                                          .K1 = l->K1,
+                                          .G = G,
+                                          .k1 = g->k1,
+                                          .k2 = g->k2,
+                                          .gate_mode = (int)l->cfg.gate,
+                                          .renormalize = l->cfg.renormalize,
+                                          .any_logit = k->any_logit,
+                                          .logits1 = g->logits1,
+                                          .logits = g->logits,
+                                          .g1 = g->g1,
+                                          .g2 = g->g2,
+                                          .dg = g->dgate,
+                                          .grp = g->grp,
+                                          .idx = g->idx,
+                                          .coefs = L->hier_coefs_d,
+                                          .z1_scale = k->z1_scale,
+                                          .z2_scale = k->z2_scale,
+                                          .scr = L->gate_scr,
+                                          .scr_stride = cu_gate_scr_per(l),
+                                          .dlogits1 = g->dlogits1,
+                                          .dlogits = g->dlogits};
+    MOE_CUDA_CHECK(moe_k_gate_hier_bwd(&a, st));
+    if (l->cfg.dtype != MOE_DTYPE_F32) return cu_hier_router_bwd_16(c->blas, g, st);
+    const float *ws = (const float *)g->w_secondary;
+    float *dws = (float *)g->dw_secondary;
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, G, T, g->x, D, g->dlogits1, G, 1.0f,
+                                g->dw_primary, G, dt, 0));
+    MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, G, g->dlogits1, G, g->w_primary, G, 1.0f,
+                                g->dx, D, dt, 0));
+    for (int64_t q = 0; q < G; ++q) {
+        const float *dl = g->dlogits + q * Eg;
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 1, 0, D, Eg, T, g->x, D, dl, E, 1.0f,
+                                    dws + q * D * Eg, Eg, dt, 0));
+        MOE_CUBLAS_CHECK(moe_k_gemm(c->blas, 0, 1, T, D, Eg, dl, E, ws + q * D * Eg, Eg, 1.0f,
+                                    g->dx, D, dt, 0));
+    }
+    return MOE_STATUS_SUCCESS;
+}
+
 static moe_status_t cu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream) {
     MOE_CHECK(cu_enter(ctx, stream));
     MOE_CUDA_CHECK(moe_k_optim_update(a->adam, a->w, a->g, a->m, a->v, a->n, a->c,
@@ -764,4 +960,6 @@ const moe_backend_ops_t moe_cuda_backend = {
     .unpermute_bwd = cu_unpermute_bwd,
     .gate_bwd = cu_gate_bwd,
     .optim_update = cu_optim_update,
+    .gate_hier_fwd = cu_gate_hier_fwd,
+    .gate_hier_bwd = cu_gate_hier_bwd,
 };
