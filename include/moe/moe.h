@@ -137,13 +137,24 @@ typedef struct moe_layer_config {
                            chunk's experts compute. No transport overlaps it yet (MPI does not
                            progress meanwhile; local and NCCL run in order, docs/expert-parallel.md).
                            Results do not depend on it. */
+
+    /* ---- shared experts (Qwen2-MoE, DeepSeek-V2/V3): always active, on every token ---- */
+    int64_t num_shared_experts; /* S >= 0 experts that every token passes through, besides its
+                                   routed ones: y += g_s(x) * sum_s FFN_s(x); same activation
+                                   and expert_bias setting as the routed experts. 0 = none.
+                                   With expert parallelism every rank holds all S (replicated,
+                                   computed on its own tokens). */
+    int64_t shared_d_ff;        /* hidden width of each shared expert; 0 = d_ff */
+    int shared_expert_gate;     /* 1: g_s(x) = sigmoid(x . w_sg), w_sg (D, 1), as Qwen2-MoE's
+                                   shared_expert_gate; 0: g_s = 1 (DeepSeek). Needs S > 0. */
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
 #define MOE_MAX_CHUNKS 16
 
 /* Defaults: D 512, F 2048, E 8, K 2, GELU, F32, SOFTMAX_OF_TOPK, renormalize 1, noisy 0,
- * dropless (capacity_factor 0), POSITION priority, all loss coefs 0, expert_bias 1, seed 1234. */
+ * dropless (capacity_factor 0), POSITION priority, all loss coefs 0, expert_bias 1, seed 1234,
+ * no shared experts. */
 MOE_API moe_layer_config_t moe_layer_config_default(void);
 
 /* ============================================================================================
@@ -226,7 +237,14 @@ typedef enum moe_param {
     MOE_PARAM_B1 = 3,            /* (E_local, F) or (E_local, 2F), only when expert_bias */
     MOE_PARAM_W2 = 4,            /* (E_local, F, D) */
     MOE_PARAM_B2 = 5,            /* (E_local, D), only when expert_bias */
-    MOE_PARAM_COUNT = 6
+    /* shared experts (only when num_shared_experts = S > 0; Fs = shared_d_ff or d_ff, Fs2 = 2 Fs
+     * for SWIGLU, else Fs): replicated on every rank, never split over ranks */
+    MOE_PARAM_SHARED_W1 = 6,   /* (S, D, Fs2), [gate | up] for SWIGLU */
+    MOE_PARAM_SHARED_B1 = 7,   /* (S, Fs2), only when expert_bias */
+    MOE_PARAM_SHARED_W2 = 8,   /* (S, Fs, D) */
+    MOE_PARAM_SHARED_B2 = 9,   /* (S, D), only when expert_bias */
+    MOE_PARAM_SHARED_GATE = 10, /* w_sg (D, 1), only when shared_expert_gate */
+    MOE_PARAM_COUNT = 11
 } moe_param_t;
 
 /* Creates a layer on ctx. The config is validated (INVALID_ARGUMENT naming the field); the
@@ -244,7 +262,9 @@ MOE_API moe_status_t moe_layer_get_config(const moe_layer_t *layer, moe_layer_co
 /* Pointers to a parameter and its gradient, owned by the layer, in the layer's dtype, on the
  * context's backend (device pointers for CUDA). The user may read and write both (an optimizer
  * updates *value in place). value, grad, numel may each be NULL. A parameter that the config
- * turns off (NOISE_WEIGHT without noisy_gating, B1/B2 without expert_bias) gives NULL, NULL, 0
+ * turns off (NOISE_WEIGHT without noisy_gating, B1/B2 without expert_bias, the SHARED_* ones
+ * without shared experts, SHARED_B1/B2 without expert_bias, SHARED_GATE without
+ * shared_expert_gate) gives NULL, NULL, 0
  * and SUCCESS. Pointers stay valid until the layer is destroyed. */
 MOE_API moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void **value,
                                      void **grad, int64_t *numel);
@@ -278,9 +298,12 @@ MOE_API int64_t moe_layer_routing_width(const moe_layer_t *layer);
 MOE_API moe_status_t moe_layer_score_bias(const moe_layer_t *layer, float *bias);
 MOE_API moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias);
 
-/* Sums the router (and noise) weight gradients over the ranks of the context's communicator, in
- * place, so the replicated router weights stay equal after an optimizer step. Off unless called;
- * a no-op on one rank. Collective. Expert weights are owned by one rank and need no reduction. */
+/* Sums the gradients of the replicated parameters over the ranks of the context's communicator,
+ * in place, so that they stay equal on every rank after an optimizer step: the router and noise
+ * weights and every shared-expert parameter (MOE_PARAM_SHARED_*), each computed by a rank from
+ * its own tokens. Off unless called; a no-op on one rank. Collective. f32 storage only. Routed
+ * expert weights are owned by one rank and need no reduction. (The name predates shared
+ * experts.) */
 MOE_API moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream);
 
 /* Sets every parameter gradient to zero. */
@@ -352,13 +375,14 @@ typedef enum moe_phase {
     MOE_PHASE_DISPATCH,       /* counts + rows to the experts' ranks, regroup */
     MOE_PHASE_EXPERTS,        /* expert FFNs */
     MOE_PHASE_RETURN,         /* rows back to the tokens' ranks */
-    MOE_PHASE_COMBINE,        /* weighted sum into y */
-    MOE_PHASE_BWD_COMBINE,    /* dgate and the per-row dY */
+    MOE_PHASE_COMBINE,        /* weighted sum into y, then the shared experts (if any) */
+    MOE_PHASE_BWD_COMBINE,    /* dgate and the per-row dY (and the shared experts' dY) */
     MOE_PHASE_BWD_DISPATCH,   /* dY rows to the experts' ranks */
     MOE_PHASE_BWD_EXPERTS,    /* expert weight gradients and dX rows */
     MOE_PHASE_BWD_RETURN,     /* dX rows back */
     MOE_PHASE_BWD_UNPERMUTE,  /* dx from the dX rows */
-    MOE_PHASE_BWD_GATE,       /* gate, aux-loss and noise-network backward, router GEMMs */
+    MOE_PHASE_BWD_GATE,       /* gate, aux-loss and noise-network backward, router GEMMs,
+                                 then the shared experts' backward (if any) */
     MOE_PHASE_COUNT
 } moe_phase_t;
 

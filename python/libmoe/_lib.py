@@ -28,7 +28,8 @@ GATES = {"softmax_of_topk": 0, "topk_of_softmax": 1}
 PRIORITIES = {"position": 0, "score": 1}
 ROUTERS = {"token_choice": 0, "expert_choice": 1}
 OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
-PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5}
+PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5,
+          "shared_w1": 6, "shared_b1": 7, "shared_w2": 8, "shared_b2": 9, "shared_gate": 10}
 
 # ---- structs ----------------------------------------------------------------------------------
 
@@ -56,6 +57,10 @@ class LayerConfig(Structure):
         ("router", c_int),
         ("bias_update_rate", c_double),
         ("num_chunks", c_int64),
+        # shared experts
+        ("num_shared_experts", c_int64),
+        ("shared_d_ff", c_int64),
+        ("shared_expert_gate", c_int),
     ]
 
 

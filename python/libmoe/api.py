@@ -269,10 +269,14 @@ class Layer(_Handle):
     # ---- parameters ----
     def _shape(self, which, numel):
         D, E, F2, F = self.d_model, self.num_experts, self._f2, self.config["d_ff"]
-        per = {"router_weight": (D, E), "noise_weight": (D, E)}
+        per = {"router_weight": (D, E), "noise_weight": (D, E), "shared_gate": (D, 1)}
         if which in per:
             return per[which]
-        tail = {"w1": (D, F2), "b1": (F2,), "w2": (F, D), "b2": (D,)}[which]
+        if which.startswith("shared_"):  # (S, ...): the shared experts' own width Fs
+            F = self.config["shared_d_ff"] or F
+            F2 = 2 * F if self.config["activation"] == ACTIVATIONS["swiglu"] else F
+        tail = {"w1": (D, F2), "b1": (F2,), "w2": (F, D),
+                "b2": (D,)}[which[len("shared_"):] if which.startswith("shared_") else which]
         return (numel // int(np.prod(tail)),) + tail
 
     def param_ptr(self, which):

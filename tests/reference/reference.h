@@ -37,6 +37,8 @@ struct Forward {
     std::vector<double> lse;                         // (T)
     std::vector<double> importance, load;            // (E)
     std::vector<int32_t> order;                      // (T, E) experts sorted by h, best first
+    // shared experts (cfg.num_shared_experts > 0): sum_s FFN_s(x) (T, D) and the gate (T)
+    std::vector<double> shared_out, shared_gate;
 };
 
 struct Grads {

@@ -70,5 +70,8 @@ const moe_backend_ops_t moe_cpu_backend = {
     .ffn_bwd = moe__cpu_ffn_bwd,
     .unpermute_bwd = moe__cpu_unpermute_bwd,
     .gate_bwd = moe__cpu_gate_bwd,
+    .shared_fwd = moe__cpu_shared_fwd,
+    .shared_combine_bwd = moe__cpu_shared_combine_bwd,
+    .shared_bwd = moe__cpu_shared_bwd,
     .optim_update = moe__cpu_optim_update,
 };
