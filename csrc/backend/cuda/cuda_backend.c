@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "backend/cuda/cuda_shared.h"
 #include "context.h"
 #include "core/check_cuda.h"
 #include "core/dtype.h"
@@ -730,6 +731,25 @@ static moe_status_t cu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *g
     return cu_router_bwd_16(c->blas, g, st);
 }
 
+/* shared experts: cuda_shared.c, with this context's cuBLAS handle on the caller's stream */
+static moe_status_t cu_shared_fwd(moe_context_t *ctx, const moe_shared_fwd_args_t *a,
+                                  void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    return moe__cu_shared_fwd(cu_ctx(ctx)->blas, a, (cudaStream_t)stream);
+}
+
+static moe_status_t cu_shared_combine_bwd(moe_context_t *ctx,
+                                          const moe_shared_combine_bwd_args_t *a, void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    return moe__cu_shared_combine_bwd(a, (cudaStream_t)stream);
+}
+
+static moe_status_t cu_shared_bwd(moe_context_t *ctx, const moe_shared_bwd_args_t *a,
+                                  void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    return moe__cu_shared_bwd(cu_ctx(ctx)->blas, a, (cudaStream_t)stream);
+}
+
 static moe_status_t cu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream) {
     MOE_CHECK(cu_enter(ctx, stream));
     MOE_CUDA_CHECK(moe_k_optim_update(a->adam, a->w, a->g, a->m, a->v, a->n, a->c,
@@ -759,5 +779,8 @@ const moe_backend_ops_t moe_cuda_backend = {
     .ffn_bwd = cu_ffn_bwd,
     .unpermute_bwd = cu_unpermute_bwd,
     .gate_bwd = cu_gate_bwd,
+    .shared_fwd = cu_shared_fwd,
+    .shared_combine_bwd = cu_shared_combine_bwd,
+    .shared_bwd = cu_shared_bwd,
     .optim_update = cu_optim_update,
 };
