@@ -430,6 +430,48 @@ moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, vo
     return moe__scheduler_backward(layer, dy, dx, stream);
 }
 
+/* ---- per-expert outputs (unfused combine) ---- */
+
+static moe_status_t experts_out_supported(const moe_layer_t *layer) {
+    if (layer->s.cfg.num_shared_experts > 0)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "per-expert outputs of a layer with cfg->num_shared_experts = %lld: the "
+                       "shared experts have no place in the per-assignment rows",
+                       (long long)layer->s.cfg.num_shared_experts);
+    if (!layer->ctx->ops->experts_out_fwd || !layer->ctx->ops->experts_out_bwd)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "the %s backend has no per-expert outputs",
+                       layer->ctx->ops->name);
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
+                                       float *gate, int64_t num_tokens, int training,
+                                       void *stream) {
+    MOE_LAYER_ARG(layer);
+    MOE_CHECK(experts_out_supported(layer));
+    MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
+    MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
+    MOE_ARG(y_experts != NULL || num_tokens == 0, "y_experts is NULL");
+    MOE_ARG(gate != NULL || num_tokens == 0, "gate is NULL");
+    MOE_ARG(num_tokens <= INT32_MAX / layer->s.K,
+            "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
+            (long long)num_tokens, (long long)layer->s.K);
+    return moe__scheduler_forward_experts(layer, x, y_experts, gate, num_tokens, training,
+                                          stream);
+}
+
+moe_status_t moe_layer_backward_experts(moe_layer_t *layer, const void *dy_experts,
+                                        const float *dgate, void *dx, void *stream) {
+    MOE_LAYER_ARG(layer);
+    MOE_CHECK(experts_out_supported(layer));
+    MOE_ARG(dy_experts != NULL || layer->s.T == 0, "dy_experts is NULL");
+    MOE_ARG(dgate != NULL || layer->s.T == 0, "dgate is NULL");
+    MOE_ARG(dx != NULL || layer->s.T == 0, "dx is NULL");
+    MOE_ARG(layer->s.have_forward, "no successful forward to differentiate: call "
+                                   "moe_layer_forward_experts first");
+    return moe__scheduler_backward_experts(layer, dy_experts, dgate, dx, stream);
+}
+
 moe_status_t moe_layer_zero_grad(moe_layer_t *layer, void *stream) {
     MOE_LAYER_ARG(layer);
     size_t esz = moe_dtype_size(layer->s.cfg.dtype);

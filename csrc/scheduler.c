@@ -482,8 +482,31 @@ static moe_status_t expert_pipeline(moe_layer_t *L, const moe_backend_layer_t *b
     return st;
 }
 
-moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int64_t T,
-                                    int training, void *stream) {
+/* per-expert outputs: the combine left to the caller (moe_layer_forward_experts) */
+static moe_status_t experts_out_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *ye,
+                                    float *ge, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_experts_out_fwd_args_t a = {
+        .layer = bl, .T = s->T, .yp = s->yp, .row = s->row, .gate = s->gate, .ye = ye, .ge = ge};
+    return L->ctx->ops->experts_out_fwd(L->ctx, &a, stream);
+}
+
+static moe_status_t experts_out_bwd(moe_layer_t *L, const moe_backend_layer_t *bl,
+                                    const void *dye, const float *dge, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_experts_out_bwd_args_t a = {.layer = bl,
+                                          .T = s->T,
+                                          .dye = dye,
+                                          .dge = dge,
+                                          .row = s->row,
+                                          .dyp = s->dyp,
+                                          .dgate = s->dg};
+    return L->ctx->ops->experts_out_bwd(L->ctx, &a, stream);
+}
+
+/* the forward; with ye (per-expert outputs) the combine is experts_out_fwd instead */
+static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, float *ge,
+                            int64_t T, int training, void *stream) {
     moe_context_t *ctx = L->ctx;
     const moe_backend_ops_t *ops = ctx->ops;
     moe_layer_state_t *s = &L->s;
@@ -594,17 +617,31 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
         MOE_CHECK(mark(L, MOE_PHASE_EXPERTS, &t0, stream));
     }
 
-    if (T > 0) MOE_CHECK(combine_fwd(L, &bl, y, stream));
+    if (T > 0 && ye) MOE_CHECK(experts_out_fwd(L, &bl, ye, ge, stream));
+    else if (T > 0) MOE_CHECK(combine_fwd(L, &bl, y, stream));
     /* shared experts: on the caller's stream after the combine (they wait for no exchange, but
      * nothing runs them beside it yet); timed as part of the combine */
-    if (T > 0 && s->cfg.num_shared_experts > 0) MOE_CHECK(shared_fwd(L, &bl, y, stream));
+    if (T > 0 && !ye && s->cfg.num_shared_experts > 0) MOE_CHECK(shared_fwd(L, &bl, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
     s->have_forward = 1;
     if (L->trace) MOE_CHECK(moe__trace_write(L));
     return MOE_STATUS_SUCCESS;
 }
 
-moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {
+moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int64_t T,
+                                    int training, void *stream) {
+    return forward(L, x, y, NULL, NULL, T, training, stream);
+}
+
+moe_status_t moe__scheduler_forward_experts(moe_layer_t *L, const void *x, void *ye, float *ge,
+                                            int64_t T, int training, void *stream) {
+    return forward(L, x, NULL, ye, ge, T, training, stream);
+}
+
+/* the backward; with dye (gradients of the per-expert outputs) the combine's backward is
+ * experts_out_bwd instead */
+static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, const float *dge,
+                             void *dx, void *stream) {
     moe_context_t *ctx = L->ctx;
     moe_layer_state_t *s = &L->s;
     const int ep = ctx->world > 1;
@@ -614,8 +651,9 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     double t0 = moe_now_s();
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
-    if (T > 0) MOE_CHECK(combine_bwd(L, &bl, dy, stream));
-    const int shared = T > 0 && s->cfg.num_shared_experts > 0;
+    if (T > 0 && dye) MOE_CHECK(experts_out_bwd(L, &bl, dye, dge, stream));
+    else if (T > 0) MOE_CHECK(combine_bwd(L, &bl, dy, stream));
+    const int shared = T > 0 && !dye && s->cfg.num_shared_experts > 0;
     if (shared) MOE_CHECK(shared_combine_bwd(L, &bl, dy, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_COMBINE, &t0, stream));
 
@@ -635,4 +673,13 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     if (shared) MOE_CHECK(shared_bwd(L, &bl, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_GATE, &t0, stream));
     return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {
+    return backward(L, dy, NULL, NULL, dx, stream);
+}
+
+moe_status_t moe__scheduler_backward_experts(moe_layer_t *L, const void *dye, const float *dge,
+                                             void *dx, void *stream) {
+    return backward(L, NULL, dye, dge, dx, stream);
 }

@@ -216,6 +216,30 @@ typedef struct moe_shared_bwd_args {
     void *dx;                     /* (T, D) accumulated */
 } moe_shared_bwd_args_t;
 
+/* ---- per-expert outputs (unfused combine, moe_layer_forward_experts) ---- */
+
+/* experts_out_fwd: ye[t, j] = kept ? yp[row[t, j]] : 0;  ge[t, j] = kept ? gate[t, j] : 0 */
+typedef struct moe_experts_out_fwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *yp;     /* (N, D) the experts' output rows, route order */
+    const int32_t *row; /* (T, K) */
+    const float *gate;  /* (T, K) */
+    void *ye;           /* (T, K, D) out */
+    float *ge;          /* (T, K) out */
+} moe_experts_out_fwd_args_t;
+
+/* experts_out_bwd: dyp[row[t, j]] = dye[t, j];  dgate[t, j] = kept ? dge[t, j] : 0 */
+typedef struct moe_experts_out_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *dye;    /* (T, K, D) */
+    const float *dge;   /* (T, K) */
+    const int32_t *row; /* (T, K) */
+    void *dyp;          /* (N, D) out: gradient of the output rows, route order */
+    float *dgate;       /* (T, K) out */
+} moe_experts_out_bwd_args_t;
+
 struct moe_optim_scalars; /* core/optim_update.h */
 
 /* optim_update: one optimizer step over n f32 elements (core/optim_update.h's bodies) */

@@ -183,6 +183,18 @@ cudaError_t moe_k_shared_gate_bwd(const void *x, const void *w_gate, const float
                                   int64_t T, int64_t D, int dtype, void *dw_gate, void *dx,
                                   cudaStream_t stream);
 
+/* ---- experts_out.cu: per-expert outputs (unfused combine) ---------------------------------- */
+
+/* ye[t, j] = row >= 0 ? yp[row[t, j]] : 0;  ge[t, j] = row >= 0 ? gate[t, j] : 0 */
+cudaError_t moe_k_experts_out_fwd(const void *yp, const int32_t *row, const float *gate,
+                                  int64_t T, int64_t K, int64_t D, int dtype, void *ye, float *ge,
+                                  cudaStream_t stream);
+
+/* dyp[row[t, j]] = dye[t, j];  dg[t, j] = row >= 0 ? dge[t, j] : 0 */
+cudaError_t moe_k_experts_out_bwd(const void *dye, const float *dge, const int32_t *row,
+                                  int64_t T, int64_t K, int64_t D, int dtype, void *dyp,
+                                  float *dg, cudaStream_t stream);
+
 /* ---- optimizer ------------------------------------------------------------------------------ */
 
 struct moe_optim_scalars;

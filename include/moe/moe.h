@@ -288,6 +288,31 @@ MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *
 MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx,
                                         void *stream);
 
+/* ---- per-expert outputs (unfused combine) ----
+ * The same layer with the combine left to the caller, for losses that need each expert's own
+ * output (the competitive mixture of Jacobs et al. 1991, docs/competitive-moe.md). W =
+ * moe_layer_routing_width. Forward: y_experts (num_tokens, W, D) in the layer's dtype receives,
+ * for each token t and assignment j (best first, as moe_layer_routing), FFN_{idx_j}(x[t]), and
+ * gate (num_tokens, W, f32) its gate weight g[t, j]; a dropped assignment (capacity; for expert
+ * choice every expert that did not choose the token) gives a zero row and gate 0. Then
+ * sum_j gate[t, j] y_experts[t, j] is what moe_layer_forward returns. Everything else is as
+ * moe_layer_forward (routing, stats, aux losses, noise counter, traces, the host waits); both
+ * arrays are backend memory. A layer with shared experts: NOT_SUPPORTED (they have no place in
+ * the per-assignment rows). */
+MOE_API moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x,
+                                               void *y_experts, float *gate,
+                                               int64_t num_tokens, int training, void *stream);
+
+/* Backward of the last successful forward (either kind) from the gradients of the per-expert
+ * outputs: dy_experts (num_tokens, W, D) in the layer's dtype and dgate (num_tokens, W, f32);
+ * dx (num_tokens, D) out (overwritten). The entries of dropped assignments are ignored (their
+ * outputs are constants). Every parameter gradient is accumulated (+=) as by
+ * moe_layer_backward, the aux losses' included: the gate gradient flows into the router as in
+ * the fused path. With dy_experts[t, j] = g[t, j] dy[t] and dgate[t, j] = <dy[t],
+ * y_experts[t, j]> it computes what moe_layer_backward(dy) does. */
+MOE_API moe_status_t moe_layer_backward_experts(moe_layer_t *layer, const void *dy_experts,
+                                                const float *dgate, void *dx, void *stream);
+
 /* Width of the routing arrays (moe_layer_routing, moe_layer_force_routing, traces): top_k for
  * token choice, num_experts for expert choice. Pure query; 0 for an invalid handle. */
 MOE_API int64_t moe_layer_routing_width(const moe_layer_t *layer);

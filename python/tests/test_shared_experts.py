@@ -49,3 +49,26 @@ def test_shared_field_validation_names_the_field():
     ctx = libmoe.Context("cpu")
     with pytest.raises(libmoe.MoeError, match="shared_expert_gate"):
         libmoe.Layer(ctx, d_model=8, d_ff=8, num_experts=4, top_k=2, shared_expert_gate=1)
+
+
+def test_per_expert_outputs_match_the_fused_path():
+    """forward_experts / backward_experts: sum_j gate y_experts is forward's y, and the backward
+    from (g dy, <dy, y_experts>) is backward(dy)."""
+    ctx = libmoe.Context("cpu")
+    kw = dict(d_model=8, d_ff=12, num_experts=4, top_k=2, capacity_factor=0.6, seed=9,
+              switch_loss_coef=0.1)
+    a, b = libmoe.Layer(ctx, **kw), libmoe.Layer(ctx, **kw)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (21, 8)).astype(np.float32)
+    dy = rng.uniform(-1, 1, (21, 8)).astype(np.float32)
+    y = a.forward(x)
+    ye, g = b.forward_experts(x)
+    assert ye.shape == (21, 2, 8) and g.shape == (21, 2)
+    _, _, kept = b.routing()
+    assert not kept.all() and (g[~kept] == 0).all() and (ye[~kept] == 0).all()
+    np.testing.assert_allclose((g[:, :, None] * ye).sum(1), y, rtol=1e-5, atol=1e-6)
+    dxa = a.backward(dy)
+    dxb = b.backward_experts(g[:, :, None] * dy[:, None, :], (ye * dy[:, None, :]).sum(2))
+    np.testing.assert_allclose(dxb, dxa, rtol=1e-4, atol=1e-6)
+    for name in ("router_weight", "w1", "w2"):
+        np.testing.assert_allclose(b.grad(name), a.grad(name), rtol=1e-4, atol=1e-6)

@@ -328,13 +328,17 @@ Forward Model::forward(const std::vector<double> &x, int64_t T, bool training, u
             }
         }
 
-    // combine
+    // combine (and the per-expert outputs it sums)
     f.y.assign(T * D, 0.0);
+    f.y_experts.assign(T * K * D, 0.0);
+    f.gate_out.assign(T * K, 0.0);
     for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < K; ++j) {
             if (!f.kept[t * K + j]) continue;
             ExpertPass r = expert_fwd(*this, f.idx[t * K + j], &x[t * D]);
             for (int64_t d = 0; d < D; ++d) f.y[t * D + d] += f.gate[t * K + j] * r.out[d];
+            for (int64_t d = 0; d < D; ++d) f.y_experts[(t * K + j) * D + d] = r.out[d];
+            f.gate_out[t * K + j] = f.gate[t * K + j];
         }
 
     shared_forward(*this, x, f);
@@ -386,7 +390,29 @@ Forward Model::forward(const std::vector<double> &x, int64_t T, bool training, u
 
 Grads Model::backward(const Forward &f, const std::vector<double> &x,
                       const std::vector<double> &dy) const {
+    return backward_impl(f, x, &dy, nullptr, nullptr);
+}
+
+Grads Model::backward_experts(const Forward &f, const std::vector<double> &x,
+                              const std::vector<double> &dye,
+                              const std::vector<double> &dge) const {
+    return backward_impl(f, x, nullptr, &dye, &dge);
+}
+
+double Model::total_loss_experts(const Forward &f, const std::vector<double> &dye,
+                                 const std::vector<double> &dge) {
+    double s = 0;
+    for (size_t i = 0; i < dye.size(); ++i) s += dye[i] * f.y_experts[i];
+    for (size_t i = 0; i < dge.size(); ++i) s += dge[i] * f.gate_out[i];
+    return s + f.aux_loss;
+}
+
+Grads Model::backward_impl(const Forward &f, const std::vector<double> &x,
+                           const std::vector<double> *dyp, const std::vector<double> *dye,
+                           const std::vector<double> *dge) const {
     const int64_t T = f.T;
+    static const std::vector<double> none;
+    const std::vector<double> &dy = dyp ? *dyp : none;
     Grads g;
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) g.param[p].assign(param[p].size(), 0.0);
     g.dx.assign(T * D, 0.0);
@@ -401,11 +427,17 @@ Grads Model::backward(const Forward &f, const std::vector<double> &x,
             if (!f.kept[t * K + j]) continue;
             int64_t e = f.idx[t * K + j];
             double gj = f.gate[t * K + j];
-            const double *xt = &x[t * D], *dyt = &dy[t * D];
+            const double *xt = &x[t * D];
             ExpertPass r = expert_fwd(*this, e, xt);
-            for (int64_t d = 0; d < D; ++d) dgate[t * K + j] += dyt[d] * r.out[d];
             std::vector<double> dout(D), dA(F, 0.0), dH(F2, 0.0);
-            for (int64_t d = 0; d < D; ++d) dout[d] = gj * dyt[d];
+            if (dye) {  // per-expert outputs: their gradients given directly
+                dgate[t * K + j] += (*dge)[t * K + j];
+                for (int64_t d = 0; d < D; ++d) dout[d] = (*dye)[(t * K + j) * D + d];
+            } else {
+                const double *dyt = &dy[t * D];
+                for (int64_t d = 0; d < D; ++d) dgate[t * K + j] += dyt[d] * r.out[d];
+                for (int64_t d = 0; d < D; ++d) dout[d] = gj * dyt[d];
+            }
             if (!dB2.empty())
                 for (int64_t d = 0; d < D; ++d) dB2[e * D + d] += dout[d];
             for (int64_t c = 0; c < F; ++c)
@@ -526,7 +558,7 @@ Grads Model::backward(const Forward &f, const std::vector<double> &x,
                 }
             }
         }
-    shared_backward(*this, f, x, dy, g);
+    if (!dye) shared_backward(*this, f, x, dy, g);
     return g;
 }
 

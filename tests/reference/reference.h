@@ -39,6 +39,9 @@ struct Forward {
     std::vector<int32_t> order;                      // (T, E) experts sorted by h, best first
     // shared experts (cfg.num_shared_experts > 0): sum_s FFN_s(x) (T, D) and the gate (T)
     std::vector<double> shared_out, shared_gate;
+    // per-expert outputs (moe_layer_forward_experts): FFN_{idx_j}(x[t]) (T, K, D) and g[t, j]
+    // (T, K), zero rows and gates for dropped assignments
+    std::vector<double> y_experts, gate_out;
 };
 
 struct Grads {
@@ -63,6 +66,16 @@ struct Model {
                     double tol = 2e-5) const;
     Grads backward(const Forward &f, const std::vector<double> &x,
                    const std::vector<double> &dy) const;
+    // Backward from the gradients of the per-expert outputs, dye (T, K, D) and dge (T, K): of
+    // sum(dye * y_experts) + sum(dge * gate_out) + aux_loss (no shared experts).
+    Grads backward_experts(const Forward &f, const std::vector<double> &x,
+                           const std::vector<double> &dye, const std::vector<double> &dge) const;
+    static double total_loss_experts(const Forward &f, const std::vector<double> &dye,
+                                     const std::vector<double> &dge);
+    // both: dye null for the fused backward
+    Grads backward_impl(const Forward &f, const std::vector<double> &x,
+                        const std::vector<double> *dy, const std::vector<double> *dye,
+                        const std::vector<double> *dge) const;
 };
 
 // CV^2 of v (population variance over mean^2 + 1e-10) and its gradient (may be null).

@@ -73,5 +73,7 @@ const moe_backend_ops_t moe_cpu_backend = {
     .shared_fwd = moe__cpu_shared_fwd,
     .shared_combine_bwd = moe__cpu_shared_combine_bwd,
     .shared_bwd = moe__cpu_shared_bwd,
+    .experts_out_fwd = moe__cpu_experts_out_fwd,
+    .experts_out_bwd = moe__cpu_experts_out_bwd,
     .optim_update = moe__cpu_optim_update,
 };

@@ -750,6 +750,26 @@ static moe_status_t cu_shared_bwd(moe_context_t *ctx, const moe_shared_bwd_args_
     return moe__cu_shared_bwd(cu_ctx(ctx)->blas, a, (cudaStream_t)stream);
 }
 
+/* per-expert outputs (kernels/experts_out.cu) */
+static moe_status_t cu_experts_out_fwd(moe_context_t *ctx, const moe_experts_out_fwd_args_t *a,
+                                       void *stream) {
+    const moe_backend_layer_t *l = a->layer;
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CUDA_CHECK(moe_k_experts_out_fwd(a->yp, a->row, a->gate, a->T, l->K, l->D,
+                                         (int)l->cfg.dtype, a->ye, a->ge, (cudaStream_t)stream));
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t cu_experts_out_bwd(moe_context_t *ctx, const moe_experts_out_bwd_args_t *a,
+                                       void *stream) {
+    const moe_backend_layer_t *l = a->layer;
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CUDA_CHECK(moe_k_experts_out_bwd(a->dye, a->dge, a->row, a->T, l->K, l->D,
+                                         (int)l->cfg.dtype, a->dyp, a->dgate,
+                                         (cudaStream_t)stream));
+    return MOE_STATUS_SUCCESS;
+}
+
 static moe_status_t cu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream) {
     MOE_CHECK(cu_enter(ctx, stream));
     MOE_CUDA_CHECK(moe_k_optim_update(a->adam, a->w, a->g, a->m, a->v, a->n, a->c,
@@ -782,5 +802,7 @@ const moe_backend_ops_t moe_cuda_backend = {
     .shared_fwd = cu_shared_fwd,
     .shared_combine_bwd = cu_shared_combine_bwd,
     .shared_bwd = cu_shared_bwd,
+    .experts_out_fwd = cu_experts_out_fwd,
+    .experts_out_bwd = cu_experts_out_bwd,
     .optim_update = cu_optim_update,
 };
