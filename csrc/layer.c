@@ -74,7 +74,7 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
     MOE_ARG(c->top_k >= 1 && c->top_k <= c->num_experts,
             "cfg->top_k %lld is not in [1, num_experts = %lld]", (long long)c->top_k,
             (long long)c->num_experts);
-    MOE_ARG(c->activation >= MOE_ACTIVATION_RELU && c->activation <= MOE_ACTIVATION_SWIGLU,
+    MOE_ARG(c->activation >= MOE_ACTIVATION_RELU && c->activation <= MOE_ACTIVATION_IDENTITY,
             "cfg->activation %d is not a moe_activation_t", (int)c->activation);
     MOE_ARG(c->dtype >= MOE_DTYPE_F32 && c->dtype <= MOE_DTYPE_F16,
             "cfg->dtype %d is not a moe_dtype_t", (int)c->dtype);

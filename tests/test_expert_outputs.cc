@@ -32,7 +32,8 @@ const Case kCases[] = {
     {"swiglu_k2_cap_drops_noisy", 60, 8, 8, 4, 2, MOE_ACTIVATION_SWIGLU, MOE_GATE_TOPK_OF_SOFTMAX,
      0, 1, 0, 0.5},
     // the classic mixture: a softmax over all experts, every expert on every token
-    {"relu_softmax_all_experts", 41, 6, 10, 4, 4, MOE_ACTIVATION_RELU, MOE_GATE_TOPK_OF_SOFTMAX,
+    {"identity_softmax_all_experts", 41, 6, 10, 4, 4, MOE_ACTIVATION_IDENTITY,
+     MOE_GATE_TOPK_OF_SOFTMAX,
      0, 0, 1, 0.0},
     {"silu_k1", 37, 10, 12, 8, 1, MOE_ACTIVATION_SILU, MOE_GATE_TOPK_OF_SOFTMAX, 0, 0, 1, 0.0},
 };

@@ -78,7 +78,9 @@ typedef enum moe_activation {
     MOE_ACTIVATION_RELU = 0,
     MOE_ACTIVATION_GELU = 1,  /* exact: 0.5 x (1 + erf(x / sqrt 2)) */
     MOE_ACTIVATION_SILU = 2,  /* x * sigmoid(x) */
-    MOE_ACTIVATION_SWIGLU = 3 /* silu(gate) * up; W1 columns are [gate | up], 2F wide */
+    MOE_ACTIVATION_SWIGLU = 3, /* silu(gate) * up; W1 columns are [gate | up], 2F wide */
+    MOE_ACTIVATION_IDENTITY = 4 /* act(v) = v: linear experts, x W1 W2 + (b1 W2 + b2), of rank
+                                   <= min(D, F) (the classic mixture of linear experts) */
 } moe_activation_t;
 
 typedef enum moe_gate {

@@ -23,7 +23,7 @@ STATUS_NAMES = {
 }
 BACKENDS = {"cpu": 0, "cuda": 1}
 DTYPES = {"f32": 0, "bf16": 1, "f16": 2}
-ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swiglu": 3}
+ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swiglu": 3, "identity": 4}
 GATES = {"softmax_of_topk": 0, "topk_of_softmax": 1}
 PRIORITIES = {"position": 0, "score": 1}
 ROUTERS = {"token_choice": 0, "expert_choice": 1}

@@ -19,6 +19,7 @@ double act_fwd(int act, double v) {
     switch (act) {
     case MOE_ACTIVATION_RELU: return v > 0 ? v : 0.0;
     case MOE_ACTIVATION_GELU: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    case MOE_ACTIVATION_IDENTITY: return v;
     default: return v * sigmoid(v);  // SILU (and the gate half of SWIGLU)
     }
 }
@@ -28,6 +29,7 @@ double act_grad(int act, double v) {
     case MOE_ACTIVATION_RELU: return v > 0 ? 1.0 : 0.0;
     case MOE_ACTIVATION_GELU:
         return 0.5 * (1.0 + std::erf(v / std::sqrt(2.0))) + v * norm_pdf(v);
+    case MOE_ACTIVATION_IDENTITY: return 1.0;
     default: {
         double s = sigmoid(v);
         return s + v * s * (1.0 - s);
