@@ -279,7 +279,8 @@ MOE_API moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void
  * x is copied; the caller may reuse it after the call. NaN/Inf in x: NUMERIC_ERROR, y untouched,
  * nothing routed. Enqueued on stream (CUDA); complete on return (CPU). On CUDA the host waits
  * for the stream twice per forward: after the NaN/Inf count of x and after the gate (the
- * per-expert counts size the expert GEMMs); y is complete when the stream is. */
+ * per-expert counts size the expert GEMMs); y is complete when the stream is. With shared
+ * experts y includes them (docs/semantics.md), computed from x on this rank alone. */
 MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y,
                                        int64_t num_tokens, int training, void *stream);
 

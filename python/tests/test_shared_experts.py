@@ -72,3 +72,27 @@ def test_per_expert_outputs_match_the_fused_path():
     np.testing.assert_allclose(dxb, dxa, rtol=1e-4, atol=1e-6)
     for name in ("router_weight", "w1", "w2"):
         np.testing.assert_allclose(b.grad(name), a.grad(name), rtol=1e-4, atol=1e-6)
+
+
+def test_torch_module_exposes_the_shared_parameters():
+    torch = pytest.importorskip("torch")
+    import libmoe.torch as lt
+    kw = dict(num_shared_experts=2, shared_d_ff=6, shared_expert_gate=1, activation="swiglu",
+              seed=3)
+    m = lt.MoE(8, 12, 4, 2, **kw)
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert shapes["shared_w1"] == (2, 8, 12) and shapes["shared_w2"] == (2, 6, 8)
+    assert shapes["shared_gate"] == (8, 1)
+    ref = libmoe.Layer(libmoe.Context("cpu"), d_model=8, d_ff=12, num_experts=4, top_k=2, **kw)
+    x = np.random.default_rng(4).uniform(-1, 1, (5, 8)).astype(np.float32)
+    dy = np.random.default_rng(5).uniform(-1, 1, (5, 8)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    y = m(xt)
+    (y * torch.tensor(dy)).sum().backward()
+    np.testing.assert_allclose(y.detach().numpy(), ref.forward(x), rtol=1e-6, atol=1e-7)
+    dx = ref.backward(dy)
+    np.testing.assert_allclose(xt.grad.numpy(), dx, rtol=1e-6, atol=1e-7)
+    for name in ("shared_w1", "shared_b2", "shared_gate"):
+        g = getattr(m, name).grad.numpy()
+        assert np.abs(g).max() > 0
+        np.testing.assert_allclose(g, ref.grad(name), rtol=1e-6, atol=1e-7)
