@@ -50,6 +50,18 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     MOE_BUF(h_grp, s->G ? s->k1 * (int64_t)sizeof(int32_t) : 0);
     MOE_BUF(h_g1, s->G ? s->k1 * f : 0);
     MOE_BUF(h_g2, s->G ? K * f : 0);
+    /* shared experts: every token passes through each of the S */
+    const int64_t S = s->cfg.num_shared_experts;
+    const int64_t Fs = S ? moe_shared_d_ff(&s->cfg) : 0, Fs2 = S ? moe_shared_d_ff2(&s->cfg) : 0;
+    MOE_BUF(sh_hpre, S * Fs2 * f);
+    MOE_BUF(sh_act, S * Fs * v);
+    MOE_BUF(sh_ys, S * D * v);
+    MOE_BUF(sh_gate, S ? f : 0);
+    MOE_BUF(sh_dys, S ? D * v : 0);
+    MOE_BUF(sh_dact, Fs * f);
+    MOE_BUF(sh_dhpre, Fs2 * v);
+    MOE_BUF(sh_dxs, S ? D * v : 0);
+    MOE_BUF(sh_dlogit, S ? f : 0);
 #undef MOE_BUF
     return n;
 }

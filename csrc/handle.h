@@ -71,6 +71,11 @@ typedef struct moe_layer_state {
     int32_t *h_grp;
     double *hier_sums_h; /* (MOE_HIER_NSUMS(G, E)) */
     moe_hier_coefs_t hier_coefs;
+    /* shared experts (S = cfg.num_shared_experts > 0; NULL otherwise), per token: hpre
+     * (S, T, Fs2) f32, act (S, T, Fs), ys (S, T, D), gate (T) f32; backward scratch dys (T, D),
+     * dact (T, Fs) f32, dhpre (T, Fs2), dxs (T, D), dlogit (T) f32. Rows in cfg.dtype. */
+    float *sh_hpre, *sh_gate, *sh_dact, *sh_dlogit;
+    void *sh_act, *sh_ys, *sh_dys, *sh_dhpre, *sh_dxs;
 } moe_layer_state_t;
 
 /* the exchange plan of one forward with expert parallelism (host arrays) */

@@ -116,6 +116,31 @@ static moe_status_t validate_groups(const moe_layer_config_t *c) {
     return MOE_STATUS_SUCCESS;
 }
 
+/* the shared-expert block of the config (moe.h): S >= 0, a width when S > 0, and no setting
+ * that would be ignored */
+static moe_status_t validate_shared(const moe_layer_config_t *c) {
+    MOE_ARG(c->num_shared_experts >= 0 && c->num_shared_experts <= 1024,
+            "cfg->num_shared_experts %lld is not in [0, 1024]", (long long)c->num_shared_experts);
+    MOE_ARG(c->shared_d_ff >= 0 && c->shared_d_ff <= (1 << 22),
+            "cfg->shared_d_ff %lld is not in [0, 2^22] (0 = d_ff)", (long long)c->shared_d_ff);
+    MOE_ARG(c->shared_expert_gate == 0 || c->shared_expert_gate == 1,
+            "cfg->shared_expert_gate %d is not 0 or 1", c->shared_expert_gate);
+    MOE_ARG(c->num_shared_experts > 0 || c->shared_d_ff == 0,
+            "cfg->shared_d_ff %lld is set but cfg->num_shared_experts is 0",
+            (long long)c->shared_d_ff);
+    MOE_ARG(c->num_shared_experts > 0 || c->shared_expert_gate == 0,
+            "cfg->shared_expert_gate is 1 but cfg->num_shared_experts is 0");
+    if (c->num_shared_experts > 0 && c->d_model >= 1 && c->d_ff >= 1) {
+        int64_t fs = c->shared_d_ff > 0 ? c->shared_d_ff : c->d_ff;
+        int64_t fs2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * fs : fs;
+        MOE_ARG(c->d_model * fs2 <= MOE_MAX_NUMEL / c->num_shared_experts,
+                "shared expert weights of num_shared_experts x d_model x shared_d_ff = "
+                "%lld x %lld x %lld are too large",
+                (long long)c->num_shared_experts, (long long)c->d_model, (long long)fs2);
+    }
+    return MOE_STATUS_SUCCESS;
+}
+
 static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t backend) {
     MOE_ARG(c->struct_size == sizeof(moe_layer_config_t),
             "cfg->struct_size is %zu, expected %zu: start from moe_layer_config_default()",
@@ -129,7 +154,7 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
     MOE_ARG(c->top_k >= 1 && c->top_k <= c->num_experts,
             "cfg->top_k %lld is not in [1, num_experts = %lld]", (long long)c->top_k,
             (long long)c->num_experts);
-    MOE_ARG(c->activation >= MOE_ACTIVATION_RELU && c->activation <= MOE_ACTIVATION_SWIGLU,
+    MOE_ARG(c->activation >= MOE_ACTIVATION_RELU && c->activation <= MOE_ACTIVATION_IDENTITY,
             "cfg->activation %d is not a moe_activation_t", (int)c->activation);
     MOE_ARG(c->dtype >= MOE_DTYPE_F32 && c->dtype <= MOE_DTYPE_F16,
             "cfg->dtype %d is not a moe_dtype_t", (int)c->dtype);
@@ -160,6 +185,7 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
             "cfg->load_loss_coef must be finite and >= 0");
     MOE_ARG(isfinite(c->z_loss_coef) && c->z_loss_coef >= 0.0,
             "cfg->z_loss_coef must be finite and >= 0");
+    MOE_CHECK(validate_shared(c));
     int64_t f2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * c->d_ff : c->d_ff;
     MOE_ARG(c->d_model * f2 <= MOE_MAX_NUMEL / c->num_experts,
             "expert weights of num_experts x d_model x d_ff = %lld x %lld x %lld are too large",
@@ -190,10 +216,16 @@ static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v)
     case MOE_PARAM_W1:
     case MOE_PARAM_B1:
     case MOE_PARAM_SECONDARY_ROUTER_WEIGHT: bound = 1.0f / sqrtf((float)s->D); break;
+    case MOE_PARAM_SHARED_W1:
+    case MOE_PARAM_SHARED_B1:
+    case MOE_PARAM_SHARED_GATE: bound = 1.0f / sqrtf((float)s->D); break;
+    case MOE_PARAM_SHARED_W2:
+    case MOE_PARAM_SHARED_B2: bound = 1.0f / sqrtf((float)moe_shared_d_ff(&s->cfg)); break;
     default: bound = 1.0f / sqrtf((float)s->F); break; /* W2, B2 */
     }
+    /* replicated parameters are the same on every rank: indexed by their own element */
     int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT ||
-                     p == MOE_PARAM_SECONDARY_ROUTER_WEIGHT;
+                     p == MOE_PARAM_SECONDARY_ROUTER_WEIGHT || p >= MOE_PARAM_SHARED_W1;
     for (int64_t i = 0; i < n; ++i)
         v[i] = bound == 0.0f ? 0.0f
                              : moe_init_uniform(seed, (uint32_t)p,
@@ -222,6 +254,16 @@ static moe_status_t alloc_params(moe_layer_t *L) {
     s->numel[MOE_PARAM_B1] = s->cfg.expert_bias ? s->E_local * s->F2 : 0;
     s->numel[MOE_PARAM_W2] = s->E_local * s->F * s->D;
     s->numel[MOE_PARAM_B2] = s->cfg.expert_bias ? s->E_local * s->D : 0;
+    {
+        const int64_t S = s->cfg.num_shared_experts;
+        const int64_t Fs = moe_shared_d_ff(&s->cfg), Fs2 = moe_shared_d_ff2(&s->cfg);
+        const int bias = s->cfg.expert_bias && S > 0;
+        s->numel[MOE_PARAM_SHARED_W1] = S * s->D * Fs2;
+        s->numel[MOE_PARAM_SHARED_B1] = bias ? S * Fs2 : 0;
+        s->numel[MOE_PARAM_SHARED_W2] = S * Fs * s->D;
+        s->numel[MOE_PARAM_SHARED_B2] = bias ? S * s->D : 0;
+        s->numel[MOE_PARAM_SHARED_GATE] = S > 0 && s->cfg.shared_expert_gate ? s->D : 0;
+    }
     int64_t maxn = 0;
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) maxn = s->numel[p] > maxn ? s->numel[p] : maxn;
     float *host = (float *)malloc((size_t)maxn * sizeof(float));
@@ -271,6 +313,7 @@ static uint64_t config_hash(const moe_layer_config_t *c) {
     MOE_MIX(c->activation); MOE_MIX(c->dtype); MOE_MIX(c->gate); MOE_MIX(c->renormalize);
     MOE_MIX(c->noisy_gating); MOE_MIX(c->priority); MOE_MIX(c->expert_bias); MOE_MIX(c->seed);
     MOE_MIX(c->num_chunks); MOE_MIX(c->router);
+    MOE_MIX(c->num_shared_experts); MOE_MIX(c->shared_d_ff); MOE_MIX(c->shared_expert_gate);
     {
         uint64_t bits;
         memcpy(&bits, &c->bias_update_rate, sizeof bits);
@@ -339,6 +382,10 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
                        "cfg->router MOE_ROUTER_HIERARCHICAL: the %s backend has no hierarchical "
                        "gate",
+                       ctx->ops->name);
+    if (cfg->num_shared_experts > 0 && !ctx->ops->shared_fwd)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "cfg->num_shared_experts: the %s backend has no shared-expert ops",
                        ctx->ops->name);
     MOE_ARG(cfg->num_experts % ctx->world == 0,
             "cfg->num_experts %lld is not divisible by the %d ranks of the communicator",
@@ -516,6 +563,48 @@ moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, vo
     return moe__scheduler_backward(layer, dy, dx, stream);
 }
 
+/* ---- per-expert outputs (unfused combine) ---- */
+
+static moe_status_t experts_out_supported(const moe_layer_t *layer) {
+    if (layer->s.cfg.num_shared_experts > 0)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
+                       "per-expert outputs of a layer with cfg->num_shared_experts = %lld: the "
+                       "shared experts have no place in the per-assignment rows",
+                       (long long)layer->s.cfg.num_shared_experts);
+    if (!layer->ctx->ops->experts_out_fwd || !layer->ctx->ops->experts_out_bwd)
+        return MOE_ERR(MOE_STATUS_NOT_SUPPORTED, "the %s backend has no per-expert outputs",
+                       layer->ctx->ops->name);
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
+                                       float *gate, int64_t num_tokens, int training,
+                                       void *stream) {
+    MOE_LAYER_ARG(layer);
+    MOE_CHECK(experts_out_supported(layer));
+    MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
+    MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
+    MOE_ARG(y_experts != NULL || num_tokens == 0, "y_experts is NULL");
+    MOE_ARG(gate != NULL || num_tokens == 0, "gate is NULL");
+    MOE_ARG(num_tokens <= INT32_MAX / layer->s.K,
+            "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
+            (long long)num_tokens, (long long)layer->s.K);
+    return moe__scheduler_forward_experts(layer, x, y_experts, gate, num_tokens, training,
+                                          stream);
+}
+
+moe_status_t moe_layer_backward_experts(moe_layer_t *layer, const void *dy_experts,
+                                        const float *dgate, void *dx, void *stream) {
+    MOE_LAYER_ARG(layer);
+    MOE_CHECK(experts_out_supported(layer));
+    MOE_ARG(dy_experts != NULL || layer->s.T == 0, "dy_experts is NULL");
+    MOE_ARG(dgate != NULL || layer->s.T == 0, "dgate is NULL");
+    MOE_ARG(dx != NULL || layer->s.T == 0, "dx is NULL");
+    MOE_ARG(layer->s.have_forward, "no successful forward to differentiate: call "
+                                   "moe_layer_forward_experts first");
+    return moe__scheduler_backward_experts(layer, dy_experts, dgate, dx, stream);
+}
+
 moe_status_t moe_layer_zero_grad(moe_layer_t *layer, void *stream) {
     MOE_LAYER_ARG(layer);
     size_t esz = moe_dtype_size(layer->s.cfg.dtype);
@@ -549,9 +638,13 @@ moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream) 
     moe_context_t *ctx = layer->ctx;
     if (ctx->world == 1) return MOE_STATUS_SUCCESS;
     MOE_ARG(layer->s.cfg.dtype == MOE_DTYPE_F32, "router gradient all-reduce needs f32 storage");
-    moe_param_t which[3] = {MOE_PARAM_ROUTER_WEIGHT, MOE_PARAM_NOISE_WEIGHT,
-                            MOE_PARAM_SECONDARY_ROUTER_WEIGHT};
-    for (int i = 0; i < 3; ++i)
+    /* the replicated parameters: the routers', and the shared experts' */
+    const moe_param_t which[] = {MOE_PARAM_ROUTER_WEIGHT, MOE_PARAM_NOISE_WEIGHT,
+                                 MOE_PARAM_SECONDARY_ROUTER_WEIGHT,
+                                 MOE_PARAM_SHARED_W1,     MOE_PARAM_SHARED_B1,
+                                 MOE_PARAM_SHARED_W2,     MOE_PARAM_SHARED_B2,
+                                 MOE_PARAM_SHARED_GATE};
+    for (size_t i = 0; i < sizeof which / sizeof which[0]; ++i)
         if (layer->s.grad[which[i]])
             MOE_CHECK(moe__comm_allreduce_f32(ctx->comm, &ctx->mem,
                                               (float *)layer->s.grad[which[i]],

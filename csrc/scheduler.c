@@ -295,6 +295,69 @@ static moe_status_t gate_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, void
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * shared experts: every token of this rank through each of them. They read x and their own
+ * replicated parameters only, never the routing or anything an exchange moves.
+ * ------------------------------------------------------------------------------------------- */
+
+static moe_status_t shared_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *y,
+                               void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_shared_fwd_args_t a = {.layer = bl,
+                                     .T = s->T,
+                                     .x = s->x,
+                                     .w1 = s->param[MOE_PARAM_SHARED_W1],
+                                     .b1 = s->param[MOE_PARAM_SHARED_B1],
+                                     .w2 = s->param[MOE_PARAM_SHARED_W2],
+                                     .b2 = s->param[MOE_PARAM_SHARED_B2],
+                                     .w_gate = s->param[MOE_PARAM_SHARED_GATE],
+                                     .hpre = s->sh_hpre,
+                                     .act = s->sh_act,
+                                     .ys = s->sh_ys,
+                                     .gate = s->sh_gate,
+                                     .y = y};
+    return L->ctx->ops->shared_fwd(L->ctx, &a, stream);
+}
+
+static moe_status_t shared_combine_bwd(moe_layer_t *L, const moe_backend_layer_t *bl,
+                                       const void *dy, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_shared_combine_bwd_args_t a = {.layer = bl,
+                                             .T = s->T,
+                                             .gated = s->param[MOE_PARAM_SHARED_GATE] != NULL,
+                                             .dy = dy,
+                                             .ys = s->sh_ys,
+                                             .gate = s->sh_gate,
+                                             .dys = s->sh_dys,
+                                             .dlogit = s->sh_dlogit};
+    return L->ctx->ops->shared_combine_bwd(L->ctx, &a, stream);
+}
+
+static moe_status_t shared_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *dx,
+                               void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_shared_bwd_args_t a = {.layer = bl,
+                                     .T = s->T,
+                                     .x = s->x,
+                                     .w1 = s->param[MOE_PARAM_SHARED_W1],
+                                     .w2 = s->param[MOE_PARAM_SHARED_W2],
+                                     .w_gate = s->param[MOE_PARAM_SHARED_GATE],
+                                     .dw1 = s->grad[MOE_PARAM_SHARED_W1],
+                                     .db1 = s->grad[MOE_PARAM_SHARED_B1],
+                                     .dw2 = s->grad[MOE_PARAM_SHARED_W2],
+                                     .db2 = s->grad[MOE_PARAM_SHARED_B2],
+                                     .dw_gate = s->grad[MOE_PARAM_SHARED_GATE],
+                                     .hpre = s->sh_hpre,
+                                     .act = s->sh_act,
+                                     .dys = s->sh_dys,
+                                     .dlogit = s->sh_dlogit,
+                                     .dact = s->sh_dact,
+                                     .dhpre = s->sh_dhpre,
+                                     .dxs = s->sh_dxs,
+                                     .dx = dx};
+    return L->ctx->ops->shared_bwd(L->ctx, &a, stream);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * the expert side
  * ------------------------------------------------------------------------------------------- */
 
@@ -516,8 +579,31 @@ static moe_status_t expert_pipeline(moe_layer_t *L, const moe_backend_layer_t *b
     return st;
 }
 
-moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int64_t T,
-                                    int training, void *stream) {
+/* per-expert outputs: the combine left to the caller (moe_layer_forward_experts) */
+static moe_status_t experts_out_fwd(moe_layer_t *L, const moe_backend_layer_t *bl, void *ye,
+                                    float *ge, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_experts_out_fwd_args_t a = {
+        .layer = bl, .T = s->T, .yp = s->yp, .row = s->row, .gate = s->gate, .ye = ye, .ge = ge};
+    return L->ctx->ops->experts_out_fwd(L->ctx, &a, stream);
+}
+
+static moe_status_t experts_out_bwd(moe_layer_t *L, const moe_backend_layer_t *bl,
+                                    const void *dye, const float *dge, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    const moe_experts_out_bwd_args_t a = {.layer = bl,
+                                          .T = s->T,
+                                          .dye = dye,
+                                          .dge = dge,
+                                          .row = s->row,
+                                          .dyp = s->dyp,
+                                          .dgate = s->dg};
+    return L->ctx->ops->experts_out_bwd(L->ctx, &a, stream);
+}
+
+/* the forward; with ye (per-expert outputs) the combine is experts_out_fwd instead */
+static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, float *ge,
+                            int64_t T, int training, void *stream) {
     moe_context_t *ctx = L->ctx;
     const moe_backend_ops_t *ops = ctx->ops;
     moe_layer_state_t *s = &L->s;
@@ -635,14 +721,31 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
         MOE_CHECK(mark(L, MOE_PHASE_EXPERTS, &t0, stream));
     }
 
-    if (T > 0) MOE_CHECK(combine_fwd(L, &bl, y, stream));
+    if (T > 0 && ye) MOE_CHECK(experts_out_fwd(L, &bl, ye, ge, stream));
+    else if (T > 0) MOE_CHECK(combine_fwd(L, &bl, y, stream));
+    /* shared experts: on the caller's stream after the combine (they wait for no exchange, but
+     * nothing runs them beside it yet); timed as part of the combine */
+    if (T > 0 && !ye && s->cfg.num_shared_experts > 0) MOE_CHECK(shared_fwd(L, &bl, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
     s->have_forward = 1;
     if (L->trace) MOE_CHECK(moe__trace_write(L));
     return MOE_STATUS_SUCCESS;
 }
 
-moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {
+moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int64_t T,
+                                    int training, void *stream) {
+    return forward(L, x, y, NULL, NULL, T, training, stream);
+}
+
+moe_status_t moe__scheduler_forward_experts(moe_layer_t *L, const void *x, void *ye, float *ge,
+                                            int64_t T, int training, void *stream) {
+    return forward(L, x, NULL, ye, ge, T, training, stream);
+}
+
+/* the backward; with dye (gradients of the per-expert outputs) the combine's backward is
+ * experts_out_bwd instead */
+static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, const float *dge,
+                             void *dx, void *stream) {
     moe_context_t *ctx = L->ctx;
     moe_layer_state_t *s = &L->s;
     const int ep = ctx->world > 1;
@@ -652,7 +755,10 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     double t0 = moe_now_s();
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
-    if (T > 0) MOE_CHECK(combine_bwd(L, &bl, dy, stream));
+    if (T > 0 && dye) MOE_CHECK(experts_out_bwd(L, &bl, dye, dge, stream));
+    else if (T > 0) MOE_CHECK(combine_bwd(L, &bl, dy, stream));
+    const int shared = T > 0 && !dye && s->cfg.num_shared_experts > 0;
+    if (shared) MOE_CHECK(shared_combine_bwd(L, &bl, dy, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_COMBINE, &t0, stream));
 
     if (ep) {
@@ -667,6 +773,17 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     MOE_CHECK(mark(L, MOE_PHASE_BWD_UNPERMUTE, &t0, stream));
     /* forced gates are data, not a function of the router: no router gradient */
     if (T > 0 && !L->forced_last) MOE_CHECK(gate_bwd(L, &bl, dx, stream));
+    /* shared experts' weight gradients and their share of dx; timed with the gate backward */
+    if (shared) MOE_CHECK(shared_bwd(L, &bl, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_GATE, &t0, stream));
     return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {
+    return backward(L, dy, NULL, NULL, dx, stream);
+}
+
+moe_status_t moe__scheduler_backward_experts(moe_layer_t *L, const void *dye, const float *dge,
+                                             void *dx, void *stream) {
+    return backward(L, NULL, dye, dge, dx, stream);
 }

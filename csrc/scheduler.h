@@ -11,6 +11,11 @@ extern "C" {
 moe_status_t moe__scheduler_forward(moe_layer_t *layer, const void *x, void *y, int64_t T,
                                     int training, void *stream);
 moe_status_t moe__scheduler_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream);
+/* the same with per-expert outputs (moe_layer_forward_experts / moe_layer_backward_experts) */
+moe_status_t moe__scheduler_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
+                                            float *gate, int64_t T, int training, void *stream);
+moe_status_t moe__scheduler_backward_experts(moe_layer_t *layer, const void *dy_experts,
+                                             const float *dgate, void *dx, void *stream);
 
 #ifdef __cplusplus
 }

@@ -198,6 +198,90 @@ typedef struct moe_gate_hier_bwd_args {
     void *dw_primary, *dw_secondary;     /* gradients (accumulated) */
     void *dx;                            /* (T, D) accumulated */
 } moe_gate_hier_bwd_args_t;
+/* ---- shared experts (cfg.num_shared_experts = S > 0): every token through each of them ----
+ * Letters: S shared experts, Fs = moe_shared_d_ff(cfg), Fs2 = 2 Fs for SWIGLU (else Fs). They
+ * read only x and their own (replicated) parameters, never the routing or the exchange. */
+
+static inline int64_t moe_shared_d_ff(const moe_layer_config_t *c) {
+    return c->shared_d_ff > 0 ? c->shared_d_ff : c->d_ff;
+}
+
+static inline int64_t moe_shared_d_ff2(const moe_layer_config_t *c) {
+    return c->activation == MOE_ACTIVATION_SWIGLU ? 2 * moe_shared_d_ff(c) : moe_shared_d_ff(c);
+}
+
+/* shared_fwd: ys_s = FFN_s(x) for every s, gate[t] = sigmoid(x[t] . w_gate) (1 without the
+ * gate), then y[t] += gate[t] * sum_s ys_s[t] (summed in s order) */
+typedef struct moe_shared_fwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *x;        /* (T, D) */
+    const void *w1, *b1;  /* (S, D, Fs2), (S, Fs2) or NULL */
+    const void *w2, *b2;  /* (S, Fs, D), (S, D) or NULL */
+    const void *w_gate;   /* (D) or NULL: ungated */
+    float *hpre;          /* (S, T, Fs2) out, f32: kept for backward */
+    void *act;            /* (S, T, Fs) out: kept for backward */
+    void *ys;             /* (S, T, D) out: each shared expert's output rows */
+    float *gate;          /* (T) out */
+    void *y;              /* (T, D) accumulated */
+} moe_shared_fwd_args_t;
+
+/* shared_combine_bwd: dys[t] = gate[t] dy[t];  dlogit[t] = <dy[t], sum_s ys_s[t]> gate (1 - gate)
+ * (0 without the gate). Runs while dy is intact (dx may alias dy). */
+typedef struct moe_shared_combine_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    int gated;
+    const void *dy;    /* (T, D) */
+    const void *ys;    /* (S, T, D) the forward's */
+    const float *gate; /* (T) the forward's */
+    void *dys;         /* (T, D) out: gradient of every shared expert's output rows */
+    float *dlogit;     /* (T) out: gradient of x . w_gate */
+} moe_shared_combine_bwd_args_t;
+
+/* shared_bwd: each shared expert's backward from dys (weight gradients accumulated, its dX
+ * added into dx in s order), then the gate: dw_gate += sum_t dlogit[t] x[t] (t order),
+ * dx[t] += dlogit[t] w_gate */
+typedef struct moe_shared_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *x;                /* (T, D) the forward's input */
+    const void *w1, *w2, *w_gate; /* as moe_shared_fwd_args_t */
+    void *dw1, *db1, *dw2, *db2;  /* gradients (accumulated), db1/db2 NULL without biases */
+    void *dw_gate;                /* (D) accumulated, or NULL without the gate */
+    const float *hpre;            /* (S, T, Fs2) the forward's */
+    const void *act;              /* (S, T, Fs) the forward's */
+    const void *dys;              /* (T, D) from shared_combine_bwd */
+    const float *dlogit;          /* (T) from shared_combine_bwd */
+    float *dact;                  /* (T, Fs) scratch, f32 */
+    void *dhpre;                  /* (T, Fs2) scratch */
+    void *dxs;                    /* (T, D) scratch: one shared expert's dX */
+    void *dx;                     /* (T, D) accumulated */
+} moe_shared_bwd_args_t;
+
+/* ---- per-expert outputs (unfused combine, moe_layer_forward_experts) ---- */
+
+/* experts_out_fwd: ye[t, j] = kept ? yp[row[t, j]] : 0;  ge[t, j] = kept ? gate[t, j] : 0 */
+typedef struct moe_experts_out_fwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *yp;     /* (N, D) the experts' output rows, route order */
+    const int32_t *row; /* (T, K) */
+    const float *gate;  /* (T, K) */
+    void *ye;           /* (T, K, D) out */
+    float *ge;          /* (T, K) out */
+} moe_experts_out_fwd_args_t;
+
+/* experts_out_bwd: dyp[row[t, j]] = dye[t, j];  dgate[t, j] = kept ? dge[t, j] : 0 */
+typedef struct moe_experts_out_bwd_args {
+    const moe_backend_layer_t *layer;
+    int64_t T;
+    const void *dye;    /* (T, K, D) */
+    const float *dge;   /* (T, K) */
+    const int32_t *row; /* (T, K) */
+    void *dyp;          /* (N, D) out: gradient of the output rows, route order */
+    float *dgate;       /* (T, K) out */
+} moe_experts_out_bwd_args_t;
 
 struct moe_optim_scalars; /* core/optim_update.h */
 

@@ -204,6 +204,48 @@ cudaError_t moe_k_add_f32(void *dst, int dtype, const float *src, int64_t n,
 cudaError_t moe_k_colsum_add(void *dB, const void *A, int64_t n, const int64_t *offsets,
                              int64_t E_local, int dtype, cudaStream_t stream);
 
+/* ---- shared.cu: the shared experts (S of them, every token through each) ------------------- */
+
+/* rows of C (N, n): bias (n, dtype) or 0; C in f32 when c_f32, else in dtype */
+cudaError_t moe_k_rows_bias(void *C, int c_f32, int64_t N, int64_t n, const void *bias,
+                            int dtype, cudaStream_t stream);
+
+/* dB (n) += column sums of A (N, n), rows in order */
+cudaError_t moe_k_rows_colsum_add(void *dB, const void *A, int64_t N, int64_t n, int dtype,
+                                  cudaStream_t stream);
+
+/* dst (n) += src (n), both in dtype */
+cudaError_t moe_k_rows_add(void *dst, const void *src, int64_t n, int dtype,
+                           cudaStream_t stream);
+
+/* gate[t] = sigmoid(x[t] . w_gate) (1 when w_gate is NULL); y[t] += gate[t] sum_s ys[s, t]
+ * (s order). x, y (T, D), ys (S, T, D), w_gate (D) in dtype */
+cudaError_t moe_k_shared_fwd(const void *x, const void *w_gate, const void *ys, int64_t S,
+                             int64_t T, int64_t D, int dtype, float *gate, void *y,
+                             cudaStream_t stream);
+
+/* dys[t] = gate[t] dy[t];  dlogit[t] = <dy[t], sum_s ys[s, t]> gate (1 - gate) (0 ungated) */
+cudaError_t moe_k_shared_combine_bwd(const void *dy, const void *ys, const float *gate,
+                                     int64_t S, int64_t T, int64_t D, int gated, int dtype,
+                                     void *dys, float *dlogit, cudaStream_t stream);
+
+/* dw_gate (D) += sum_t dlogit[t] x[t] (token order);  dx[t] += dlogit[t] w_gate */
+cudaError_t moe_k_shared_gate_bwd(const void *x, const void *w_gate, const float *dlogit,
+                                  int64_t T, int64_t D, int dtype, void *dw_gate, void *dx,
+                                  cudaStream_t stream);
+
+/* ---- experts_out.cu: per-expert outputs (unfused combine) ---------------------------------- */
+
+/* ye[t, j] = row >= 0 ? yp[row[t, j]] : 0;  ge[t, j] = row >= 0 ? gate[t, j] : 0 */
+cudaError_t moe_k_experts_out_fwd(const void *yp, const int32_t *row, const float *gate,
+                                  int64_t T, int64_t K, int64_t D, int dtype, void *ye, float *ge,
+                                  cudaStream_t stream);
+
+/* dyp[row[t, j]] = dye[t, j];  dg[t, j] = row >= 0 ? dge[t, j] : 0 */
+cudaError_t moe_k_experts_out_bwd(const void *dye, const float *dge, const int32_t *row,
+                                  int64_t T, int64_t K, int64_t D, int dtype, void *dyp,
+                                  float *dg, cudaStream_t stream);
+
 /* ---- optimizer ------------------------------------------------------------------------------ */
 
 struct moe_optim_scalars;

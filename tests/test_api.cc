@@ -182,7 +182,7 @@ TEST_F(ApiLayer, CreateRejectsEveryBadField) {
         {"top_k", [](moe_layer_config_t *c) { c->top_k = 0; }, MOE_STATUS_INVALID_ARGUMENT},
         {"top_k", [](moe_layer_config_t *c) { c->top_k = -1; }, MOE_STATUS_INVALID_ARGUMENT},
         {"top_k", [](moe_layer_config_t *c) { c->top_k = c->num_experts + 1; }, MOE_STATUS_INVALID_ARGUMENT},
-        {"activation", [](moe_layer_config_t *c) { c->activation = (moe_activation_t)4; }, MOE_STATUS_INVALID_ARGUMENT},
+        {"activation", [](moe_layer_config_t *c) { c->activation = (moe_activation_t)5; }, MOE_STATUS_INVALID_ARGUMENT},
         {"activation", [](moe_layer_config_t *c) { c->activation = (moe_activation_t)-1; }, MOE_STATUS_INVALID_ARGUMENT},
         {"dtype", [](moe_layer_config_t *c) { c->dtype = (moe_dtype_t)3; }, MOE_STATUS_INVALID_ARGUMENT},
         {"dtype", [](moe_layer_config_t *c) { c->dtype = MOE_DTYPE_BF16; }, MOE_STATUS_NOT_SUPPORTED},

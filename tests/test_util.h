@@ -94,8 +94,9 @@ double rel_err(const std::vector<A> &a, const std::vector<double> &b, double flo
 inline double scalar_err(double a, double b) { return std::fabs(a - b) / std::max(1.0, std::fabs(b)); }
 
 inline const char *param_name(int p) {
-    static const char *n[] = {"Wg", "Wn", "W1", "b1", "W2", "b2", "Ws"};
-    return n[p];
+    static const char *n[] = {"Wg", "Wn", "W1", "b1", "W2", "b2", "Ws",
+                              "sW1", "sb1", "sW2", "sb2", "wsg"};
+    return p >= 0 && p < (int)(sizeof n / sizeof n[0]) ? n[p] : "param";
 }
 
 // Tolerances (f32 library vs f64 reference), relative error by max-norm over a tensor:

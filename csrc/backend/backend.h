@@ -61,6 +61,20 @@ struct moe_backend_ops {
                                   void *stream);
     moe_status_t (*gate_hier_bwd)(moe_context_t *ctx, const moe_gate_hier_bwd_args_t *a,
                                   void *stream);
+    /* shared experts (state.h): forward after combine_fwd; shared_combine_bwd after
+     * combine_bwd (dy still intact), shared_bwd after gate_bwd. Optional: a backend without them
+     * refuses layers with shared experts (NOT_SUPPORTED at moe_layer_create). */
+    moe_status_t (*shared_fwd)(moe_context_t *ctx, const moe_shared_fwd_args_t *a, void *stream);
+    moe_status_t (*shared_combine_bwd)(moe_context_t *ctx, const moe_shared_combine_bwd_args_t *a,
+                                       void *stream);
+    moe_status_t (*shared_bwd)(moe_context_t *ctx, const moe_shared_bwd_args_t *a, void *stream);
+
+    /* per-expert outputs (state.h): in place of combine_fwd / combine_bwd for
+     * moe_layer_forward_experts / moe_layer_backward_experts. Optional (NULL: NOT_SUPPORTED). */
+    moe_status_t (*experts_out_fwd)(moe_context_t *ctx, const moe_experts_out_fwd_args_t *a,
+                                    void *stream);
+    moe_status_t (*experts_out_bwd)(moe_context_t *ctx, const moe_experts_out_bwd_args_t *a,
+                                    void *stream);
 
     /* optional (NULL: no optimizer on this backend): one optimizer step in backend memory */
     moe_status_t (*optim_update)(moe_context_t *ctx, const moe_optim_args_t *a, void *stream);

@@ -11,6 +11,7 @@
 #define MOE_ACT_GELU 1
 #define MOE_ACT_SILU 2
 #define MOE_ACT_SWIGLU 3
+#define MOE_ACT_IDENTITY 4
 
 static inline MOE_HD float moe_act_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -19,6 +20,7 @@ static inline MOE_HD float moe_act_fwd(int act, float x) {
     switch (act) {
     case MOE_ACT_RELU: return x > 0.0f ? x : 0.0f;
     case MOE_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    case MOE_ACT_IDENTITY: return x;
     default: return x * moe_act_sigmoid(x); /* SILU */
     }
 }
@@ -30,6 +32,7 @@ static inline MOE_HD float moe_act_grad(int act, float x) {
     case MOE_ACT_GELU:
         return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) +
                x * 0.3989422804014327f * expf(-0.5f * x * x);
+    case MOE_ACT_IDENTITY: return 1.0f;
     default: {
         float s = moe_act_sigmoid(x);
         return s * (1.0f + x * (1.0f - s));

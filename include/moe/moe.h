@@ -78,7 +78,9 @@ typedef enum moe_activation {
     MOE_ACTIVATION_RELU = 0,
     MOE_ACTIVATION_GELU = 1,  /* exact: 0.5 x (1 + erf(x / sqrt 2)) */
     MOE_ACTIVATION_SILU = 2,  /* x * sigmoid(x) */
-    MOE_ACTIVATION_SWIGLU = 3 /* silu(gate) * up; W1 columns are [gate | up], 2F wide */
+    MOE_ACTIVATION_SWIGLU = 3, /* silu(gate) * up; W1 columns are [gate | up], 2F wide */
+    MOE_ACTIVATION_IDENTITY = 4 /* act(v) = v: linear experts, x W1 W2 + (b1 W2 + b2), of rank
+                                   <= min(D, F) (the classic mixture of linear experts) */
 } moe_activation_t;
 
 typedef enum moe_gate {
@@ -175,6 +177,16 @@ typedef struct moe_layer_config {
      * (MOE_PARAM_SECONDARY_ROUTER_WEIGHT) picks k2 = top_k / k1 of its experts (top_k divisible
      * by k1, k2 <= E / G), so a token still has top_k experts. Gate modes apply at each level; no
      * gating noise, no selection bias. Losses: both levels' (docs/semantics.md). ---- */
+
+    /* ---- shared experts (Qwen2-MoE, DeepSeek-V2/V3): always active, on every token ---- */
+    int64_t num_shared_experts; /* S >= 0 experts that every token passes through, besides its
+                                   routed ones: y += g_s(x) * sum_s FFN_s(x); same activation
+                                   and expert_bias setting as the routed experts. 0 = none.
+                                   With expert parallelism every rank holds all S (replicated,
+                                   computed on its own tokens). */
+    int64_t shared_d_ff;        /* hidden width of each shared expert; 0 = d_ff */
+    int shared_expert_gate;     /* 1: g_s(x) = sigmoid(x . w_sg), w_sg (D, 1), as Qwen2-MoE's
+                                   shared_expert_gate; 0: g_s = 1 (DeepSeek). Needs S > 0. */
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
@@ -182,7 +194,8 @@ typedef struct moe_layer_config {
 
 /* Defaults: D 512, F 2048, E 8, K 2, GELU, F32, SOFTMAX_OF_TOPK, renormalize 1, noisy 0,
  * dropless (capacity_factor 0), POSITION priority, all loss coefs 0, expert_bias 1, seed 1234;
- * score_func SOFTMAX, routed_scaling_factor 1, no groups, group_score TOP2_SUM, no dropout. */
+ * score_func SOFTMAX, routed_scaling_factor 1, no groups, group_score TOP2_SUM, no dropout;
+ * no shared experts. */
 MOE_API moe_layer_config_t moe_layer_config_default(void);
 
 /* Fills *cfg with the routed-expert layer of a named model family: "mixtral", "qwen2-moe",
@@ -276,7 +289,14 @@ typedef enum moe_param {
     /* hierarchical routing: replicated on every rank like Wg */
     MOE_PARAM_SECONDARY_ROUTER_WEIGHT = 6, /* (num_groups, D, E / num_groups), only when router =
                                               HIERARCHICAL: group g's router */
-    MOE_PARAM_COUNT = 7
+    /* shared experts (only when num_shared_experts = S > 0; Fs = shared_d_ff or d_ff, Fs2 = 2 Fs
+     * for SWIGLU, else Fs): replicated on every rank, never split over ranks */
+    MOE_PARAM_SHARED_W1 = 7,    /* (S, D, Fs2), [gate | up] for SWIGLU */
+    MOE_PARAM_SHARED_B1 = 8,    /* (S, Fs2), only when expert_bias */
+    MOE_PARAM_SHARED_W2 = 9,    /* (S, Fs, D) */
+    MOE_PARAM_SHARED_B2 = 10,   /* (S, D), only when expert_bias */
+    MOE_PARAM_SHARED_GATE = 11, /* w_sg (D, 1), only when shared_expert_gate */
+    MOE_PARAM_COUNT = 12
 } moe_param_t;
 
 /* Creates a layer on ctx. The config is validated (INVALID_ARGUMENT naming the field); the
@@ -294,7 +314,9 @@ MOE_API moe_status_t moe_layer_get_config(const moe_layer_t *layer, moe_layer_co
 /* Pointers to a parameter and its gradient, owned by the layer, in the layer's dtype, on the
  * context's backend (device pointers for CUDA). The user may read and write both (an optimizer
  * updates *value in place). value, grad, numel may each be NULL. A parameter that the config
- * turns off (NOISE_WEIGHT without noisy_gating, B1/B2 without expert_bias) gives NULL, NULL, 0
+ * turns off (NOISE_WEIGHT without noisy_gating, B1/B2 without expert_bias, the SHARED_* ones
+ * without shared experts, SHARED_B1/B2 without expert_bias, SHARED_GATE without
+ * shared_expert_gate) gives NULL, NULL, 0
  * and SUCCESS. Pointers stay valid until the layer is destroyed. */
 MOE_API moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void **value,
                                      void **grad, int64_t *numel);
@@ -307,7 +329,8 @@ MOE_API moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void
  * x is copied; the caller may reuse it after the call. NaN/Inf in x: NUMERIC_ERROR, y untouched,
  * nothing routed. Enqueued on stream (CUDA); complete on return (CPU). On CUDA the host waits
  * for the stream twice per forward: after the NaN/Inf count of x and after the gate (the
- * per-expert counts size the expert GEMMs); y is complete when the stream is. */
+ * per-expert counts size the expert GEMMs); y is complete when the stream is. With shared
+ * experts y includes them (docs/semantics.md), computed from x on this rank alone. */
 MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y,
                                        int64_t num_tokens, int training, void *stream);
 
@@ -317,6 +340,31 @@ MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *
  * more than once per forward (gradients accumulate again). */
 MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx,
                                         void *stream);
+
+/* ---- per-expert outputs (unfused combine) ----
+ * The same layer with the combine left to the caller, for losses that need each expert's own
+ * output (the competitive mixture of Jacobs et al. 1991, docs/competitive-moe.md). W =
+ * moe_layer_routing_width. Forward: y_experts (num_tokens, W, D) in the layer's dtype receives,
+ * for each token t and assignment j (best first, as moe_layer_routing), FFN_{idx_j}(x[t]), and
+ * gate (num_tokens, W, f32) its gate weight g[t, j]; a dropped assignment (capacity; for expert
+ * choice every expert that did not choose the token) gives a zero row and gate 0. Then
+ * sum_j gate[t, j] y_experts[t, j] is what moe_layer_forward returns. Everything else is as
+ * moe_layer_forward (routing, stats, aux losses, noise counter, traces, the host waits); both
+ * arrays are backend memory. A layer with shared experts: NOT_SUPPORTED (they have no place in
+ * the per-assignment rows). */
+MOE_API moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x,
+                                               void *y_experts, float *gate,
+                                               int64_t num_tokens, int training, void *stream);
+
+/* Backward of the last successful forward (either kind) from the gradients of the per-expert
+ * outputs: dy_experts (num_tokens, W, D) in the layer's dtype and dgate (num_tokens, W, f32);
+ * dx (num_tokens, D) out (overwritten). The entries of dropped assignments are ignored (their
+ * outputs are constants). Every parameter gradient is accumulated (+=) as by
+ * moe_layer_backward, the aux losses' included: the gate gradient flows into the router as in
+ * the fused path. With dy_experts[t, j] = g[t, j] dy[t] and dgate[t, j] = <dy[t],
+ * y_experts[t, j]> it computes what moe_layer_backward(dy) does. */
+MOE_API moe_status_t moe_layer_backward_experts(moe_layer_t *layer, const void *dy_experts,
+                                                const float *dgate, void *dx, void *stream);
 
 /* Width of the routing arrays (moe_layer_routing, moe_layer_force_routing, traces): top_k for
  * token choice and hierarchical routing, num_experts for expert choice. Pure query; 0 for an
@@ -346,10 +394,12 @@ MOE_API moe_status_t moe_layer_expert_mask(const moe_layer_t *layer, uint8_t *ma
 MOE_API moe_status_t moe_layer_expert_availability(const moe_layer_t *layer, uint8_t *available,
                                                    int64_t *num_available);
 
-/* Sums the router (and noise, and secondary router) weight gradients over the ranks of the
- * context's communicator, in place, so the replicated router weights stay equal after an
- * optimizer step. Off unless called;
- * a no-op on one rank. Collective. Expert weights are owned by one rank and need no reduction. */
+/* Sums the gradients of the replicated parameters over the ranks of the context's communicator,
+ * in place, so that they stay equal on every rank after an optimizer step: the router and noise
+ * weights, the secondary routers of hierarchical routing, and every shared-expert parameter
+ * (MOE_PARAM_SHARED_*), each computed by a rank from its own tokens. Off unless called; a no-op
+ * on one rank. Collective. f32 storage only. Routed expert weights are owned by one rank and
+ * need no reduction. (The name predates shared experts.) */
 MOE_API moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream);
 
 /* Sets every parameter gradient to zero. */
@@ -430,13 +480,14 @@ typedef enum moe_phase {
     MOE_PHASE_DISPATCH,       /* counts + rows to the experts' ranks, regroup */
     MOE_PHASE_EXPERTS,        /* expert FFNs */
     MOE_PHASE_RETURN,         /* rows back to the tokens' ranks */
-    MOE_PHASE_COMBINE,        /* weighted sum into y */
-    MOE_PHASE_BWD_COMBINE,    /* dgate and the per-row dY */
+    MOE_PHASE_COMBINE,        /* weighted sum into y, then the shared experts (if any) */
+    MOE_PHASE_BWD_COMBINE,    /* dgate and the per-row dY (and the shared experts' dY) */
     MOE_PHASE_BWD_DISPATCH,   /* dY rows to the experts' ranks */
     MOE_PHASE_BWD_EXPERTS,    /* expert weight gradients and dX rows */
     MOE_PHASE_BWD_RETURN,     /* dX rows back */
     MOE_PHASE_BWD_UNPERMUTE,  /* dx from the dX rows */
-    MOE_PHASE_BWD_GATE,       /* gate, aux-loss and noise-network backward, router GEMMs */
+    MOE_PHASE_BWD_GATE,       /* gate, aux-loss and noise-network backward, router GEMMs,
+                                 then the shared experts' backward (if any) */
     MOE_PHASE_COUNT
 } moe_phase_t;
 

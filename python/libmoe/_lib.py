@@ -23,7 +23,7 @@ STATUS_NAMES = {
 }
 BACKENDS = {"cpu": 0, "cuda": 1}
 DTYPES = {"f32": 0, "bf16": 1, "f16": 2}
-ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swiglu": 3}
+ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swiglu": 3, "identity": 4}
 GATES = {"softmax_of_topk": 0, "topk_of_softmax": 1}
 PRIORITIES = {"position": 0, "score": 1}
 ROUTERS = {"token_choice": 0, "expert_choice": 1, "hierarchical": 2}
@@ -31,7 +31,8 @@ OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
 SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
 GROUP_SCORES = {"top2_sum": 0, "max": 1}
 PARAMS = {"router_weight": 0, "noise_weight": 1, "w1": 2, "b1": 3, "w2": 4, "b2": 5,
-          "secondary_router_weight": 6}
+          "secondary_router_weight": 6, "shared_w1": 7, "shared_b1": 8, "shared_w2": 9,
+          "shared_b2": 10, "shared_gate": 11}
 
 # ---- structs ----------------------------------------------------------------------------------
 
@@ -67,6 +68,10 @@ class LayerConfig(Structure):
         ("topk_group", c_int64),
         ("group_score", c_int),
         ("expert_dropout", c_double),
+        # shared experts
+        ("num_shared_experts", c_int64),
+        ("shared_d_ff", c_int64),
+        ("shared_expert_gate", c_int),
     ]
 
 
@@ -144,6 +149,10 @@ def _declare(lib):
         "moe_layer_forward": (c_int, [c_void_p, c_void_p, c_void_p, c_int64, c_int, c_void_p]),
         "moe_layer_backward": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p]),
         "moe_layer_zero_grad": (c_int, [c_void_p, c_void_p]),
+        "moe_layer_forward_experts": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_int64,
+                                              c_int, c_void_p]),
+        "moe_layer_backward_experts": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p,
+                                               c_void_p]),
         "moe_layer_stats": (c_int, [c_void_p, P(RoutingStats), P(c_int64), P(c_int64)]),
         "moe_layer_routing": (c_int, [c_void_p, P(c_int32), P(c_float), P(c_int32)]),
         "moe_layer_routing_width": (c_int64, [c_void_p]),

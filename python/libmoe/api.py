@@ -273,6 +273,58 @@ class Layer(_Handle):
                "moe_layer_backward")
         return out
 
+    def forward_experts(self, x, training=True, stream=None, y_experts=None, gate=None,
+                        num_tokens=None):
+        """Per-expert outputs (moe_layer_forward_experts). CPU: (y_experts float32 (T, W, D),
+        gate float32 (T, W)) = forward_experts(x), W = moe_layer_routing_width; a dropped
+        assignment gives a zero row and gate 0. Device: pointers y_experts, gate and num_tokens;
+        returns None."""
+        h = self._live()
+        W = self._lib.moe_layer_routing_width(h)
+        if isinstance(x, int) or hasattr(x, "data_ptr") or \
+                hasattr(x, "__cuda_array_interface__"):
+            _arg(y_experts is not None and gate is not None and num_tokens is not None,
+                 "device forward_experts needs y_experts, gate (pointers) and num_tokens")
+            _check(self._lib.moe_layer_forward_experts(
+                h, _ptr(x), _ptr(y_experts), _ptr(gate),
+                _c_int(num_tokens, c_int64, "num_tokens"), int(bool(training)), _ptr(stream)),
+                "moe_layer_forward_experts")
+            return None
+        x = self._host_tokens(x, "x")
+        T = x.shape[0]
+        ye = np.empty((T, W, self.d_model), dtype=np.float32)
+        ge = np.empty((T, W), dtype=np.float32)
+        _check(self._lib.moe_layer_forward_experts(h, x.ctypes.data, ye.ctypes.data,
+                                                   ge.ctypes.data, T, int(bool(training)),
+                                                   _ptr(stream)),
+               "moe_layer_forward_experts")
+        return ye, ge
+
+    def backward_experts(self, dy_experts, dgate, stream=None, dx=None):
+        """CPU: dx = backward_experts(dy_experts (T, W, D), dgate (T, W)) of the last forward;
+        accumulates every parameter gradient. Device: pointers and dx=dx_ptr."""
+        h = self._live()
+        if isinstance(dy_experts, int) or hasattr(dy_experts, "data_ptr") or \
+                hasattr(dy_experts, "__cuda_array_interface__"):
+            _arg(dx is not None, "device backward_experts needs dx (a pointer)")
+            _check(self._lib.moe_layer_backward_experts(h, _ptr(dy_experts), _ptr(dgate),
+                                                        _ptr(dx), _ptr(stream)),
+                   "moe_layer_backward_experts")
+            return None
+        _arg(self.ctx.is_cpu, "numpy arrays are for the CPU backend; pass device pointers")
+        W = self._lib.moe_layer_routing_width(h)
+        T = self.stats()["num_tokens"]
+        dye = np.ascontiguousarray(dy_experts, dtype=np.float32)
+        dg = np.ascontiguousarray(dgate, dtype=np.float32)
+        _arg(dye.shape == (T, W, self.d_model),
+             f"dy_experts has shape {dye.shape}, expected {(T, W, self.d_model)}")
+        _arg(dg.shape == (T, W), f"dgate has shape {dg.shape}, expected {(T, W)}")
+        out = np.empty((T, self.d_model), dtype=np.float32)
+        _check(self._lib.moe_layer_backward_experts(h, dye.ctypes.data, dg.ctypes.data,
+                                                    out.ctypes.data, _ptr(stream)),
+               "moe_layer_backward_experts")
+        return out
+
     def zero_grad(self, stream=None):
         _check(self._lib.moe_layer_zero_grad(self._live(), _ptr(stream)), "moe_layer_zero_grad")
 
@@ -285,10 +337,14 @@ class Layer(_Handle):
                 return (D, G)
             if which == "secondary_router_weight":
                 return (G, D, E // G)
-        per = {"router_weight": (D, E), "noise_weight": (D, E)}
+        per = {"router_weight": (D, E), "noise_weight": (D, E), "shared_gate": (D, 1)}
         if which in per:
             return per[which]
-        tail = {"w1": (D, F2), "b1": (F2,), "w2": (F, D), "b2": (D,)}[which]
+        if which.startswith("shared_"):  # (S, ...): the shared experts' own width Fs
+            F = self.config["shared_d_ff"] or F
+            F2 = 2 * F if self.config["activation"] == ACTIVATIONS["swiglu"] else F
+        tail = {"w1": (D, F2), "b1": (F2,), "w2": (F, D),
+                "b2": (D,)}[which[len("shared_"):] if which.startswith("shared_") else which]
         return (numel // int(np.prod(tail)),) + tail
 
     def param_ptr(self, which):

@@ -28,7 +28,7 @@ static moe_layer_config_t fuzz_config(fz_t *f) {
     c.d_ff = fz_range(f, 0, 16);
     c.num_experts = fz_range(f, 0, FZ_MAX_E);
     c.top_k = fz_range(f, 0, 13);
-    c.activation = (moe_activation_t)fz_range(f, 0, 4);
+    c.activation = (moe_activation_t)fz_range(f, 0, 5);
     c.gate = (moe_gate_t)fz_range(f, 0, 2);
     c.renormalize = fz_u8(f) & 1;
     c.noisy_gating = fz_u8(f) & 1;
@@ -44,6 +44,10 @@ static moe_layer_config_t fuzz_config(fz_t *f) {
     c.router = (moe_router_type_t)fz_range(f, 0, 2);
     c.bias_update_rate = fz_u8(f) & 1 ? fz_coef(f) : 0.0;
     c.num_chunks = fz_range(f, 0, 3);
+    /* shared experts (out of range values included) */
+    c.num_shared_experts = fz_range(f, -1, 2);
+    c.shared_d_ff = fz_range(f, 0, 6);
+    c.shared_expert_gate = (int)fz_range(f, 0, 2);
     return c;
 }
 
@@ -74,7 +78,7 @@ static void run_ops(fz_t *f, moe_layer_t *L, const moe_layer_config_t *c) {
     moe_optimizer_t *opt = NULL;
     for (int step = 0; step < 12 && f->n > 0; ++step) {
         moe_status_t st = MOE_STATUS_SUCCESS;
-        switch (fz_u8(f) % 9) {
+        switch (fz_u8(f) % 10) {
         case 0: /* forward */
         case 1: {
             int64_t T = fz_range(f, 0, FZ_MAX_T);
@@ -107,6 +111,20 @@ static void run_ops(fz_t *f, moe_layer_t *L, const moe_layer_config_t *c) {
                 gate[i] = fz_float(f);
             }
             st = moe_layer_force_routing(L, idx, gate, T);
+            break;
+        }
+        case 9: { /* per-expert outputs, forward and then backward */
+            static float ye[FZ_MAX_T * FZ_MAX_E * FZ_MAX_D], ge[FZ_MAX_T * FZ_MAX_E];
+            int64_t T = fz_range(f, 0, FZ_MAX_T);
+            for (int64_t i = 0; i < T * D; ++i) x[i] = fz_float(f);
+            int finite_in = all_finite(x, T * D) && params_finite(L);
+            st = moe_layer_forward_experts(L, x, ye, ge, T, fz_u8(f) & 1, NULL);
+            if (st != MOE_STATUS_SUCCESS) break;
+            T_last = T;
+            if (finite_in && (!all_finite(ye, T * W * D) || !all_finite(ge, T * W))) abort();
+            for (int64_t i = 0; i < T * W * D; ++i) ye[i] = fz_float(f);
+            for (int64_t i = 0; i < T * W; ++i) ge[i] = fz_float(f);
+            st = moe_layer_backward_experts(L, ye, ge, dx, NULL);
             break;
         }
         case 5: st = moe_layer_zero_grad(L, NULL); break;

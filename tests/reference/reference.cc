@@ -20,6 +20,7 @@ double act_fwd(int act, double v) {
     switch (act) {
     case MOE_ACTIVATION_RELU: return v > 0 ? v : 0.0;
     case MOE_ACTIVATION_GELU: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    case MOE_ACTIVATION_IDENTITY: return v;
     default: return v * sigmoid(v);  // SILU (and the gate half of SWIGLU)
     }
 }
@@ -29,6 +30,7 @@ double act_grad(int act, double v) {
     case MOE_ACTIVATION_RELU: return v > 0 ? 1.0 : 0.0;
     case MOE_ACTIVATION_GELU:
         return 0.5 * (1.0 + std::erf(v / std::sqrt(2.0))) + v * norm_pdf(v);
+    case MOE_ACTIVATION_IDENTITY: return 1.0;
     default: {
         double s = sigmoid(v);
         return s + v * s * (1.0 - s);
@@ -118,6 +120,119 @@ static ExpertPass expert_fwd(const Model &m, int64_t e, const double *x) {
     return r;
 }
 
+// ---- shared experts: every token through each of the S, y += g_s(x) * sum_s FFN_s(x) ----
+
+static int64_t shared_width(const Model &m) {
+    return m.cfg.shared_d_ff > 0 ? m.cfg.shared_d_ff : m.F;
+}
+
+// shared expert s on one token (as expert_fwd, with the SHARED_* parameters and width Fs)
+static ExpertPass shared_expert_fwd(const Model &m, int64_t s, const double *x) {
+    const int64_t D = m.D, F = shared_width(m);
+    const int64_t F2 = m.cfg.activation == MOE_ACTIVATION_SWIGLU ? 2 * F : F;
+    const std::vector<double> &W1 = m.param[MOE_PARAM_SHARED_W1];
+    const std::vector<double> &B1 = m.param[MOE_PARAM_SHARED_B1];
+    const std::vector<double> &W2 = m.param[MOE_PARAM_SHARED_W2];
+    const std::vector<double> &B2 = m.param[MOE_PARAM_SHARED_B2];
+    ExpertPass r;
+    r.H.assign(F2, 0.0);
+    for (int64_t c = 0; c < F2; ++c) {
+        double v = B1.empty() ? 0.0 : B1[s * F2 + c];
+        for (int64_t d = 0; d < D; ++d) v += x[d] * W1[(s * D + d) * F2 + c];
+        r.H[c] = v;
+    }
+    r.A.assign(F, 0.0);
+    for (int64_t c = 0; c < F; ++c)
+        r.A[c] = m.cfg.activation == MOE_ACTIVATION_SWIGLU
+                     ? act_fwd(MOE_ACTIVATION_SILU, r.H[c]) * r.H[F + c]
+                     : act_fwd(m.cfg.activation, r.H[c]);
+    r.out.assign(D, 0.0);
+    for (int64_t d = 0; d < D; ++d) {
+        double v = B2.empty() ? 0.0 : B2[s * D + d];
+        for (int64_t c = 0; c < F; ++c) v += r.A[c] * W2[(s * F + c) * D + d];
+        r.out[d] = v;
+    }
+    return r;
+}
+
+// adds g_s * sum_s FFN_s(x) to f.y and keeps the sum and the gate for backward
+static void shared_forward(const Model &m, const std::vector<double> &x, Forward &f) {
+    const int64_t S = m.cfg.num_shared_experts, T = f.T, D = m.D;
+    if (S <= 0) return;
+    const std::vector<double> &wg = m.param[MOE_PARAM_SHARED_GATE];
+    f.shared_out.assign(T * D, 0.0);
+    f.shared_gate.assign(T, 1.0);
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t s = 0; s < S; ++s) {
+            ExpertPass r = shared_expert_fwd(m, s, &x[t * D]);
+            for (int64_t d = 0; d < D; ++d) f.shared_out[t * D + d] += r.out[d];
+        }
+        if (m.cfg.shared_expert_gate) {
+            double z = 0;
+            for (int64_t d = 0; d < D; ++d) z += x[t * D + d] * wg[d];
+            f.shared_gate[t] = sigmoid(z);
+        }
+        for (int64_t d = 0; d < D; ++d) f.y[t * D + d] += f.shared_gate[t] * f.shared_out[t * D + d];
+    }
+}
+
+// gradients of the shared experts and their gate, added into g
+static void shared_backward(const Model &m, const Forward &f, const std::vector<double> &x,
+                            const std::vector<double> &dy, Grads &g) {
+    const int64_t S = m.cfg.num_shared_experts, T = f.T, D = m.D, F = shared_width(m);
+    if (S <= 0) return;
+    const bool swiglu = m.cfg.activation == MOE_ACTIVATION_SWIGLU;
+    const int64_t F2 = swiglu ? 2 * F : F;
+    const std::vector<double> &W1 = m.param[MOE_PARAM_SHARED_W1];
+    const std::vector<double> &W2 = m.param[MOE_PARAM_SHARED_W2];
+    const std::vector<double> &wg = m.param[MOE_PARAM_SHARED_GATE];
+    std::vector<double> &dW1 = g.param[MOE_PARAM_SHARED_W1], &dB1 = g.param[MOE_PARAM_SHARED_B1];
+    std::vector<double> &dW2 = g.param[MOE_PARAM_SHARED_W2], &dB2 = g.param[MOE_PARAM_SHARED_B2];
+    std::vector<double> &dwg = g.param[MOE_PARAM_SHARED_GATE];
+    for (int64_t t = 0; t < T; ++t) {
+        const double *xt = &x[t * D], *dyt = &dy[t * D];
+        const double gs = f.shared_gate[t];
+        if (m.cfg.shared_expert_gate) {
+            // y += sigmoid(z) * out:  dz = <dy, out> sigmoid'(z)
+            double dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += dyt[d] * f.shared_out[t * D + d];
+            double dz = dot * gs * (1.0 - gs);
+            for (int64_t d = 0; d < D; ++d) {
+                dwg[d] += dz * xt[d];
+                g.dx[t * D + d] += dz * wg[d];
+            }
+        }
+        for (int64_t s = 0; s < S; ++s) {
+            ExpertPass r = shared_expert_fwd(m, s, xt);
+            std::vector<double> dout(D), dA(F, 0.0), dH(F2, 0.0);
+            for (int64_t d = 0; d < D; ++d) dout[d] = gs * dyt[d];
+            if (!dB2.empty())
+                for (int64_t d = 0; d < D; ++d) dB2[s * D + d] += dout[d];
+            for (int64_t c = 0; c < F; ++c)
+                for (int64_t d = 0; d < D; ++d) {
+                    dW2[(s * F + c) * D + d] += r.A[c] * dout[d];
+                    dA[c] += W2[(s * F + c) * D + d] * dout[d];
+                }
+            for (int64_t c = 0; c < F; ++c) {
+                if (swiglu) {
+                    double G = r.H[c], U = r.H[F + c];
+                    dH[c] = dA[c] * U * act_grad(MOE_ACTIVATION_SILU, G);
+                    dH[F + c] = dA[c] * act_fwd(MOE_ACTIVATION_SILU, G);
+                } else {
+                    dH[c] = dA[c] * act_grad(m.cfg.activation, r.H[c]);
+                }
+            }
+            if (!dB1.empty())
+                for (int64_t c = 0; c < F2; ++c) dB1[s * F2 + c] += dH[c];
+            for (int64_t d = 0; d < D; ++d)
+                for (int64_t c = 0; c < F2; ++c) {
+                    dW1[(s * D + d) * F2 + c] += xt[d] * dH[c];
+                    g.dx[t * D + d] += W1[(s * D + d) * F2 + c] * dH[c];
+                }
+        }
+    }
+}
+
 // the capacity walk and the combine, given the routing f.idx and gates f.gate
 void Model::route_combine(Forward &f, const std::vector<double> &x, double tol) const {
     const int64_t T = f.T;
@@ -157,13 +272,17 @@ void Model::route_combine(Forward &f, const std::vector<double> &x, double tol) 
             }
         }
 
-    // combine
+    // combine (and the per-expert outputs it sums)
     f.y.assign(T * D, 0.0);
+    f.y_experts.assign(T * K * D, 0.0);
+    f.gate_out.assign(T * K, 0.0);
     for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < K; ++j) {
             if (!f.kept[t * K + j]) continue;
             ExpertPass r = expert_fwd(*this, f.idx[t * K + j], &x[t * D]);
             for (int64_t d = 0; d < D; ++d) f.y[t * D + d] += f.gate[t * K + j] * r.out[d];
+            for (int64_t d = 0; d < D; ++d) f.y_experts[(t * K + j) * D + d] = r.out[d];
+            f.gate_out[t * K + j] = f.gate[t * K + j];
         }
 }
 
@@ -329,6 +448,8 @@ Forward Model::forward(const std::vector<double> &x, int64_t T, bool training, u
 
     route_combine(f, x, tol);
 
+    shared_forward(*this, x, f);
+
     // losses
     double sw = 0;
     for (int64_t e = 0; e < E; ++e) {
@@ -376,7 +497,29 @@ Forward Model::forward(const std::vector<double> &x, int64_t T, bool training, u
 
 Grads Model::backward(const Forward &f, const std::vector<double> &x,
                       const std::vector<double> &dy) const {
+    return backward_impl(f, x, &dy, nullptr, nullptr);
+}
+
+Grads Model::backward_experts(const Forward &f, const std::vector<double> &x,
+                              const std::vector<double> &dye,
+                              const std::vector<double> &dge) const {
+    return backward_impl(f, x, nullptr, &dye, &dge);
+}
+
+double Model::total_loss_experts(const Forward &f, const std::vector<double> &dye,
+                                 const std::vector<double> &dge) {
+    double s = 0;
+    for (size_t i = 0; i < dye.size(); ++i) s += dye[i] * f.y_experts[i];
+    for (size_t i = 0; i < dge.size(); ++i) s += dge[i] * f.gate_out[i];
+    return s + f.aux_loss;
+}
+
+Grads Model::backward_impl(const Forward &f, const std::vector<double> &x,
+                           const std::vector<double> *dyp, const std::vector<double> *dye,
+                           const std::vector<double> *dge) const {
     const int64_t T = f.T;
+    static const std::vector<double> none;
+    const std::vector<double> &dy = dyp ? *dyp : none;
     Grads g;
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) g.param[p].assign(param[p].size(), 0.0);
     g.dx.assign(T * D, 0.0);
@@ -391,11 +534,17 @@ Grads Model::backward(const Forward &f, const std::vector<double> &x,
             if (!f.kept[t * K + j]) continue;
             int64_t e = f.idx[t * K + j];
             double gj = f.gate[t * K + j];
-            const double *xt = &x[t * D], *dyt = &dy[t * D];
+            const double *xt = &x[t * D];
             ExpertPass r = expert_fwd(*this, e, xt);
-            for (int64_t d = 0; d < D; ++d) dgate[t * K + j] += dyt[d] * r.out[d];
             std::vector<double> dout(D), dA(F, 0.0), dH(F2, 0.0);
-            for (int64_t d = 0; d < D; ++d) dout[d] = gj * dyt[d];
+            if (dye) {  // per-expert outputs: their gradients given directly
+                dgate[t * K + j] += (*dge)[t * K + j];
+                for (int64_t d = 0; d < D; ++d) dout[d] = (*dye)[(t * K + j) * D + d];
+            } else {
+                const double *dyt = &dy[t * D];
+                for (int64_t d = 0; d < D; ++d) dgate[t * K + j] += dyt[d] * r.out[d];
+                for (int64_t d = 0; d < D; ++d) dout[d] = gj * dyt[d];
+            }
             if (!dB2.empty())
                 for (int64_t d = 0; d < D; ++d) dB2[e * D + d] += dout[d];
             for (int64_t c = 0; c < F; ++c)
@@ -557,6 +706,7 @@ Grads Model::backward(const Forward &f, const std::vector<double> &x,
                 }
             }
         }
+    if (!dye) shared_backward(*this, f, x, dy, g);
     return g;
 }
 

@@ -48,6 +48,11 @@ struct Forward {
     std::vector<double> n1, imp1, imp2;       // (G) tokens per group, (G), (E) importances
     double level_switch[2] = {0, 0}, level_importance[2] = {0, 0};
     double level_load[2] = {0, 0}, level_z[2] = {0, 0};
+    // shared experts (cfg.num_shared_experts > 0): sum_s FFN_s(x) (T, D) and the gate (T)
+    std::vector<double> shared_out, shared_gate;
+    // per-expert outputs (moe_layer_forward_experts): FFN_{idx_j}(x[t]) (T, K, D) and g[t, j]
+    // (T, K), zero rows and gates for dropped assignments
+    std::vector<double> y_experts, gate_out;
 };
 
 struct Grads {
@@ -86,6 +91,16 @@ struct Model {
     Forward forward_hier(const std::vector<double> &x, int64_t T, double tol) const;
     void backward_hier(const Forward &f, const std::vector<double> &x,
                        std::vector<double> &dgate, Grads *g) const;
+    // Backward from the gradients of the per-expert outputs, dye (T, K, D) and dge (T, K): of
+    // sum(dye * y_experts) + sum(dge * gate_out) + aux_loss (no shared experts).
+    Grads backward_experts(const Forward &f, const std::vector<double> &x,
+                           const std::vector<double> &dye, const std::vector<double> &dge) const;
+    static double total_loss_experts(const Forward &f, const std::vector<double> &dye,
+                                     const std::vector<double> &dge);
+    // both: dye null for the fused backward
+    Grads backward_impl(const Forward &f, const std::vector<double> &x,
+                        const std::vector<double> *dy, const std::vector<double> *dye,
+                        const std::vector<double> *dge) const;
 };
 
 // CV^2 of v (population variance over mean^2 + 1e-10) and its gradient (may be null).

@@ -1,5 +1,6 @@
 /* cpu.h - the CPU backend's ops, one file per op family as kernels/ (gate.c, permute.c,
- * combine.c, ffn.c, optim.c), gathered into moe_cpu_backend by cpu_backend.c; and the helpers
+ * combine.c, ffn.c, shared.c, experts_out.c, optim.c),
+ * gathered into moe_cpu_backend by cpu_backend.c; and the helpers
  * the families share.
  *
  * Reductions over tokens go through fixed blocks of MOE_CPU_BLOCK tokens summed in block order,
@@ -47,6 +48,18 @@ moe_status_t moe__cpu_gate_hier_fwd(moe_context_t *ctx, const moe_gate_hier_fwd_
                                     void *stream);
 moe_status_t moe__cpu_gate_hier_bwd(moe_context_t *ctx, const moe_gate_hier_bwd_args_t *a,
                                     void *stream);
+/* shared.c */
+moe_status_t moe__cpu_shared_fwd(moe_context_t *ctx, const moe_shared_fwd_args_t *a,
+                                 void *stream);
+moe_status_t moe__cpu_shared_combine_bwd(moe_context_t *ctx,
+                                         const moe_shared_combine_bwd_args_t *a, void *stream);
+moe_status_t moe__cpu_shared_bwd(moe_context_t *ctx, const moe_shared_bwd_args_t *a,
+                                 void *stream);
+/* experts_out.c */
+moe_status_t moe__cpu_experts_out_fwd(moe_context_t *ctx, const moe_experts_out_fwd_args_t *a,
+                                      void *stream);
+moe_status_t moe__cpu_experts_out_bwd(moe_context_t *ctx, const moe_experts_out_bwd_args_t *a,
+                                      void *stream);
 /* optim.c */
 moe_status_t moe__cpu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream);
 

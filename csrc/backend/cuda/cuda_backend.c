@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "backend/cuda/cuda_shared.h"
 #include "context.h"
 #include "core/check_cuda.h"
 #include "core/dtype.h"
@@ -930,6 +931,45 @@ static moe_status_t cu_gate_hier_bwd(moe_context_t *ctx, const moe_gate_hier_bwd
     return MOE_STATUS_SUCCESS;
 }
 
+/* shared experts: cuda_shared.c, with this context's cuBLAS handle on the caller's stream */
+static moe_status_t cu_shared_fwd(moe_context_t *ctx, const moe_shared_fwd_args_t *a,
+                                  void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    return moe__cu_shared_fwd(cu_ctx(ctx)->blas, a, (cudaStream_t)stream);
+}
+
+static moe_status_t cu_shared_combine_bwd(moe_context_t *ctx,
+                                          const moe_shared_combine_bwd_args_t *a, void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    return moe__cu_shared_combine_bwd(a, (cudaStream_t)stream);
+}
+
+static moe_status_t cu_shared_bwd(moe_context_t *ctx, const moe_shared_bwd_args_t *a,
+                                  void *stream) {
+    MOE_CHECK(cu_enter(ctx, stream));
+    return moe__cu_shared_bwd(cu_ctx(ctx)->blas, a, (cudaStream_t)stream);
+}
+
+/* per-expert outputs (kernels/experts_out.cu) */
+static moe_status_t cu_experts_out_fwd(moe_context_t *ctx, const moe_experts_out_fwd_args_t *a,
+                                       void *stream) {
+    const moe_backend_layer_t *l = a->layer;
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CUDA_CHECK(moe_k_experts_out_fwd(a->yp, a->row, a->gate, a->T, l->K, l->D,
+                                         (int)l->cfg.dtype, a->ye, a->ge, (cudaStream_t)stream));
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t cu_experts_out_bwd(moe_context_t *ctx, const moe_experts_out_bwd_args_t *a,
+                                       void *stream) {
+    const moe_backend_layer_t *l = a->layer;
+    MOE_CHECK(cu_enter(ctx, stream));
+    MOE_CUDA_CHECK(moe_k_experts_out_bwd(a->dye, a->dge, a->row, a->T, l->K, l->D,
+                                         (int)l->cfg.dtype, a->dyp, a->dgate,
+                                         (cudaStream_t)stream));
+    return MOE_STATUS_SUCCESS;
+}
+
 static moe_status_t cu_optim_update(moe_context_t *ctx, const moe_optim_args_t *a, void *stream) {
     MOE_CHECK(cu_enter(ctx, stream));
     MOE_CUDA_CHECK(moe_k_optim_update(a->adam, a->w, a->g, a->m, a->v, a->n, a->c,
@@ -959,6 +999,11 @@ const moe_backend_ops_t moe_cuda_backend = {
     .ffn_bwd = cu_ffn_bwd,
     .unpermute_bwd = cu_unpermute_bwd,
     .gate_bwd = cu_gate_bwd,
+    .shared_fwd = cu_shared_fwd,
+    .shared_combine_bwd = cu_shared_combine_bwd,
+    .shared_bwd = cu_shared_bwd,
+    .experts_out_fwd = cu_experts_out_fwd,
+    .experts_out_bwd = cu_experts_out_bwd,
     .optim_update = cu_optim_update,
     .gate_hier_fwd = cu_gate_hier_fwd,
     .gate_hier_bwd = cu_gate_hier_bwd,
