@@ -355,7 +355,8 @@ typedef struct moe_routing_stats {
     int64_t rows_received; /* this rank: rows its experts received from all ranks */
 } moe_routing_stats_t;
 
-/* Routing statistics of the last forward (synchronises the layer's stream on CUDA).
+/* Routing statistics of the last forward (synchronises the layer's stream on CUDA); which
+ * experts were available in it (mask, expert dropout): moe_layer_expert_availability.
  * tokens_per_expert (E): assignments routed to each expert before dropping; dropped_per_expert
  * (E): those dropped. Both arrays are host arrays and may be NULL. INVALID_ARGUMENT before the
  * first forward. */
