@@ -39,9 +39,20 @@ extern "C" cudaError_t moe_k_count_nonfinite(const void *x, int dtype, int64_t n
 
 /* ---- forward -------------------------------------------------------------------------------- */
 
+/* the per-token options of the routing extensions from a launcher's fields */
+__device__ __forceinline__ moe_router_opts_t route_opts(const moe_k_route_ext_t &x, int gate_mode,
+                                                        int renormalize) {
+    moe_router_opts_t o;
+    o.active = x.active, o.sigmoid = x.sigmoid, o.gate_mode = gate_mode;
+    o.renormalize = renormalize, o.num_groups = x.num_groups, o.topk_group = x.topk_group;
+    o.group_max = x.group_max, o.scale = x.scale, o.avail = x.avail;
+    return o;
+}
+
 __global__ void __launch_bounds__(MOE_K_GATE_BLOCK) gate_fwd_kernel(moe_k_gate_args_t a) {
     const int E = (int)a.E, K = (int)a.K, K1 = (int)a.K1;
-    const int G = a.opts.active ? a.opts.num_groups : 0;
+    const moe_router_opts_t opts = route_opts(a.ext, a.gate_mode, a.renormalize);
+    const int G = opts.active ? opts.num_groups : 0;
     const int64_t stride = 3 * a.E + a.K1 + 2 * G;
     const int64_t t0 = (int64_t)blockIdx.x * MOE_K_GATE_BLOCK;
     const int64_t t = t0 + threadIdx.x;
@@ -63,14 +74,14 @@ __global__ void __launch_bounds__(MOE_K_GATE_BLOCK) gate_fwd_kernel(moe_k_gate_a
         }
         int32_t *idx = a.idx + t * a.K1;
         float lse;
-        if (a.opts.active) {
+        if (opts.active) {
             /* routing extensions, the CPU backend's bodies (never noisy: refused by the layer) */
             float *gsc = val + K1, *keep = gsc + G;
-            lse = moe_router_aux_probs(lg, E, &a.opts, p);
-            if (G > 1) moe_router_groups(h, a.score_bias, &a.opts, E, K, gsc, keep);
-            moe_router_topk_opts(h, a.score_bias, &a.opts, G > 1 ? keep : (const float *)0, E,
-                                 K1, idx, val);
-            moe_router_gates_opts(h, E, idx, K, &a.opts, a.gate + t * a.K);
+            lse = moe_router_aux_probs(lg, E, &opts, p);
+            if (G > 1) moe_router_groups(h, a.score_bias, &opts, E, K, gsc, keep);
+            moe_router_topk_opts(h, a.score_bias, &opts, G > 1 ? keep : (const float *)0, E, K1,
+                                 idx, val);
+            moe_router_gates_opts(h, E, idx, K, &opts, a.gate + t * a.K);
         } else {
             lse = moe_router_softmax(lg, E, p);
             moe_router_topk_biased(h, a.score_bias, E, K1, idx, val);
@@ -335,7 +346,7 @@ static int gate_use_warp(const moe_k_gate_args_t *a) {
     /* a selection bias (loss-free balancing) takes the per-thread path, whose top-k applies it */
     /* so do the routing extensions (sigmoid, groups, availability, scaling) */
     return !forced && a->E <= 256 && a->K1 <= MOE_K_GATE_MAXK1 && a->score_bias == NULL &&
-           !a->opts.active;
+           !a->ext.active;
 }
 
 extern "C" int64_t moe_k_gate_num_blocks(int64_t T) {
@@ -382,12 +393,13 @@ __global__ void gate_bwd_kernel(moe_k_gate_bwd_args_t a) {
     const int32_t *idx = a.idx + t * a.K1;
     for (int j = 0; j < K; ++j) dg[j] = a.dg[t * a.K + j] + imp[idx[j]];
     float *dl = a.dlogits + t * a.E;
-    if (a.opts.active) {
+    if (a.ext.active) {
         /* routing extensions: never noisy; sigma is scratch */
-        moe_router_gates_opts_bwd(h, E, idx, K, &a.opts, a.gate + t * a.K, dg, dh);
+        const moe_router_opts_t opts = route_opts(a.ext, a.gate_mode, a.renormalize);
+        moe_router_gates_opts_bwd(h, E, idx, K, &opts, a.gate + t * a.K, dg, dh);
         for (int e = 0; e < E; ++e) dl[e] = dh[e];
         if (a.any_logit)
-            moe_router_aux_bwd(lg, E, &a.opts, switch_f, a.z_scale, a.lse[t], p, sigma, dl);
+            moe_router_aux_bwd(lg, E, &opts, switch_f, a.z_scale, a.lse[t], p, sigma, dl);
         return;
     }
     moe_router_gates_bwd(h, E, idx, K, a.gate_mode, a.renormalize, a.gate + t * a.K, dg, dh);

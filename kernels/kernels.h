@@ -13,8 +13,6 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
-#include "router/select.h"
-
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -28,6 +26,14 @@ extern "C" {
 /* *count (device) = number of NaN/Inf among n values of x (dtype) */
 cudaError_t moe_k_count_nonfinite(const void *x, int dtype, int64_t n,
                                   unsigned long long *count, cudaStream_t stream);
+
+/* the routing extensions' options (router/select.h's moe_router_opts_t; gate_mode and
+ * renormalize are the args' own) */
+typedef struct moe_k_route_ext {
+    int active, sigmoid, num_groups, topk_group, group_max;
+    float scale;
+    const uint8_t *avail; /* (E) expert availability, or NULL: all */
+} moe_k_route_ext_t;
 
 typedef struct moe_k_gate_args {
     int64_t T, E, K, K1;
@@ -46,9 +52,10 @@ typedef struct moe_k_gate_args {
     int64_t *cnt_part;      /* (nblk, E) block partial counts */
     double *red;            /* (3E + 1) totals: prob, importance, load, z */
     int64_t *counts;        /* (E) assignments per expert before dropping */
-    /* routing extensions (router/select.h): when opts.active the per-thread path runs the
-     * extended bodies and scr rows are 3E + K1 + 2G wide (G = opts.num_groups) */
-    moe_router_opts_t opts;
+    /* routing extensions (router/select.h's moe_router_opts_t, field by field): when
+     * ext.active the per-thread path runs the extended bodies and scr rows are
+     * 3E + K1 + 2G wide (G = ext.num_groups) */
+    moe_k_route_ext_t ext;
 } moe_k_gate_args_t;
 
 /* Blocks of token partials the gate pass may write for T tokens: size of part / cnt_part. */
@@ -68,7 +75,7 @@ typedef struct moe_k_gate_bwd_args {
     float *scr;      /* (T, 4E + K) */
     float *dlogits;  /* (T, E) out */
     float *dnoise;   /* (T, E) out, when noisy: gradient of x Wn */
-    moe_router_opts_t opts; /* routing extensions (router/select.h) */
+    moe_k_route_ext_t ext; /* routing extensions, as moe_k_gate_args_t */
 } moe_k_gate_bwd_args_t;
 
 /* Gate backward per token: gates, switch / z / importance / load terms and the noise network. */

@@ -589,3 +589,35 @@ TEST(ExtPresets, EveryPresetRunsAgainstTheReferenceAndUnknownNamesAreListed) {
 }
 
 }  // namespace
+
+namespace {
+
+// Loss-free balancing with a mask: an unavailable expert's bias stays, the others move towards
+// the mean load over the available experts (docs/semantics.md "Bias update").
+TEST(ExtMask, BiasOfUnavailableExpertStaysAndMeanIsOverAvailable) {
+    moe_layer_config_t cfg = moetest::small_config(8, 8, 4, 1);
+    cfg.score_func = MOE_SCORE_SIGMOID;
+    cfg.bias_update_rate = 0.25;
+    moetest::Layer L(cfg);
+    ASSERT_EQ(L.status, MOE_STATUS_SUCCESS);
+    const uint8_t mask[4] = {1, 1, 0, 1};
+    ASSERT_EQ(moe_layer_set_expert_mask(L, mask), MOE_STATUS_SUCCESS);
+    const int64_t T = 30;
+    moetest::LibRun r;
+    moetest::library_forward(L, moetest::uniform(T * 8, 17), T, 1, 8, 4, 1, &r);
+    std::vector<float> b(4);
+    ASSERT_EQ(moe_layer_score_bias(L, b.data()), MOE_STATUS_SUCCESS);
+    EXPECT_EQ(b[2], 0.0f) << "the masked expert's bias must not move";
+    const double mean = (double)T / 3.0;  // 30 assignments over the 3 available experts
+    for (int e : {0, 1, 3}) {
+        const double c = (double)r.counts[(size_t)e];
+        const float want = c < mean ? 0.25f : (c > mean ? -0.25f : 0.0f);
+        EXPECT_EQ(b[(size_t)e], want) << "expert " << e << " count " << c;
+    }
+    EXPECT_EQ(moe_layer_expert_availability(nullptr, nullptr, nullptr),
+              MOE_STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(moe_layer_set_expert_mask(nullptr, mask), MOE_STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(moe_layer_expert_mask(L, nullptr), MOE_STATUS_INVALID_ARGUMENT);
+}
+
+}  // namespace

@@ -143,7 +143,9 @@ moe_router_opts_t moe_router_opts_make(const moe_layer_config_t *c, const uint8_
     o.sigmoid = c->score_func == MOE_SCORE_SIGMOID;
     o.gate_mode = (int)c->gate;
     o.renormalize = c->renormalize;
-    o.num_groups = c->num_groups > 1 ? (int)c->num_groups : 0;
+    /* group-limited selection is token choice's (other routers use the groups their own way) */
+    o.num_groups = c->router == MOE_ROUTER_TOKEN_CHOICE && c->num_groups > 1 ? (int)c->num_groups
+                                                                             : 0;
     o.topk_group = o.num_groups ? (int)c->topk_group : 0;
     o.group_max = c->group_score == MOE_GROUP_SCORE_MAX;
     o.scale = (float)c->routed_scaling_factor;

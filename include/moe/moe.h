@@ -129,7 +129,8 @@ typedef struct moe_layer_config {
     moe_activation_t activation;
     moe_dtype_t dtype;
     moe_gate_t gate;
-    int renormalize;  /* TOPK_OF_SOFTMAX only: divide the K kept probabilities by their sum */
+    int renormalize;  /* TOPK_OF_SOFTMAX, or SIGMOID scores: divide the K kept probabilities
+                         (scores) by their sum */
     int noisy_gating; /* Shazeer's noisy top-k in training: h = logits + eps * softplus(x Wn) */
     double capacity_factor; /* C = ceil(capacity_factor * T * K / E); <= 0 means dropless */
     moe_priority_t priority;
@@ -145,8 +146,9 @@ typedef struct moe_layer_config {
                                  gets 0..E experts. Implies gate TOPK_OF_SOFTMAX, renormalize 0,
                                  priority SCORE; routing arrays are (num_tokens, E) wide. */
     double bias_update_rate; /* > 0: auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3):
-                                a per-expert bias b is added to h for the top-k selection only
-                                (gates use h), and after every training forward
+                                a per-expert bias b is added to h (to sigmoid(h) with
+                                score_func SIGMOID) for the top-k selection only (gates use
+                                the unbiased scores), and after every training forward
                                 b_e += rate * sign(mean_e' load - load_e). Token choice, no noise. */
     int64_t num_chunks; /* expert parallelism: the expert side runs in this many chunks of
                            local experts (capped at E_local; 0 = the default,
@@ -427,7 +429,8 @@ typedef struct moe_routing_stats {
     double level_z_loss[2];
 } moe_routing_stats_t;
 
-/* Routing statistics of the last forward (synchronises the layer's stream on CUDA).
+/* Routing statistics of the last forward (synchronises the layer's stream on CUDA); which
+ * experts were available in it (mask, expert dropout): moe_layer_expert_availability.
  * tokens_per_expert (E): assignments routed to each expert before dropping; dropped_per_expert
  * (E): those dropped. Both arrays are host arrays and may be NULL. INVALID_ARGUMENT before the
  * first forward. */

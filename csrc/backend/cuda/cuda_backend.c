@@ -349,6 +349,18 @@ static moe_status_t cu_router_f32(const moe_backend_layer_t *l, int64_t T, const
     return MOE_STATUS_SUCCESS;
 }
 
+/* the routing extensions' options (router/select.h) as the gate kernels take them */
+static moe_k_route_ext_t cu_route_ext(const moe_layer_config_t *cfg, const uint8_t *avail) {
+    const moe_router_opts_t o = moe_router_opts_make(cfg, avail);
+    return (moe_k_route_ext_t){.active = o.active,
+                               .sigmoid = o.sigmoid,
+                               .num_groups = o.num_groups,
+                               .topk_group = o.topk_group,
+                               .group_max = o.group_max,
+                               .scale = o.scale,
+                               .avail = o.avail};
+}
+
 static moe_status_t cu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *g, void *stream) {
     cu_context_t *c = cu_ctx(ctx);
     const moe_backend_layer_t *l = g->layer;
@@ -387,7 +399,7 @@ static moe_status_t cu_gate_fwd(moe_context_t *ctx, const moe_gate_fwd_args_t *g
                                  .cnt_part = L->cnt_part,
                                  .red = L->red,
                                  .counts = L->counts_d,
-                                 .opts = moe_router_opts_make(&l->cfg, g->avail)};
+                                 .ext = cu_route_ext(&l->cfg, g->avail)};
     MOE_CUDA_CHECK(moe_k_gate_fwd(&a, st));
     MOE_CUDA_CHECK(cudaMemcpyAsync(L->red_h, L->red, (size_t)(3 * E + 1) * sizeof(double),
                                    cudaMemcpyDeviceToHost, st));
@@ -765,7 +777,7 @@ static moe_status_t cu_gate_bwd(moe_context_t *ctx, const moe_gate_bwd_args_t *g
                                      .scr = L->gate_scr,
                                      .dlogits = g->dlogits,
                                      .dnoise = g->dnoise,
-                                     .opts = moe_router_opts_make(&l->cfg, g->avail)};
+                                     .ext = cu_route_ext(&l->cfg, g->avail)};
     MOE_CUDA_CHECK(moe_k_gate_bwd(&a, st));
     if (l->cfg.dtype == MOE_DTYPE_F32) return cu_router_bwd_f32(c->blas, g);
     return cu_router_bwd_16(c->blas, g, st);
