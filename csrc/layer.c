@@ -36,6 +36,12 @@ moe_layer_config_t moe_layer_config_default(void) {
     return c;
 }
 
+_Static_assert(MOE_PARAM_SHARED_B1 == MOE_PARAM_SHARED_W1 + 1 &&
+                   MOE_PARAM_SHARED_W2 == MOE_PARAM_SHARED_W1 + 2 &&
+                   MOE_PARAM_SHARED_B2 == MOE_PARAM_SHARED_W1 + 3 &&
+                   MOE_PARAM_SHARED_GATE == MOE_PARAM_SHARED_W1 + 4,
+               "the SHARED_* parameter ids are one contiguous block (tests and init rely on it)");
+
 /* the shared-expert block of the config (moe.h): S >= 0, a width when S > 0, and no setting
  * that would be ignored */
 static moe_status_t validate_shared(const moe_layer_config_t *c) {
@@ -141,7 +147,7 @@ static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v)
     }
     /* replicated parameters are the same on every rank: indexed by their own element */
     int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT ||
-                     p >= MOE_PARAM_SHARED_W1;
+                     (p >= MOE_PARAM_SHARED_W1 && p <= MOE_PARAM_SHARED_GATE);
     for (int64_t i = 0; i < n; ++i)
         v[i] = bound == 0.0f ? 0.0f
                              : moe_init_uniform(seed, (uint32_t)p,
