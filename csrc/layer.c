@@ -39,8 +39,11 @@ moe_layer_config_t moe_layer_config_default(void) {
 _Static_assert(MOE_PARAM_SHARED_B1 == MOE_PARAM_SHARED_W1 + 1 &&
                    MOE_PARAM_SHARED_W2 == MOE_PARAM_SHARED_W1 + 2 &&
                    MOE_PARAM_SHARED_B2 == MOE_PARAM_SHARED_W1 + 3 &&
-                   MOE_PARAM_SHARED_GATE == MOE_PARAM_SHARED_W1 + 4,
-               "the SHARED_* parameter ids are one contiguous block (tests and init rely on it)");
+                   MOE_PARAM_SHARED_GATE == MOE_PARAM_SHARED_W1 + 4 &&
+                   MOE_PARAM_SHARED_GATE + 1 == MOE_PARAM_COUNT,
+               "the SHARED_* parameter ids are one contiguous block and the last ids: tests "
+               "rely on the block, init_param_host on 'p >= MOE_PARAM_SHARED_W1' (a block of "
+               "ids after it must update both)");
 
 /* the shared-expert block of the config (moe.h): S >= 0, a width when S > 0, and no setting
  * that would be ignored */
@@ -147,7 +150,7 @@ static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v)
     }
     /* replicated parameters are the same on every rank: indexed by their own element */
     int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT ||
-                     (p >= MOE_PARAM_SHARED_W1 && p <= MOE_PARAM_SHARED_GATE);
+                     p >= MOE_PARAM_SHARED_W1;
     for (int64_t i = 0; i < n; ++i)
         v[i] = bound == 0.0f ? 0.0f
                              : moe_init_uniform(seed, (uint32_t)p,

@@ -94,16 +94,9 @@ double rel_err(const std::vector<A> &a, const std::vector<double> &b, double flo
 inline double scalar_err(double a, double b) { return std::fabs(a - b) / std::max(1.0, std::fabs(b)); }
 
 inline const char *param_name(int p) {
-    static const char *n[] = {"Wg", "Wn", "W1", "b1", "W2", "b2"};
-    if (p >= 0 && p < (int)(sizeof n / sizeof n[0])) return n[p];
-    switch (p) { /* by name: other blocks of ids may sit before or after this one */
-    case MOE_PARAM_SHARED_W1: return "sW1";
-    case MOE_PARAM_SHARED_B1: return "sb1";
-    case MOE_PARAM_SHARED_W2: return "sW2";
-    case MOE_PARAM_SHARED_B2: return "sb2";
-    case MOE_PARAM_SHARED_GATE: return "wsg";
-    default: return "param";
-    }
+    static const char *n[] = {"Wg", "Wn", "W1", "b1", "W2", "b2",
+                              "sW1", "sb1", "sW2", "sb2", "wsg"};
+    return p >= 0 && p < (int)(sizeof n / sizeof n[0]) ? n[p] : "param";
 }
 
 // Tolerances (f32 library vs f64 reference), relative error by max-norm over a tensor:
