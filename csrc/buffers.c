@@ -87,7 +87,7 @@ static int list_row_buffers(moe_layer_t *L, moe__buf_t *b) {
     return n;
 }
 
-#define MOE_MAX_BUFS 32
+#define MOE_MAX_BUFS 48 /* per list; list_buffers holds 25 */
 
 static void free_list(moe_layer_t *L, moe__buf_t *b, int n) {
     for (int i = 0; i < n; ++i) {

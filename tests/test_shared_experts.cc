@@ -225,7 +225,8 @@ TEST(SharedExperts, ReferenceBackwardMatchesCentralDifferences) {
         moeref::Grads g = m.backward(base, x, dy);
         const double h = 1e-6;
         int checked = 0, expected = 0;
-        for (int p = MOE_PARAM_SHARED_W1; p < MOE_PARAM_COUNT; ++p) expected += (int)m.param[p].size();
+        for (int p = MOE_PARAM_SHARED_W1; p <= MOE_PARAM_SHARED_GATE; ++p)
+            expected += (int)m.param[p].size();
         for (int p = 0; p <= MOE_PARAM_COUNT; ++p) {
             std::vector<double> &theta = p < MOE_PARAM_COUNT ? m.param[p] : x;
             const std::vector<double> &an = p < MOE_PARAM_COUNT ? g.param[p] : g.dx;
@@ -244,7 +245,7 @@ TEST(SharedExperts, ReferenceBackwardMatchesCentralDifferences) {
                 double fd = (Model::total_loss(fp, dy) - Model::total_loss(fm, dy)) / (2 * h);
                 max_an = std::max(max_an, std::fabs(an[i]));
                 max_err = std::max(max_err, std::fabs(fd - an[i]));
-                if (p >= MOE_PARAM_SHARED_W1 && p < MOE_PARAM_COUNT) ++checked;
+                if (p >= MOE_PARAM_SHARED_W1 && p <= MOE_PARAM_SHARED_GATE) ++checked;
             }
             // the tolerance of test_gradcheck.cc: FD truncation ~1e-12, rounding ~1e-9
             EXPECT_LE(max_err, 1e-6 * max_an + 1e-8)
