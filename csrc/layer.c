@@ -116,15 +116,6 @@ static moe_status_t validate_groups(const moe_layer_config_t *c) {
     return MOE_STATUS_SUCCESS;
 }
 
-_Static_assert(MOE_PARAM_SHARED_B1 == MOE_PARAM_SHARED_W1 + 1 &&
-                   MOE_PARAM_SHARED_W2 == MOE_PARAM_SHARED_W1 + 2 &&
-                   MOE_PARAM_SHARED_B2 == MOE_PARAM_SHARED_W1 + 3 &&
-                   MOE_PARAM_SHARED_GATE == MOE_PARAM_SHARED_W1 + 4 &&
-                   MOE_PARAM_SHARED_GATE + 1 == MOE_PARAM_COUNT,
-               "the SHARED_* parameter ids are one contiguous block and the last ids: tests "
-               "rely on the block, init_param_host on 'p >= MOE_PARAM_SHARED_W1' (a block of "
-               "ids after it must update both)");
-
 /* the shared-expert block of the config (moe.h): S >= 0, a width when S > 0, and no setting
  * that would be ignored */
 static moe_status_t validate_shared(const moe_layer_config_t *c) {
@@ -210,6 +201,15 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
 /* ---------------------------------------------------------------------------------------------
  * parameters: layout, init rule (docs/semantics.md), allocation
  * ------------------------------------------------------------------------------------------- */
+
+_Static_assert(MOE_PARAM_SHARED_B1 == MOE_PARAM_SHARED_W1 + 1 &&
+                   MOE_PARAM_SHARED_W2 == MOE_PARAM_SHARED_W1 + 2 &&
+                   MOE_PARAM_SHARED_B2 == MOE_PARAM_SHARED_W1 + 3 &&
+                   MOE_PARAM_SHARED_GATE == MOE_PARAM_SHARED_W1 + 4 &&
+                   MOE_PARAM_SHARED_GATE + 1 == MOE_PARAM_COUNT,
+               "the SHARED_* parameter ids are one contiguous block and the last ids: tests "
+               "rely on the block, init_param_host on 'p >= MOE_PARAM_SHARED_W1' (a block of "
+               "ids after it must update both)");
 
 /* Fills host f32 values of parameter p. Element i of an expert tensor is indexed globally,
  * (expert_begin + le) * per_expert + offset, so every rank layout initialises the same way. */
