@@ -107,6 +107,10 @@ struct moe_layer {
     float *forced_gate;
     int64_t forced_T;
     int forced_last;
+
+    /* handle lifetimes: optimizers created on this layer and not yet destroyed (optim.c);
+     * moe_layer_destroy refuses while any is alive, so no optimizer reads a freed layer */
+    int64_t num_optimizers;
 };
 
 /* the layer as the backend ops see it (state.h), made from the state at each call */

@@ -326,6 +326,9 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
 moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     if (!layer) return MOE_STATUS_SUCCESS;
     MOE_LAYER_ARG(layer);
+    MOE_ARG(layer->num_optimizers == 0,
+            "the layer still has %lld optimizers: destroy them first (nothing was freed)",
+            (long long)layer->num_optimizers);
     moe_layer_trace_close(layer);
     free(layer->forced_idx), free(layer->forced_gate);
     if (layer->ctx->ops->layer_fini) {
@@ -361,9 +364,8 @@ moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void **value
     return MOE_STATUS_SUCCESS;
 }
 
-moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
-                               int training, void *stream) {
-    MOE_LAYER_ARG(layer);
+static moe_status_t layer_forward(moe_layer_t *layer, const void *x, void *y,
+                                  int64_t num_tokens, int training, void *stream) {
     MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
     MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
     MOE_ARG(y != NULL || num_tokens == 0, "y is NULL");
@@ -371,6 +373,20 @@ moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64
             "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
             (long long)num_tokens, (long long)layer->s.K);
     return moe__scheduler_forward(layer, x, y, num_tokens, training, stream);
+}
+
+moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
+                               int training, void *stream) {
+    MOE_LAYER_ARG(layer);
+    moe_status_t st = layer_forward(layer, x, y, num_tokens, training, stream);
+    if (st != MOE_STATUS_SUCCESS && layer->forced_idx) {
+        /* a failing forward drops pending forced routing (moe.h), so no later forward
+         * inherits it */
+        free(layer->forced_idx), free(layer->forced_gate);
+        layer->forced_idx = NULL, layer->forced_gate = NULL;
+        layer->forced_T = 0;
+    }
+    return st;
 }
 
 moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream) {

@@ -88,6 +88,13 @@ moe_status_t moe__trace_write(moe_layer_t *L) {
 moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
                                      const float *gate, int64_t num_tokens) {
     MOE_LAYER_ARG(layer);
+    if (expert_index == NULL && gate == NULL && num_tokens == 0) {
+        /* cancel: the next forward routes normally */
+        free(layer->forced_idx), free(layer->forced_gate);
+        layer->forced_idx = NULL, layer->forced_gate = NULL;
+        layer->forced_T = 0;
+        return MOE_STATUS_SUCCESS;
+    }
     MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
     MOE_ARG(num_tokens == 0 || (expert_index != NULL && gate != NULL),
             "expert_index and gate must not be NULL");

@@ -235,7 +235,9 @@ typedef enum moe_param {
 MOE_API moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
                                       const moe_layer_config_t *cfg);
 
-/* Destroys a layer and frees everything it owns. NULL is accepted and does nothing. */
+/* Destroys a layer and frees everything it owns. NULL is accepted and does nothing. Every
+ * optimizer created on it must be destroyed first (INVALID_ARGUMENT otherwise, and nothing is
+ * freed), as a context refuses while layers live. */
 MOE_API moe_status_t moe_layer_destroy(moe_layer_t *layer);
 
 /* Copy of the layer's (validated) config. */
@@ -337,7 +339,12 @@ MOE_API moe_status_t moe_layer_trace_close(moe_layer_t *layer);
  * capacity and drops then follow the layer's own config. The router still runs (its cost is
  * part of the layer) and its losses are reported, computed from the forced assignment counts.
  * One-shot: later forwards route normally. Backward through a forced forward computes the expert
- * and combine gradients; the router receives no gradient from the forced gates. */
+ * and combine gradients; the router receives no gradient from the forced gates.
+ * Cancelling: expert_index = gate = NULL with num_tokens = 0 drops a pending forced routing
+ * (SUCCESS also when none is pending); with non-NULL arrays, num_tokens = 0 forces the routing
+ * of a forward of 0 tokens. Any moe_layer_forward on this layer that does not return SUCCESS
+ * (a token count other than num_tokens, an argument error, NaN/Inf in x, ALLOC_FAILED, ...)
+ * also drops it: the next forward routes normally unless forced again. */
 MOE_API moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
                                              const float *gate, int64_t num_tokens);
 
@@ -419,8 +426,8 @@ typedef struct moe_optimizer moe_optimizer_t;
 /* Creates an optimizer for every parameter of layer (those the config turns off are skipped).
  * The config is validated (INVALID_ARGUMENT naming the field); moment buffers are allocated on
  * the layer's backend (ALLOC_FAILED, nothing leaked) and zeroed. The optimizer keeps a pointer
- * to layer, not ownership: destroy the optimizer before the layer. f32 parameters only, on the
- * CPU and CUDA backends alike (the same per-element code; steps enqueue on `stream` on CUDA);
+ * to layer, not ownership: moe_layer_destroy refuses while the optimizer lives (destroy the
+ * optimizer first). f32 parameters only, on the CPU and CUDA backends alike (the same per-element code; steps enqueue on `stream` on CUDA);
  * 16-bit parameters give NOT_SUPPORTED (keep f32 master weights yourself). */
 MOE_API moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
                                           const moe_optimizer_config_t *cfg);
