@@ -60,8 +60,10 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
     MOE_ARG(isfinite(c->capacity_factor), "cfg->capacity_factor is not finite");
     MOE_ARG(c->router == MOE_ROUTER_TOKEN_CHOICE || c->router == MOE_ROUTER_EXPERT_CHOICE,
             "cfg->router %d is not a moe_router_type_t", (int)c->router);
-    MOE_ARG(isfinite(c->bias_update_rate) && c->bias_update_rate >= 0.0,
-            "cfg->bias_update_rate must be finite and >= 0");
+    MOE_ARG(isfinite(c->bias_update_rate) && c->bias_update_rate >= 0.0 &&
+                c->bias_update_rate <= MOE_MAX_BIAS_UPDATE_RATE,
+            "cfg->bias_update_rate %g is not in [0, %g]", c->bias_update_rate,
+            MOE_MAX_BIAS_UPDATE_RATE);
     MOE_ARG(c->bias_update_rate == 0.0 || c->router == MOE_ROUTER_TOKEN_CHOICE,
             "cfg->bias_update_rate: loss-free bias balancing applies to token choice, not to "
             "expert choice (which is balanced by construction)");
@@ -70,14 +72,18 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
             "defined for a biased selection; use one balancing method");
     MOE_ARG(c->num_chunks >= 0 && c->num_chunks <= MOE_MAX_CHUNKS,
             "cfg->num_chunks %lld is not in [0, %d]", (long long)c->num_chunks, MOE_MAX_CHUNKS);
-    MOE_ARG(isfinite(c->switch_loss_coef) && c->switch_loss_coef >= 0.0,
-            "cfg->switch_loss_coef must be finite and >= 0");
-    MOE_ARG(isfinite(c->importance_loss_coef) && c->importance_loss_coef >= 0.0,
-            "cfg->importance_loss_coef must be finite and >= 0");
-    MOE_ARG(isfinite(c->load_loss_coef) && c->load_loss_coef >= 0.0,
-            "cfg->load_loss_coef must be finite and >= 0");
-    MOE_ARG(isfinite(c->z_loss_coef) && c->z_loss_coef >= 0.0,
-            "cfg->z_loss_coef must be finite and >= 0");
+    MOE_ARG(isfinite(c->switch_loss_coef) && c->switch_loss_coef >= 0.0 &&
+                c->switch_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->switch_loss_coef %g is not in [0, %g]", c->switch_loss_coef, MOE_MAX_LOSS_COEF);
+    MOE_ARG(isfinite(c->importance_loss_coef) && c->importance_loss_coef >= 0.0 &&
+                c->importance_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->importance_loss_coef %g is not in [0, %g]", c->importance_loss_coef, MOE_MAX_LOSS_COEF);
+    MOE_ARG(isfinite(c->load_loss_coef) && c->load_loss_coef >= 0.0 &&
+                c->load_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->load_loss_coef %g is not in [0, %g]", c->load_loss_coef, MOE_MAX_LOSS_COEF);
+    MOE_ARG(isfinite(c->z_loss_coef) && c->z_loss_coef >= 0.0 &&
+                c->z_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->z_loss_coef %g is not in [0, %g]", c->z_loss_coef, MOE_MAX_LOSS_COEF);
     int64_t f2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * c->d_ff : c->d_ff;
     MOE_ARG(c->d_model * f2 <= MOE_MAX_NUMEL / c->num_experts,
             "expert weights of num_experts x d_model x d_ff = %lld x %lld x %lld are too large",

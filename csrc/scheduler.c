@@ -26,6 +26,7 @@
 #include "core/dtype.h"
 #include "core/status.h"
 #include "handle.h"
+#include "numerics.h"
 #include "router/router_host.h"
 #include "scheduler.h"
 #include "trace.h"
@@ -534,8 +535,11 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     if (T > 0) MOE_CHECK(combine_fwd(L, &bl, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
     s->have_forward = 1;
-    if (L->trace) MOE_CHECK(moe__trace_write(L));
-    return MOE_STATUS_SUCCESS;
+    /* a forward that ran to the end keeps its state (backward may follow) whatever the checks
+     * say; the trace records it before y is checked */
+    moe_status_t trace_st = L->trace ? moe__trace_write(L) : MOE_STATUS_SUCCESS;
+    moe_status_t num_st = T > 0 ? moe__numerics_check_forward(L, y, stream) : MOE_STATUS_SUCCESS;
+    return trace_st != MOE_STATUS_SUCCESS ? trace_st : num_st;
 }
 
 moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {
@@ -546,6 +550,7 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     const moe_backend_layer_t bl = moe__backend_layer(s);
     for (int p = MOE_PHASE_BWD_COMBINE; p < MOE_PHASE_COUNT; ++p) L->phase_s[p] = 0.0;
     double t0 = moe_now_s();
+    MOE_CHECK(moe__numerics_check_dy(L, dy, stream));
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
     if (T > 0) MOE_CHECK(combine_bwd(L, &bl, dy, stream));
@@ -564,5 +569,5 @@ moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, v
     /* forced gates are data, not a function of the router: no router gradient */
     if (T > 0 && !L->forced_last) MOE_CHECK(gate_bwd(L, &bl, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_GATE, &t0, stream));
-    return MOE_STATUS_SUCCESS;
+    return moe__numerics_check_backward(L, T > 0 ? dx : NULL, stream);
 }

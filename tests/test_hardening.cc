@@ -16,7 +16,7 @@ namespace {
 using moetest::small_config;
 using moetest::uniform;
 
-[[maybe_unused]] bool all_finite(const std::vector<float> &v) {
+bool all_finite(const std::vector<float> &v) {
     for (float a : v)
         if (!std::isfinite(a)) return false;
     return true;
@@ -144,4 +144,110 @@ TEST(ForcedRouting, DroppedByAFailingForward) {
     std::vector<int32_t> idx(T * 2);
     ASSERT_EQ(moe_layer_routing(l, idx.data(), nullptr, nullptr), MOE_STATUS_SUCCESS);
     for (int64_t t = 0; t < T; ++t) EXPECT_EQ(idx[2 * t], 3);
+}
+
+// --- numerics: non-finite results of finite inputs --------------------------------------------
+
+namespace {
+
+struct NumFixture {
+    moetest::Layer l{small_config()};
+    static constexpr int64_t T = 7, D = 8;
+    std::vector<float> x = uniform(T * D, 11), y = std::vector<float>(T * D),
+                       dx = std::vector<float>(T * D);
+    moe_status_t fwd() { return moe_layer_forward(l, x.data(), y.data(), T, 1, nullptr); }
+    moe_status_t bwd(const std::vector<float> &dy) {
+        return moe_layer_backward(l, dy.data(), dx.data(), nullptr);
+    }
+};
+
+}  // namespace
+
+TEST(Numerics, FiniteXNearFltMaxIsReported) {
+    NumFixture f;
+    for (auto &v : f.x) v = v > 0 ? FLT_MAX * 0.9f : -FLT_MAX * 0.9f;
+    EXPECT_EQ(f.fwd(), MOE_STATUS_NUMERIC_ERROR);
+    EXPECT_NE(std::strstr(moe_last_error(), "y holds"), nullptr) << moe_last_error();
+    EXPECT_FALSE(all_finite(f.y));
+    // opting out gives the old behaviour: SUCCESS with the non-finite y
+    ASSERT_EQ(moe_layer_set_check_numerics(f.l, 0), MOE_STATUS_SUCCESS);
+    EXPECT_EQ(f.fwd(), MOE_STATUS_SUCCESS);
+    EXPECT_FALSE(all_finite(f.y));
+    ASSERT_EQ(moe_layer_set_check_numerics(f.l, 1), MOE_STATUS_SUCCESS);
+    EXPECT_EQ(moe_layer_set_check_numerics(nullptr, 1), MOE_STATUS_INVALID_ARGUMENT);
+}
+
+TEST(Numerics, HugeRouterWeightsAreReported) {
+    NumFixture f;
+    void *w = nullptr;
+    int64_t n = 0;
+    ASSERT_EQ(moe_layer_param(f.l, MOE_PARAM_ROUTER_WEIGHT, &w, nullptr, &n), MOE_STATUS_SUCCESS);
+    for (int64_t i = 0; i < n; ++i) ((float *)w)[i] *= 1e30f;
+    moe_status_t st = f.fwd();
+    // either the router's scores overflow (reported) or the result is finite (SUCCESS); never
+    // SUCCESS with a non-finite y
+    if (st == MOE_STATUS_SUCCESS) EXPECT_TRUE(all_finite(f.y));
+    else EXPECT_EQ(st, MOE_STATUS_NUMERIC_ERROR) << moe_last_error();
+    for (int64_t i = 0; i < n; ++i) ((float *)w)[i] = 3e38f;
+    EXPECT_EQ(f.fwd(), MOE_STATUS_NUMERIC_ERROR);
+}
+
+TEST(Numerics, NanWrittenIntoAWeightIsReportedAndTheLayerRecovers) {
+    NumFixture f;
+    ASSERT_EQ(f.fwd(), MOE_STATUS_SUCCESS);
+    std::vector<float> y_good = f.y;
+    void *w = nullptr;
+    int64_t n = 0;
+    ASSERT_EQ(moe_layer_param(f.l, MOE_PARAM_W2, &w, nullptr, &n), MOE_STATUS_SUCCESS);
+    std::vector<float> saved((float *)w, (float *)w + n);
+    for (int64_t i = 0; i < n; ++i) ((float *)w)[i] = NAN;
+    EXPECT_EQ(f.fwd(), MOE_STATUS_NUMERIC_ERROR);
+    // a backward may follow the reported forward; its own check reports the gradients
+    EXPECT_EQ(f.bwd(f.x), MOE_STATUS_NUMERIC_ERROR) << moe_last_error();
+    std::copy(saved.begin(), saved.end(), (float *)w);
+    ASSERT_EQ(moe_layer_zero_grad(f.l, nullptr), MOE_STATUS_SUCCESS);
+    ASSERT_EQ(f.fwd(), MOE_STATUS_SUCCESS);
+    EXPECT_EQ(f.y, y_good) << "the layer is bitwise as before once the weight is restored";
+    EXPECT_EQ(f.bwd(f.x), MOE_STATUS_SUCCESS) << moe_last_error();
+}
+
+TEST(Numerics, NanInDyIsRefusedBeforeAnythingAccumulates) {
+    NumFixture f;
+    ASSERT_EQ(f.fwd(), MOE_STATUS_SUCCESS);
+    std::vector<float> g0 = moetest::param_grad(f.l, MOE_PARAM_W1);
+    std::vector<float> dy = f.x;
+    dy[3] = NAN;
+    EXPECT_EQ(f.bwd(dy), MOE_STATUS_NUMERIC_ERROR);
+    EXPECT_NE(std::strstr(moe_last_error(), "dy holds"), nullptr) << moe_last_error();
+    EXPECT_EQ(moetest::param_grad(f.l, MOE_PARAM_W1), g0) << "nothing was accumulated";
+    dy[3] = INFINITY;
+    EXPECT_EQ(f.bwd(dy), MOE_STATUS_NUMERIC_ERROR);
+    EXPECT_EQ(f.bwd(f.x), MOE_STATUS_SUCCESS) << moe_last_error();
+}
+
+TEST(Numerics, HugeFiniteDyOverflowingTheGradientsIsReported) {
+    NumFixture f;
+    ASSERT_EQ(f.fwd(), MOE_STATUS_SUCCESS);
+    std::vector<float> dy(f.T * f.D, 3e38f);
+    EXPECT_EQ(f.bwd(dy), MOE_STATUS_NUMERIC_ERROR);
+    EXPECT_NE(std::strstr(moe_last_error(), "NaN/Inf"), nullptr) << moe_last_error();
+    ASSERT_EQ(moe_layer_set_check_numerics(f.l, 0), MOE_STATUS_SUCCESS);
+    EXPECT_EQ(f.bwd(dy), MOE_STATUS_SUCCESS);
+}
+
+TEST(Numerics, LossCoefficientsAndBiasRateAreBounded) {
+    const char *fields[] = {"switch_loss_coef", "importance_loss_coef", "load_loss_coef",
+                            "z_loss_coef", "bias_update_rate"};
+    for (int i = 0; i < 5; ++i) {
+        moe_layer_config_t c = small_config();
+        double *v[] = {&c.switch_loss_coef, &c.importance_loss_coef, &c.load_loss_coef,
+                       &c.z_loss_coef, &c.bias_update_rate};
+        *v[i] = 1e308;
+        moetest::Layer l(c);
+        EXPECT_EQ(l.status, MOE_STATUS_INVALID_ARGUMENT) << fields[i];
+        EXPECT_NE(std::strstr(moe_last_error(), fields[i]), nullptr) << moe_last_error();
+        *v[i] = MOE_MAX_LOSS_COEF;
+        moetest::Layer ok(c);
+        EXPECT_EQ(ok.status, MOE_STATUS_SUCCESS) << fields[i] << ": " << moe_last_error();
+    }
 }

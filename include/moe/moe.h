@@ -47,7 +47,8 @@ typedef enum moe_status {
     MOE_STATUS_INVALID_ARGUMENT = 1, /* a NULL pointer, a size out of range, a call out of order */
     MOE_STATUS_NOT_SUPPORTED = 2,    /* valid request this build or backend cannot serve */
     MOE_STATUS_ALLOC_FAILED = 3,     /* host or device allocation failed; nothing leaked */
-    MOE_STATUS_NUMERIC_ERROR = 4,    /* NaN/Inf found in an input; nothing was routed */
+    MOE_STATUS_NUMERIC_ERROR = 4,    /* NaN/Inf in an input (nothing was computed), or in an
+                                        output of finite inputs (see "Numeric checks") */
     MOE_STATUS_BACKEND_ERROR = 5,    /* CUDA / cuBLAS / BLAS call failed */
     MOE_STATUS_COMM_ERROR = 6,       /* MPI / NCCL / peer failure */
     MOE_STATUS_INTERNAL_ERROR = 7,   /* a bug in libmoe: please report with moe_last_error() */
@@ -116,7 +117,9 @@ typedef struct moe_layer_config {
     int noisy_gating; /* Shazeer's noisy top-k in training: h = logits + eps * softplus(x Wn) */
     double capacity_factor; /* C = ceil(capacity_factor * T * K / E); <= 0 means dropless */
     moe_priority_t priority;
-    double switch_loss_coef;     /* coefficient of the Switch load-balancing loss */
+    double switch_loss_coef;     /* coefficient of the Switch load-balancing loss; each loss
+                                    coef is in [0, 1e6] (MOE_MAX_LOSS_COEF), so the aux-loss
+                                    gradients stay inside the f32 range */
     double importance_loss_coef; /* coefficient of Shazeer's importance loss */
     double load_loss_coef;       /* coefficient of Shazeer's load loss */
     double z_loss_coef;          /* coefficient of the router z-loss */
@@ -140,6 +143,8 @@ typedef struct moe_layer_config {
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
+#define MOE_MAX_LOSS_COEF 1e6   /* largest accepted loss coefficient */
+#define MOE_MAX_BIAS_UPDATE_RATE 1e6 /* largest accepted bias_update_rate */
 #define MOE_MAX_CHUNKS 16
 
 /* Defaults: D 512, F 2048, E 8, K 2, GELU, F32, SOFTMAX_OF_TOPK, renormalize 1, noisy 0,
@@ -316,6 +321,31 @@ MOE_API moe_status_t moe_layer_stats(moe_layer_t *layer, moe_routing_stats_t *st
  * Any pointer may be NULL. */
 MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index, float *gate,
                                        int32_t *kept);
+
+/* ============================================================================================
+ * Numeric checks
+ *
+ * Inputs: NaN/Inf in x (forward) or in dy (backward) gives NUMERIC_ERROR before anything is
+ * computed: the forward routes nothing (the last forward stays readable), the backward
+ * accumulates nothing. With expert parallelism every rank returns NUMERIC_ERROR when any rank's
+ * input holds one (one all-reduce of a count per forward and per backward). Always on.
+ * Outputs: finite inputs can still give non-finite results (x near FLT_MAX, huge or non-finite
+ * parameters written through moe_layer_param, huge forced gates). After a forward the layer
+ * counts NaN/Inf in y (T, D); after a backward in dx (T, D) and then in every parameter gradient
+ * (all of it, accumulated over the backwards since the last zero_grad). A non-finite value gives
+ * NUMERIC_ERROR naming the output; the call ran to the end and nothing is undone: y or dx and the
+ * gradients hold what was computed, the routing, stats and trace record are this forward's, a
+ * backward may follow the forward, and the layer stays usable (moe_layer_zero_grad clears the
+ * gradients; moe_optimizer_step refuses non-finite gradients anyway). Each rank checks its own
+ * outputs. Cost: one pass over y, dx and the gradients per call on the backend (the CPU backend
+ * reads them once; on CUDA each count is a reduction kernel plus one host wait for its result,
+ * i.e. one wait after every forward and 1 + (parameters present) waits after every backward,
+ * besides the syncs named at moe_layer_forward).
+ * ========================================================================================== */
+
+/* Turns the output checks (y, dx, gradients) on (enable != 0, the default) or off. The input
+ * checks of x and dy stay on. Local to this layer and rank. */
+MOE_API moe_status_t moe_layer_set_check_numerics(moe_layer_t *layer, int enable);
 
 /* ============================================================================================
  * Routing traces and replay (format: docs/trace.md)
