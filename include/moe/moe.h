@@ -355,8 +355,14 @@ MOE_API moe_status_t moe_layer_set_check_numerics(moe_layer_t *layer, int enable
  * (token count, K, expert indices, gate weights, kept flags, per-expert counts and drops) to the
  * file at path, which is created or truncated and gets the versioned header. layer_id tags the
  * records so several layers may share a program (one file per layer and rank). The file layout
- * is moe/trace_format.h. A file that cannot be created or written returns MOE_STATUS_IO_ERROR;
- * a forward whose record cannot be written returns it too (its results are valid). */
+ * is moe/trace_format.h. A file that cannot be created, or whose header cannot be written,
+ * returns MOE_STATUS_IO_ERROR. When records are written: each at the end of the forward that
+ * made it (after y is complete, also when the output check then reports NUMERIC_ERROR), with one
+ * unbuffered write, so it is in the file when the forward returns. A forward whose record cannot
+ * be written (full disk, file size limit) returns MOE_STATUS_IO_ERROR; its results are valid and
+ * only its record is lost: the file is cut back to the end of the last complete record (where
+ * the file system allows) and the trace stays open, so later forwards append again (their step
+ * numbers show the gap) or fail the same way. */
 MOE_API moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path,
                                           uint32_t layer_id);
 
