@@ -481,7 +481,6 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
         }
         s->z_sum = 0.0;
     }
-    if (s->noisy_now) s->call++;
     L->forced_last = L->forced_idx != NULL;
     if (L->forced_idx) {
         moe_status_t fst = T > 0 ? moe__apply_forced_routing(L, stream) : MOE_STATUS_SUCCESS;
@@ -535,6 +534,9 @@ moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int6
     if (T > 0) MOE_CHECK(combine_fwd(L, &bl, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
     s->have_forward = 1;
+    /* the noise key advances only with a forward that ran to the end: one that failed on the
+     * way (ALLOC_FAILED, COMM_ERROR) is retried with the same noise */
+    if (s->noisy_now) s->call++;
     /* a forward that ran to the end keeps its state (backward may follow) whatever the checks
      * say; the trace records it before y is checked */
     moe_status_t trace_st = L->trace ? moe__trace_write(L) : MOE_STATUS_SUCCESS;
