@@ -262,16 +262,20 @@ MOE_API moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void
  * serves its experts; x and y may then be NULL); buffers grow as needed (ALLOC_FAILED if they
  * cannot, layer unchanged). Collective over the context's communicator.
  * x is copied; the caller may reuse it after the call. NaN/Inf in x: NUMERIC_ERROR, y untouched,
- * nothing routed. Enqueued on stream (CUDA); complete on return (CPU). On CUDA the host waits
+ * nothing routed; NaN/Inf in y from finite x: NUMERIC_ERROR after the whole forward ran (see
+ * "Numeric checks"). Enqueued on stream (CUDA); complete on return (CPU). On CUDA the host waits
  * for the stream twice per forward: after the NaN/Inf count of x and after the gate (the
- * per-expert counts size the expert GEMMs); y is complete when the stream is. */
+ * per-expert counts size the expert GEMMs), and a third time for the count of y unless
+ * moe_layer_set_check_numerics(layer, 0); y is complete when the stream is. */
 MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y,
                                        int64_t num_tokens, int training, void *stream);
 
 /* Backward of the last successful forward: dy (num_tokens, D) in, dx (num_tokens, D) out
  * (overwritten). Every parameter gradient is accumulated (+=), including the gradients of the
  * aux losses times their coefs. INVALID_ARGUMENT if no forward has succeeded yet. May be called
- * more than once per forward (gradients accumulate again). */
+ * more than once per forward (gradients accumulate again). NaN/Inf in dy: NUMERIC_ERROR before
+ * anything is accumulated; NaN/Inf in dx or a gradient: NUMERIC_ERROR after the backward ran
+ * (see "Numeric checks"). */
 MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx,
                                         void *stream);
 
