@@ -153,9 +153,9 @@ int trace_file_read(const char *path, trace_file_t *t, char *err, size_t err_len
         }
         /* T * W * 9 + tail <= body_left, without forming the product first */
         if (body_left < tail || r.r.num_tokens > (body_left - tail) / (9 * W)) {
-            rc = fail(err, err_len, "record %lld claims %lld tokens: the file is %lld bytes "
-                      "short (cut inside the record)", (long long)t->n,
-                      (long long)r.r.num_tokens, (long long)(tail - body_left));
+            rc = fail(err, err_len, "record %lld claims %lld tokens, more than the %lld bytes "
+                      "left in the file hold (cut inside the record, or damaged)",
+                      (long long)t->n, (long long)r.r.num_tokens, (long long)body_left);
             goto done;
         }
         const size_t n = (size_t)(r.r.num_tokens * W);
