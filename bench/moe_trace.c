@@ -17,87 +17,17 @@
 
 #include "moe/moe.h"
 #include "moe/trace_format.h"
+#include "trace_read.h"
 
-typedef struct {
-    moe_trace_record_t r;
-    int32_t *idx;
-    float *gate;
-    uint8_t *kept;
-    int64_t *counts, *dropped;
-} record_t;
-
-typedef struct {
-    moe_trace_header_t h;
-    record_t *rec;
-    int64_t n;
-} trace_t;
-
-static void free_trace(trace_t *t) {
-    for (int64_t i = 0; i < t->n; ++i) {
-        free(t->rec[i].idx), free(t->rec[i].gate), free(t->rec[i].kept);
-        free(t->rec[i].counts), free(t->rec[i].dropped);
-    }
-    free(t->rec);
-}
+typedef trace_record_t record_t;
+typedef trace_file_t trace_t;
 
 static int read_trace(const char *path, trace_t *t) {
-    memset(t, 0, sizeof *t);
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "moe_trace: cannot open %s\n", path);
+    char err[512];
+    if (trace_file_read(path, t, err, sizeof err) != 0) {
+        fprintf(stderr, "moe_trace: %s: %s\n", path, err);
         return 1;
     }
-    if (fread(&t->h, sizeof t->h, 1, f) != 1 || memcmp(t->h.magic, MOE_TRACE_MAGIC, 8) != 0) {
-        fprintf(stderr, "moe_trace: %s is not a libmoe routing trace\n", path);
-        fclose(f);
-        return 1;
-    }
-    if (t->h.version != MOE_TRACE_VERSION || t->h.header_bytes != sizeof t->h) {
-        fprintf(stderr, "moe_trace: %s has trace version %u; this tool reads version %u\n", path,
-                t->h.version, MOE_TRACE_VERSION);
-        fclose(f);
-        return 1;
-    }
-    const int64_t E = t->h.num_experts;
-    int64_t cap = 0;
-    for (;;) {
-        record_t r;
-        memset(&r, 0, sizeof r);
-        size_t got = fread(&r.r, sizeof r.r, 1, f);
-        if (got != 1) break;
-        if (r.r.magic != MOE_TRACE_RECORD_MAGIC || r.r.num_tokens < 0 || r.r.width != t->h.routing_width) {
-            fprintf(stderr, "moe_trace: record %lld of %s is damaged\n", (long long)t->n, path);
-            fclose(f);
-            free_trace(t);
-            return 1;
-        }
-        size_t n = (size_t)(r.r.num_tokens * r.r.width);
-        r.idx = malloc((n + 1) * sizeof(int32_t));
-        r.gate = malloc((n + 1) * sizeof(float));
-        r.kept = malloc(n + 1);
-        r.counts = malloc((size_t)E * sizeof(int64_t));
-        r.dropped = malloc((size_t)E * sizeof(int64_t));
-        int ok = r.idx && r.gate && r.kept && r.counts && r.dropped &&
-                 fread(r.idx, sizeof(int32_t), n, f) == n &&
-                 fread(r.gate, sizeof(float), n, f) == n && fread(r.kept, 1, n, f) == n &&
-                 fread(r.counts, sizeof(int64_t), (size_t)E, f) == (size_t)E &&
-                 fread(r.dropped, sizeof(int64_t), (size_t)E, f) == (size_t)E;
-        if (t->n == cap) {
-            cap = cap ? 2 * cap : 16;
-            record_t *grown = realloc(t->rec, (size_t)cap * sizeof(record_t));
-            if (!grown) ok = 0;
-            else t->rec = grown;
-        }
-        if (!ok) {
-            fprintf(stderr, "moe_trace: record %lld of %s is truncated\n", (long long)t->n, path);
-            free(r.idx), free(r.gate), free(r.kept), free(r.counts), free(r.dropped);
-            fclose(f);
-            free_trace(t);
-            return 1;
-        }
-        t->rec[t->n++] = r;
-    }
-    fclose(f);
     return 0;
 }
 
@@ -195,6 +125,10 @@ static void *replay_rank(void *p) {
     }
     RCHECK(moe_context_create(&ctx, a->backend, 0, a->comm));
     RCHECK(moe_layer_create(&layer, ctx, &a->cfg));
+    if (trace_file_check_layer(t, layer, a->error, sizeof a->error) != 0) {
+        a->status = MOE_STATUS_INVALID_ARGUMENT;
+        goto done;
+    }
     for (int it = 0; it < a->iters + 1; ++it) { /* iteration 0 warms up */
         for (int64_t i = 0; i < t->n; ++i) {
             const record_t *r = &t->rec[i];
@@ -331,6 +265,6 @@ int main(int argc, char **argv) {
         usage();
         rc = 2;
     }
-    free_trace(&t);
+    trace_file_free(&t);
     return rc;
 }

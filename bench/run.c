@@ -73,6 +73,13 @@ moe_status_t bench_step_layer(const bench_rank_arg_t *a, moe_layer_t *layer, con
     int64_t b = 0, n = bench_rank_tokens(a->o, a->rp, T, step, a->w.rank, a->w.size, &b);
     moe_status_t st;
     if (a->rp) {
+        /* the recorded rows are rp->width wide: the layer must read them at that width */
+        if (moe_layer_routing_width(layer) != a->rp->width) {
+            fprintf(stderr, "moe_bench: --replay: the trace's routing width %lld is not the "
+                    "layer's %lld\n", (long long)a->rp->width,
+                    (long long)moe_layer_routing_width(layer));
+            return MOE_STATUS_INVALID_ARGUMENT;
+        }
         int64_t s = step % a->rp->num_steps;
         st = moe_layer_force_routing(layer, a->rp->index[s] + b * a->rp->width,
                                      a->rp->gate_w[s] + b * a->rp->width, n);

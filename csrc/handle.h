@@ -131,6 +131,14 @@ struct moe_layer {
     float *forced_gate;
     int64_t forced_T;
     int forced_last;
+
+    /* handle lifetimes: optimizers created on this layer and not yet destroyed (optim.c);
+     * moe_layer_destroy refuses while any is alive, so no optimizer reads a freed layer */
+    int64_t num_optimizers;
+
+    /* numeric checks of the outputs (numerics.c): 0 = on (the default), 1 = turned off by
+     * moe_layer_set_check_numerics(layer, 0) */
+    int skip_numeric_checks;
 };
 
 /* the layer as the backend ops see it (state.h), made from the state at each call */

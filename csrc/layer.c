@@ -167,8 +167,10 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
                 c->router == MOE_ROUTER_HIERARCHICAL,
             "cfg->router %d is not a moe_router_type_t", (int)c->router);
     MOE_CHECK(validate_groups(c));
-    MOE_ARG(isfinite(c->bias_update_rate) && c->bias_update_rate >= 0.0,
-            "cfg->bias_update_rate must be finite and >= 0");
+    MOE_ARG(isfinite(c->bias_update_rate) && c->bias_update_rate >= 0.0 &&
+                c->bias_update_rate <= MOE_MAX_BIAS_UPDATE_RATE,
+            "cfg->bias_update_rate %g is not in [0, %g]", c->bias_update_rate,
+            MOE_MAX_BIAS_UPDATE_RATE);
     MOE_ARG(c->bias_update_rate == 0.0 || c->router == MOE_ROUTER_TOKEN_CHOICE,
             "cfg->bias_update_rate: loss-free bias balancing applies to token choice, not to "
             "expert choice (which is balanced by construction)");
@@ -177,14 +179,18 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
             "defined for a biased selection; use one balancing method");
     MOE_ARG(c->num_chunks >= 0 && c->num_chunks <= MOE_MAX_CHUNKS,
             "cfg->num_chunks %lld is not in [0, %d]", (long long)c->num_chunks, MOE_MAX_CHUNKS);
-    MOE_ARG(isfinite(c->switch_loss_coef) && c->switch_loss_coef >= 0.0,
-            "cfg->switch_loss_coef must be finite and >= 0");
-    MOE_ARG(isfinite(c->importance_loss_coef) && c->importance_loss_coef >= 0.0,
-            "cfg->importance_loss_coef must be finite and >= 0");
-    MOE_ARG(isfinite(c->load_loss_coef) && c->load_loss_coef >= 0.0,
-            "cfg->load_loss_coef must be finite and >= 0");
-    MOE_ARG(isfinite(c->z_loss_coef) && c->z_loss_coef >= 0.0,
-            "cfg->z_loss_coef must be finite and >= 0");
+    MOE_ARG(isfinite(c->switch_loss_coef) && c->switch_loss_coef >= 0.0 &&
+                c->switch_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->switch_loss_coef %g is not in [0, %g]", c->switch_loss_coef, MOE_MAX_LOSS_COEF);
+    MOE_ARG(isfinite(c->importance_loss_coef) && c->importance_loss_coef >= 0.0 &&
+                c->importance_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->importance_loss_coef %g is not in [0, %g]", c->importance_loss_coef, MOE_MAX_LOSS_COEF);
+    MOE_ARG(isfinite(c->load_loss_coef) && c->load_loss_coef >= 0.0 &&
+                c->load_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->load_loss_coef %g is not in [0, %g]", c->load_loss_coef, MOE_MAX_LOSS_COEF);
+    MOE_ARG(isfinite(c->z_loss_coef) && c->z_loss_coef >= 0.0 &&
+                c->z_loss_coef <= MOE_MAX_LOSS_COEF,
+            "cfg->z_loss_coef %g is not in [0, %g]", c->z_loss_coef, MOE_MAX_LOSS_COEF);
     MOE_CHECK(validate_shared(c));
     int64_t f2 = c->activation == MOE_ACTIVATION_SWIGLU ? 2 * c->d_ff : c->d_ff;
     MOE_ARG(c->d_model * f2 <= MOE_MAX_NUMEL / c->num_experts,
@@ -515,6 +521,9 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
 moe_status_t moe_layer_destroy(moe_layer_t *layer) {
     if (!layer) return MOE_STATUS_SUCCESS;
     MOE_LAYER_ARG(layer);
+    MOE_ARG(layer->num_optimizers == 0,
+            "the layer still has %lld optimizers: destroy them first (nothing was freed)",
+            (long long)layer->num_optimizers);
     moe_layer_trace_close(layer);
     free(layer->forced_idx), free(layer->forced_gate);
     if (layer->ctx->ops->layer_fini) {
@@ -551,9 +560,8 @@ moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void **value
     return MOE_STATUS_SUCCESS;
 }
 
-moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
-                               int training, void *stream) {
-    MOE_LAYER_ARG(layer);
+static moe_status_t layer_forward(moe_layer_t *layer, const void *x, void *y,
+                                  int64_t num_tokens, int training, void *stream) {
     MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
     MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
     MOE_ARG(y != NULL || num_tokens == 0, "y is NULL");
@@ -561,6 +569,20 @@ moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64
             "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
             (long long)num_tokens, (long long)layer->s.K);
     return moe__scheduler_forward(layer, x, y, num_tokens, training, stream);
+}
+
+moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
+                               int training, void *stream) {
+    MOE_LAYER_ARG(layer);
+    moe_status_t st = layer_forward(layer, x, y, num_tokens, training, stream);
+    if (st != MOE_STATUS_SUCCESS && layer->forced_idx) {
+        /* a failing forward drops pending forced routing (moe.h), so no later forward
+         * inherits it */
+        free(layer->forced_idx), free(layer->forced_gate);
+        layer->forced_idx = NULL, layer->forced_gate = NULL;
+        layer->forced_T = 0;
+    }
+    return st;
 }
 
 moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream) {

@@ -151,6 +151,7 @@ moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
     }
     MOE_CHECK_GOTO(ctx->ops->mem.sync(ctx, NULL), st, fail);
     o->magic = MOE_OPTIMIZER_MAGIC;
+    layer->num_optimizers++; /* the layer now refuses to be destroyed before this optimizer */
     *opt = o;
     return MOE_STATUS_SUCCESS;
 fail:
@@ -161,9 +162,8 @@ fail:
 
 moe_status_t moe_optimizer_step(moe_optimizer_t *opt, void *stream) {
     MOE_OPT_ARG(opt);
+    /* the layer outlives the optimizer: moe_layer_destroy refuses while one points at it */
     moe_layer_t *layer = opt->layer;
-    MOE_ARG(layer->magic == MOE_LAYER_MAGIC,
-            "the optimizer's layer was destroyed: destroy the optimizer first");
     update_fn_t fn;
     MOE_CHECK(update_fn(layer, &fn));
     moe_context_t *ctx = layer->ctx;
@@ -225,6 +225,7 @@ moe_status_t moe_optimizer_destroy(moe_optimizer_t *opt) {
     if (!opt) return MOE_STATUS_SUCCESS;
     MOE_OPT_ARG(opt);
     free_moments(opt);
+    opt->layer->num_optimizers--;
     opt->magic = 0;
     free(opt);
     return MOE_STATUS_SUCCESS;

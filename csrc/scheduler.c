@@ -27,6 +27,7 @@
 #include "core/status.h"
 #include "handle.h"
 #include "router/hier.h"
+#include "numerics.h"
 #include "router/router_host.h"
 #include "scheduler.h"
 #include "trace.h"
@@ -665,7 +666,6 @@ static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, fl
         s->z_sum = 0.0;
         if (s->G) memset(s->hier_sums_h, 0, (size_t)MOE_HIER_NSUMS(s->G, s->E) * sizeof(double));
     }
-    if (s->noisy_now) s->call++;
     L->forced_last = L->forced_idx != NULL;
     if (L->forced_idx) {
         moe_status_t fst = forced_available(L);
@@ -728,8 +728,14 @@ static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, fl
     if (T > 0 && !ye && s->cfg.num_shared_experts > 0) MOE_CHECK(shared_fwd(L, &bl, y, stream));
     MOE_CHECK(mark(L, MOE_PHASE_COMBINE, &t0, stream));
     s->have_forward = 1;
-    if (L->trace) MOE_CHECK(moe__trace_write(L));
-    return MOE_STATUS_SUCCESS;
+    /* the noise key advances only with a forward that ran to the end: one that failed on the
+     * way (ALLOC_FAILED, COMM_ERROR) is retried with the same noise */
+    if (s->noisy_now) s->call++;
+    /* a forward that ran to the end keeps its state (backward may follow) whatever the checks
+     * say; the trace records it before y is checked */
+    moe_status_t trace_st = L->trace ? moe__trace_write(L) : MOE_STATUS_SUCCESS;
+    moe_status_t num_st = T > 0 ? moe__numerics_check_forward(L, y, stream) : MOE_STATUS_SUCCESS;
+    return trace_st != MOE_STATUS_SUCCESS ? trace_st : num_st;
 }
 
 moe_status_t moe__scheduler_forward(moe_layer_t *L, const void *x, void *y, int64_t T,
@@ -753,6 +759,7 @@ static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, co
     const moe_backend_layer_t bl = moe__backend_layer(s);
     for (int p = MOE_PHASE_BWD_COMBINE; p < MOE_PHASE_COUNT; ++p) L->phase_s[p] = 0.0;
     double t0 = moe_now_s();
+    MOE_CHECK(moe__numerics_check_dy(L, dy, stream));
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
     if (T > 0 && dye) MOE_CHECK(experts_out_bwd(L, &bl, dye, dge, stream));
@@ -776,7 +783,7 @@ static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, co
     /* shared experts' weight gradients and their share of dx; timed with the gate backward */
     if (shared) MOE_CHECK(shared_bwd(L, &bl, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_GATE, &t0, stream));
-    return MOE_STATUS_SUCCESS;
+    return moe__numerics_check_backward(L, T > 0 ? dx : NULL, stream);
 }
 
 moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {

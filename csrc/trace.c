@@ -1,7 +1,10 @@
 /* trace.c - routing traces: the writer behind moe_layer_trace_open, and forced routing for
  * replay (moe_layer_force_routing). */
+#define _POSIX_C_SOURCE 200809L
+
 #include <math.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,6 +23,9 @@ moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path, uint32_t
     MOE_CHECK(moe_layer_trace_close(layer));
     FILE *f = fopen(path, "wb");
     MOE_IO_CHECK(f != NULL, "cannot open trace file '%s'", path);
+    /* unbuffered: each record goes to the file in the forward that made it, so a write that
+     * fails (full disk) fails that forward, never a later one that happens to flush */
+    setvbuf(f, NULL, _IONBF, 0);
     const moe_layer_config_t *c = &layer->s.cfg;
     moe_trace_header_t h;
     memset(&h, 0, sizeof h);
@@ -59,28 +65,45 @@ moe_status_t moe_layer_trace_close(moe_layer_t *layer) {
     return MOE_STATUS_SUCCESS;
 }
 
+/* One record in one buffer, written with one fwrite. A write that fails loses this record
+ * only: the file is cut back to where the record began (where the file system allows), so the
+ * file stays a valid trace of the records written so far and later records can follow (their
+ * step numbers show the gap). */
 moe_status_t moe__trace_write(moe_layer_t *L) {
     moe_layer_state_t *s = &L->s;
     const int64_t T = s->T, K = s->K, E = s->E;
+    const size_t n = (size_t)(T * K);
     moe_trace_record_t r = {MOE_TRACE_RECORD_MAGIC, L->trace_layer_id, L->trace_step, T, K};
-    int32_t *idx = (int32_t *)malloc((size_t)(T * K + 1) * sizeof(int32_t));
-    float *gate = (float *)malloc((size_t)(T * K + 1) * sizeof(float));
-    int32_t *kept = (int32_t *)malloc((size_t)(T * K + 1) * sizeof(int32_t));
-    uint8_t *kept8 = (uint8_t *)malloc((size_t)(T * K + 1));
+    const size_t bytes = sizeof r + n * (sizeof(int32_t) + sizeof(float) + 1) +
+                         2 * (size_t)E * sizeof(int64_t);
+    char *buf = (char *)malloc(bytes);
+    int32_t *kept = (int32_t *)malloc((n + 1) * sizeof(int32_t));
     moe_status_t st = MOE_STATUS_SUCCESS;
-    if (!idx || !gate || !kept || !kept8) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "trace staging");
-    if (st == MOE_STATUS_SUCCESS) st = moe__buffers_read_routing(L, idx, gate, kept);
+    if (!buf || !kept) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "trace record of %zu bytes", bytes);
+    char *idx = buf ? buf + sizeof r : NULL, *gate = idx ? idx + n * sizeof(int32_t) : NULL;
+    char *kept8 = gate ? gate + n * sizeof(float) : NULL;
+    if (st == MOE_STATUS_SUCCESS)
+        st = moe__buffers_read_routing(L, (int32_t *)(void *)idx, (float *)(void *)gate, kept);
     if (st == MOE_STATUS_SUCCESS) {
-        for (int64_t i = 0; i < T * K; ++i) kept8[i] = (uint8_t)kept[i];
-        FILE *f = L->trace;
-        size_t n = (size_t)(T * K);
-        if (fwrite(&r, sizeof r, 1, f) != 1 || fwrite(idx, sizeof(int32_t), n, f) != n ||
-            fwrite(gate, sizeof(float), n, f) != n || fwrite(kept8, 1, n, f) != n ||
-            fwrite(s->counts_h, sizeof(int64_t), (size_t)E, f) != (size_t)E ||
-            fwrite(s->dropped_h, sizeof(int64_t), (size_t)E, f) != (size_t)E)
-            st = MOE_IO_ERR("writing trace record %lld failed", (long long)L->trace_step);
+        memcpy(buf, &r, sizeof r);
+        for (size_t i = 0; i < n; ++i) kept8[i] = (char)(uint8_t)kept[i];
+        char *tail = kept8 + n;
+        memcpy(tail, s->counts_h, (size_t)E * sizeof(int64_t));
+        memcpy(tail + (size_t)E * sizeof(int64_t), s->dropped_h, (size_t)E * sizeof(int64_t));
+        FILE *f = (FILE *)L->trace;
+        long pos = ftell(f);
+        if (fwrite(buf, 1, bytes, f) != bytes) {
+            st = MOE_IO_ERR("writing trace record %lld (%zu bytes) failed: the record is lost",
+                            (long long)L->trace_step, bytes);
+            clearerr(f);
+            if (pos >= 0) {
+                if (ftruncate(fileno(f), (off_t)pos) != 0) { /* e.g. not a regular file */
+                }
+                fseek(f, pos, SEEK_SET);
+            }
+        }
     }
-    free(idx), free(gate), free(kept), free(kept8);
+    free(buf), free(kept);
     L->trace_step++;
     return st;
 }
@@ -88,6 +111,13 @@ moe_status_t moe__trace_write(moe_layer_t *L) {
 moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
                                      const float *gate, int64_t num_tokens) {
     MOE_LAYER_ARG(layer);
+    if (expert_index == NULL && gate == NULL && num_tokens == 0) {
+        /* cancel: the next forward routes normally */
+        free(layer->forced_idx), free(layer->forced_gate);
+        layer->forced_idx = NULL, layer->forced_gate = NULL;
+        layer->forced_T = 0;
+        return MOE_STATUS_SUCCESS;
+    }
     MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
     MOE_ARG(num_tokens == 0 || (expert_index != NULL && gate != NULL),
             "expert_index and gate must not be NULL");

@@ -31,6 +31,11 @@ MOE_BUILD_PACKAGES=(cmake ninja-build g++ make libopenblas-openmp-dev libgtest-d
 # training example; venv for the clean environment that `pip install .` is tested in
 MOE_PYTHON_PACKAGES=(python3-numpy python3-pytest python3-torch python3-venv)
 
+# what the hardening checks of scripts/test.sh need: clang with its runtime (libFuzzer and the
+# sanitizers: libclang-rt-14-dev on Debian 12) and its OpenMP for scripts/fuzz.sh, valgrind for
+# scripts/valgrind.sh
+MOE_HARDENING_PACKAGES=(clang libclang-rt-14-dev libomp-dev valgrind)
+
 # what the plots of scripts/lb-experiment need (for Debian's interpreter)
 MOE_PLOT_PACKAGES=(python3-matplotlib)
 

@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # test.sh - build libmoe (CUDA kernels included when nvcc is present) and run every test.
 # usage: scripts/test.sh          the docs' cited paths (scripts/check-doc-paths.sh), a Release
-#                                 build in build/, the whole suite through ctest, then the
-#                                 Python binding's pytest suite
-#        scripts/test.sh --asan   AddressSanitizer + UBSan build in build-asan/, the CPU suite
+#                                 build in build/, the whole suite through ctest, the Python
+#                                 binding's pytest suite, then the hardening checks: the CPU
+#                                 suite under ASan + UBSan + LeakSanitizer (--asan below), a
+#                                 short run of every libFuzzer target (scripts/fuzz.sh) and one
+#                                 valgrind pass over CPU test binaries (scripts/valgrind.sh)
+#        scripts/test.sh --asan   AddressSanitizer + UBSan (+ LeakSanitizer) build in
+#                                 build-asan/, the CPU suite
+#        scripts/test.sh --quick  the first part only (no sanitizer, fuzz or valgrind pass)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 # everything the suite needs, in one apt call up front (no test installs anything itself):
 # the build, the Python binding's tests, and the plots of the load-balancing experiment's test
-moe_need_packages "${MOE_BUILD_PACKAGES[@]}" "${MOE_PYTHON_PACKAGES[@]}" "${MOE_PLOT_PACKAGES[@]}"
+moe_need_packages "${MOE_BUILD_PACKAGES[@]}" "${MOE_PYTHON_PACKAGES[@]}" "${MOE_PLOT_PACKAGES[@]}" \
+    "${MOE_HARDENING_PACKAGES[@]}"
 
 # every file path the docs cite must exist (cheap, so it runs first)
 scripts/check-doc-paths.sh
 
 dir=build
 args=(-DCMAKE_BUILD_TYPE=Release)
+quick=0
+[ "${1:-}" != "--quick" ] || quick=1
 if [ "${1:-}" = "--asan" ]; then
     dir=build-asan
     # the sanitizer build checks the host code; CUDA kernels are checked by compute-sanitizer
@@ -50,4 +58,13 @@ if [ "$dir" = build ]; then
     vpy=$(moe_python venv ensurepip) || { echo "no python3 with venv and ensurepip" >&2; exit 1; }
     SKBUILD_CMAKE_DEFINE="MOE_ENABLE_CUDA=OFF" bash ../tests/install/pip.sh "$vpy" "$PWD/pip-test" \
         "$PWD/libmoe.so"
+fi
+
+# the hardening checks (docs/reliability.md), after the main suite: each fails the script
+if [ "$dir" = build ] && [ "$quick" = 0 ]; then
+    cd ..
+    scripts/test.sh --asan           # ASan + UBSan + LeakSanitizer, the CPU suite
+    MOE_FUZZ_SECONDS=${MOE_FUZZ_SECONDS:-20}
+    scripts/fuzz.sh "$MOE_FUZZ_SECONDS" # every target of tests/fuzz, from its seed corpus
+    scripts/valgrind.sh build        # memcheck over CPU test binaries of the Release build
 fi

@@ -47,7 +47,8 @@ typedef enum moe_status {
     MOE_STATUS_INVALID_ARGUMENT = 1, /* a NULL pointer, a size out of range, a call out of order */
     MOE_STATUS_NOT_SUPPORTED = 2,    /* valid request this build or backend cannot serve */
     MOE_STATUS_ALLOC_FAILED = 3,     /* host or device allocation failed; nothing leaked */
-    MOE_STATUS_NUMERIC_ERROR = 4,    /* NaN/Inf found in an input; nothing was routed */
+    MOE_STATUS_NUMERIC_ERROR = 4,    /* NaN/Inf in an input (nothing was computed), or in an
+                                        output of finite inputs (see "Numeric checks") */
     MOE_STATUS_BACKEND_ERROR = 5,    /* CUDA / cuBLAS / BLAS call failed */
     MOE_STATUS_COMM_ERROR = 6,       /* MPI / NCCL / peer failure */
     MOE_STATUS_INTERNAL_ERROR = 7,   /* a bug in libmoe: please report with moe_last_error() */
@@ -134,7 +135,9 @@ typedef struct moe_layer_config {
     int noisy_gating; /* Shazeer's noisy top-k in training: h = logits + eps * softplus(x Wn) */
     double capacity_factor; /* C = ceil(capacity_factor * T * K / E); <= 0 means dropless */
     moe_priority_t priority;
-    double switch_loss_coef;     /* coefficient of the Switch load-balancing loss */
+    double switch_loss_coef;     /* coefficient of the Switch load-balancing loss; each loss
+                                    coef is in [0, 1e6] (MOE_MAX_LOSS_COEF), so the aux-loss
+                                    gradients stay inside the f32 range */
     double importance_loss_coef; /* coefficient of Shazeer's importance loss */
     double load_loss_coef;       /* coefficient of Shazeer's load loss */
     double z_loss_coef;          /* coefficient of the router z-loss */
@@ -192,6 +195,8 @@ typedef struct moe_layer_config {
 } moe_layer_config_t;
 
 #define MOE_DEFAULT_CHUNKS 2
+#define MOE_MAX_LOSS_COEF 1e6   /* largest accepted loss coefficient */
+#define MOE_MAX_BIAS_UPDATE_RATE 1e6 /* largest accepted bias_update_rate */
 #define MOE_MAX_CHUNKS 16
 
 /* Defaults: D 512, F 2048, E 8, K 2, GELU, F32, SOFTMAX_OF_TOPK, renormalize 1, noisy 0,
@@ -307,7 +312,9 @@ typedef enum moe_param {
 MOE_API moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
                                       const moe_layer_config_t *cfg);
 
-/* Destroys a layer and frees everything it owns. NULL is accepted and does nothing. */
+/* Destroys a layer and frees everything it owns. NULL is accepted and does nothing. Every
+ * optimizer created on it must be destroyed first (INVALID_ARGUMENT otherwise, and nothing is
+ * freed), as a context refuses while layers live. */
 MOE_API moe_status_t moe_layer_destroy(moe_layer_t *layer);
 
 /* Copy of the layer's (validated) config. */
@@ -329,9 +336,11 @@ MOE_API moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void
  * serves its experts; x and y may then be NULL); buffers grow as needed (ALLOC_FAILED if they
  * cannot, layer unchanged). Collective over the context's communicator.
  * x is copied; the caller may reuse it after the call. NaN/Inf in x: NUMERIC_ERROR, y untouched,
- * nothing routed. Enqueued on stream (CUDA); complete on return (CPU). On CUDA the host waits
+ * nothing routed; NaN/Inf in y from finite x: NUMERIC_ERROR after the whole forward ran (see
+ * "Numeric checks"). Enqueued on stream (CUDA); complete on return (CPU). On CUDA the host waits
  * for the stream twice per forward: after the NaN/Inf count of x and after the gate (the
- * per-expert counts size the expert GEMMs); y is complete when the stream is. With shared
+ * per-expert counts size the expert GEMMs), and a third time for the count of y unless
+ * moe_layer_set_check_numerics(layer, 0); y is complete when the stream is. With shared
  * experts y includes them (docs/semantics.md), computed from x on this rank alone. */
 MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y,
                                        int64_t num_tokens, int training, void *stream);
@@ -339,7 +348,9 @@ MOE_API moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *
 /* Backward of the last successful forward: dy (num_tokens, D) in, dx (num_tokens, D) out
  * (overwritten). Every parameter gradient is accumulated (+=), including the gradients of the
  * aux losses times their coefs. INVALID_ARGUMENT if no forward has succeeded yet. May be called
- * more than once per forward (gradients accumulate again). */
+ * more than once per forward (gradients accumulate again). NaN/Inf in dy: NUMERIC_ERROR before
+ * anything is accumulated; NaN/Inf in dx or a gradient: NUMERIC_ERROR after the backward ran
+ * (see "Numeric checks"). */
 MOE_API moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx,
                                         void *stream);
 
@@ -446,6 +457,31 @@ MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index
                                        int32_t *kept);
 
 /* ============================================================================================
+ * Numeric checks
+ *
+ * Inputs: NaN/Inf in x (forward) or in dy (backward) gives NUMERIC_ERROR before anything is
+ * computed: the forward routes nothing (the last forward stays readable), the backward
+ * accumulates nothing. With expert parallelism every rank returns NUMERIC_ERROR when any rank's
+ * input holds one (one all-reduce of a count per forward and per backward). Always on.
+ * Outputs: finite inputs can still give non-finite results (x near FLT_MAX, huge or non-finite
+ * parameters written through moe_layer_param, huge forced gates). After a forward the layer
+ * counts NaN/Inf in y (T, D); after a backward in dx (T, D) and then in every parameter gradient
+ * (all of it, accumulated over the backwards since the last zero_grad). A non-finite value gives
+ * NUMERIC_ERROR naming the output; the call ran to the end and nothing is undone: y or dx and the
+ * gradients hold what was computed, the routing, stats and trace record are this forward's, a
+ * backward may follow the forward, and the layer stays usable (moe_layer_zero_grad clears the
+ * gradients; moe_optimizer_step refuses non-finite gradients anyway). Each rank checks its own
+ * outputs. Cost: one pass over y, dx and the gradients per call on the backend (the CPU backend
+ * reads them once; on CUDA each count is a reduction kernel plus one host wait for its result,
+ * i.e. one wait after every forward and 1 + (parameters present) waits after every backward,
+ * besides the syncs named at moe_layer_forward).
+ * ========================================================================================== */
+
+/* Turns the output checks (y, dx, gradients) on (enable != 0, the default) or off. The input
+ * checks of x and dy stay on. Local to this layer and rank. */
+MOE_API moe_status_t moe_layer_set_check_numerics(moe_layer_t *layer, int enable);
+
+/* ============================================================================================
  * Routing traces and replay (format: docs/trace.md)
  * ========================================================================================== */
 
@@ -453,8 +489,14 @@ MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index
  * (token count, K, expert indices, gate weights, kept flags, per-expert counts and drops) to the
  * file at path, which is created or truncated and gets the versioned header. layer_id tags the
  * records so several layers may share a program (one file per layer and rank). The file layout
- * is moe/trace_format.h. A file that cannot be created or written returns MOE_STATUS_IO_ERROR;
- * a forward whose record cannot be written returns it too (its results are valid). */
+ * is moe/trace_format.h. A file that cannot be created, or whose header cannot be written,
+ * returns MOE_STATUS_IO_ERROR. When records are written: each at the end of the forward that
+ * made it (after y is complete, also when the output check then reports NUMERIC_ERROR), with one
+ * unbuffered write, so it is in the file when the forward returns. A forward whose record cannot
+ * be written (full disk, file size limit) returns MOE_STATUS_IO_ERROR; its results are valid and
+ * only its record is lost: the file is cut back to the end of the last complete record (where
+ * the file system allows) and the trace stays open, so later forwards append again (their step
+ * numbers show the gap) or fail the same way. */
 MOE_API moe_status_t moe_layer_trace_open(moe_layer_t *layer, const char *path,
                                           uint32_t layer_id);
 
@@ -468,6 +510,11 @@ MOE_API moe_status_t moe_layer_trace_close(moe_layer_t *layer);
  * part of the layer) and its losses are reported, computed from the forced assignment counts.
  * One-shot: later forwards route normally. Backward through a forced forward computes the expert
  * and combine gradients; the router receives no gradient from the forced gates.
+ * Cancelling: expert_index = gate = NULL with num_tokens = 0 drops a pending forced routing
+ * (SUCCESS also when none is pending); with non-NULL arrays, num_tokens = 0 forces the routing
+ * of a forward of 0 tokens. Any moe_layer_forward on this layer that does not return SUCCESS
+ * (a token count other than num_tokens, an argument error, NaN/Inf in x, ALLOC_FAILED, ...)
+ * also drops it: the next forward routes normally unless forced again.
  * NOT_SUPPORTED for router = MOE_ROUTER_HIERARCHICAL. */
 MOE_API moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
                                              const float *gate, int64_t num_tokens);
@@ -551,8 +598,8 @@ typedef struct moe_optimizer moe_optimizer_t;
 /* Creates an optimizer for every parameter of layer (those the config turns off are skipped).
  * The config is validated (INVALID_ARGUMENT naming the field); moment buffers are allocated on
  * the layer's backend (ALLOC_FAILED, nothing leaked) and zeroed. The optimizer keeps a pointer
- * to layer, not ownership: destroy the optimizer before the layer. f32 parameters only, on the
- * CPU and CUDA backends alike (the same per-element code; steps enqueue on `stream` on CUDA);
+ * to layer, not ownership: moe_layer_destroy refuses while the optimizer lives (destroy the
+ * optimizer first). f32 parameters only, on the CPU and CUDA backends alike (the same per-element code; steps enqueue on `stream` on CUDA);
  * 16-bit parameters give NOT_SUPPORTED (keep f32 master weights yourself). */
 MOE_API moe_status_t moe_optimizer_create(moe_optimizer_t **opt, moe_layer_t *layer,
                                           const moe_optimizer_config_t *cfg);
