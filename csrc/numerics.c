@@ -18,10 +18,10 @@ static moe_status_t count(moe_layer_t *L, const void *v, int64_t n, int64_t *bad
     return ctx->ops->count_nonfinite(ctx, v, n, bad, stream);
 }
 
-moe_status_t moe__numerics_check_dy(moe_layer_t *L, const void *dy, void *stream) {
+moe_status_t moe__numerics_check_dy(moe_layer_t *L, const void *dy, int64_t n, void *stream) {
     moe_context_t *ctx = L->ctx;
     int64_t bad = 0;
-    MOE_CHECK(count(L, dy, L->s.T * L->s.D, &bad, stream));
+    MOE_CHECK(count(L, dy, n, &bad, stream));
     if (ctx->world > 1) {
         double any = (double)bad;
         MOE_CHECK(moe__comm_allreduce_f64(ctx->comm, &any, 1));
@@ -36,15 +36,16 @@ moe_status_t moe__numerics_check_dy(moe_layer_t *L, const void *dy, void *stream
     return MOE_STATUS_SUCCESS;
 }
 
-moe_status_t moe__numerics_check_forward(moe_layer_t *L, const void *y, void *stream) {
+moe_status_t moe__numerics_check_forward(moe_layer_t *L, const void *y, int64_t n,
+                                         void *stream) {
     if (L->skip_numeric_checks) return MOE_STATUS_SUCCESS;
     int64_t bad = 0;
-    MOE_CHECK(count(L, y, L->s.T * L->s.D, &bad, stream));
+    MOE_CHECK(count(L, y, n, &bad, stream));
     if (bad)
         return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
-                       "y holds %lld NaN/Inf values although x is finite (parameters too large "
+                       "%s holds %lld NaN/Inf values although x is finite (parameters too large "
                        "or non-finite, or x near the f32 range): the forward ran to the end",
-                       (long long)bad);
+                       n == L->s.T * L->s.D ? "y" : "y_experts", (long long)bad);
     return MOE_STATUS_SUCCESS;
 }
 
@@ -56,8 +57,10 @@ moe_status_t moe__numerics_check_backward(moe_layer_t *L, const void *dx, void *
         return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
                        "dx holds %lld NaN/Inf values although dy is finite: the backward ran to "
                        "the end", (long long)bad);
-    static const char *names[MOE_PARAM_COUNT] = {"router_weight", "noise_weight", "w1",
-                                                  "b1", "w2", "b2"};
+    static const char *names[] = {"router_weight", "noise_weight", "w1", "b1", "w2", "b2",
+                                  "secondary_router_weight", "shared_w1", "shared_b1",
+                                  "shared_w2", "shared_b2", "shared_gate"};
+    _Static_assert(sizeof names / sizeof names[0] == MOE_PARAM_COUNT, "a name per parameter");
     for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
         MOE_CHECK(count(L, L->s.grad[p], L->s.numel[p], &bad, stream));
         if (bad)

@@ -11,10 +11,11 @@ extern "C" {
 
 /* NaN/Inf in dy: NUMERIC_ERROR before anything is accumulated. With expert parallelism the
  * count is summed over the ranks (one all-reduce), so every rank takes the same way out. */
-moe_status_t moe__numerics_check_dy(moe_layer_t *layer, const void *dy, void *stream);
+moe_status_t moe__numerics_check_dy(moe_layer_t *layer, const void *dy, int64_t n, void *stream);
 /* NaN/Inf in the forward's y (T, D): NUMERIC_ERROR; nothing is undone. Off with
  * moe_layer_set_check_numerics(layer, 0). */
-moe_status_t moe__numerics_check_forward(moe_layer_t *layer, const void *y, void *stream);
+moe_status_t moe__numerics_check_forward(moe_layer_t *layer, const void *y, int64_t n,
+                                         void *stream);
 /* NaN/Inf in the backward's dx (T, D) or any parameter gradient: NUMERIC_ERROR. */
 moe_status_t moe__numerics_check_backward(moe_layer_t *layer, const void *dx, void *stream);
 

@@ -734,7 +734,11 @@ static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, fl
     /* a forward that ran to the end keeps its state (backward may follow) whatever the checks
      * say; the trace records it before y is checked */
     moe_status_t trace_st = L->trace ? moe__trace_write(L) : MOE_STATUS_SUCCESS;
-    moe_status_t num_st = T > 0 ? moe__numerics_check_forward(L, y, stream) : MOE_STATUS_SUCCESS;
+    /* y, or the per-expert output rows (T, W, D) of moe_layer_forward_experts */
+    moe_status_t num_st =
+        T == 0 ? MOE_STATUS_SUCCESS
+        : ye   ? moe__numerics_check_forward(L, ye, T * s->K * s->D, stream)
+               : moe__numerics_check_forward(L, y, T * s->D, stream);
     return trace_st != MOE_STATUS_SUCCESS ? trace_st : num_st;
 }
 
@@ -759,7 +763,9 @@ static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, co
     const moe_backend_layer_t bl = moe__backend_layer(s);
     for (int p = MOE_PHASE_BWD_COMBINE; p < MOE_PHASE_COUNT; ++p) L->phase_s[p] = 0.0;
     double t0 = moe_now_s();
-    MOE_CHECK(moe__numerics_check_dy(L, dy, stream));
+    /* dy, or the gradients of the per-expert output rows (T, W, D) */
+    MOE_CHECK(dye ? moe__numerics_check_dy(L, dye, T * s->K * s->D, stream)
+                  : moe__numerics_check_dy(L, dy, T * s->D, stream));
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
     if (T > 0 && dye) MOE_CHECK(experts_out_bwd(L, &bl, dye, dge, stream));

@@ -177,6 +177,26 @@ TEST(Numerics, FiniteXNearFltMaxIsReported) {
     EXPECT_EQ(moe_layer_set_check_numerics(nullptr, 1), MOE_STATUS_INVALID_ARGUMENT);
 }
 
+TEST(Numerics, PerExpertOutputsAreCheckedToo) {
+    NumFixture f;
+    const int64_t W = moe_layer_routing_width(f.l);
+    std::vector<float> ye((size_t)(f.T * W * f.D)), ge((size_t)(f.T * W)), dx(f.T * f.D);
+    ASSERT_EQ(moe_layer_forward_experts(f.l, f.x.data(), ye.data(), ge.data(), f.T, 1, nullptr),
+              MOE_STATUS_SUCCESS)
+        << moe_last_error();
+    // NaN in the gradient of the per-expert rows: refused, as NaN in dy
+    std::vector<float> dye(ye.size(), 0.5f), dge(ge.size(), 0.0f);
+    dye[3] = NAN;
+    EXPECT_EQ(moe_layer_backward_experts(f.l, dye.data(), dge.data(), dx.data(), nullptr),
+              MOE_STATUS_NUMERIC_ERROR);
+    // finite x near FLT_MAX: the per-expert rows overflow and the forward says so
+    for (auto &v : f.x) v = v > 0 ? FLT_MAX * 0.9f : -FLT_MAX * 0.9f;
+    EXPECT_EQ(moe_layer_forward_experts(f.l, f.x.data(), ye.data(), ge.data(), f.T, 1, nullptr),
+              MOE_STATUS_NUMERIC_ERROR);
+    EXPECT_NE(std::strstr(moe_last_error(), "y_experts holds"), nullptr) << moe_last_error();
+    EXPECT_FALSE(all_finite(ye));
+}
+
 TEST(Numerics, HugeRouterWeightsAreReported) {
     NumFixture f;
     void *w = nullptr;

@@ -459,13 +459,15 @@ MOE_API moe_status_t moe_layer_routing(moe_layer_t *layer, int32_t *expert_index
 /* ============================================================================================
  * Numeric checks
  *
- * Inputs: NaN/Inf in x (forward) or in dy (backward) gives NUMERIC_ERROR before anything is
+ * Inputs: NaN/Inf in x (forward) or in dy (backward; dy_experts for moe_layer_backward_experts)
+ * gives NUMERIC_ERROR before anything is
  * computed: the forward routes nothing (the last forward stays readable), the backward
  * accumulates nothing. With expert parallelism every rank returns NUMERIC_ERROR when any rank's
  * input holds one (one all-reduce of a count per forward and per backward). Always on.
  * Outputs: finite inputs can still give non-finite results (x near FLT_MAX, huge or non-finite
  * parameters written through moe_layer_param, huge forced gates). After a forward the layer
- * counts NaN/Inf in y (T, D); after a backward in dx (T, D) and then in every parameter gradient
+ * counts NaN/Inf in y (T, D) (moe_layer_forward_experts: in the per-expert rows (T, W, D)); after
+ * a backward in dx (T, D) and then in every parameter gradient
  * (all of it, accumulated over the backwards since the last zero_grad). A non-finite value gives
  * NUMERIC_ERROR naming the output; the call ran to the end and nothing is undone: y or dx and the
  * gradients hold what was computed, the routing, stats and trace record are this forward's, a
