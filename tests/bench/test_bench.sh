@@ -17,6 +17,7 @@
 #            checked, and at 2 ranks with the trace's capacity (runs, not checked)
 #   model    --model-table prints the six predictions; the model column is filled on 4 ranks
 #            with --link-bw
+#   preset   --preset NAME for every library preset runs and passes --check; unknown names exit 2
 set -euo pipefail
 case_name=$1 bench=$2 py=${3:-python3}
 tmp=$(mktemp -d)
@@ -225,6 +226,21 @@ model)
     grep -q 'model = bench/model.c at --link-bw' "$tmp/out" || fail "header does not name --link-bw"
     grep -E '^ +64 ' "$tmp/out" | awk '{ if ($16 !~ /^[0-9.]+$/) exit 1 }' || fail "model column empty"
     echo "model OK"
+    ;;
+preset)
+    # every library preset (docs/presets.md) at a small D / F, checked; an unknown name exits 2
+    # and the message lists the known ones
+    for p in mixtral qwen2-moe qwen3-moe deepseek-v3 deepseek switch olmoe; do
+        "$bench" --preset "$p" -d 32 -F 16 -t 64 -w 0 -n 1 --threads 2 --check >"$tmp/out" ||
+            { cat "$tmp/out"; fail "--preset $p --check exited $?"; }
+        grep -qE '^# Check +: 0 wrong of [1-9][0-9]* compared .* OK$' "$tmp/out" ||
+            { cat "$tmp/out"; fail "--preset $p --check did not report OK"; }
+    done
+    set +e
+    "$bench" --preset nope >"$tmp/o" 2>&1; [ $? = 2 ] || fail "--preset nope: exit not 2"
+    set -e
+    grep -q "deepseek-v3" "$tmp/o" || fail "--preset nope does not list the presets"
+    echo "preset OK"
     ;;
 *) fail "unknown case '$case_name'" ;;
 esac
