@@ -44,6 +44,7 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     MOE_BUF(yp, K * D * v);
     MOE_BUF(dyp, K * D * v);
     MOE_BUF(dxp, K * D * v);
+    MOE_BUF(sendp, s->pack_rows ? K * D * v : 0); /* a placement that needs packing */
 #undef MOE_BUF
     return n;
 }

@@ -10,6 +10,7 @@
 #include "core/philox.h"
 #include "core/status.h"
 #include "handle.h"
+#include "placement.h"
 #include "scheduler.h"
 
 /* largest tensor dimension product we accept: keeps every index inside int64 and row ids
@@ -94,12 +95,13 @@ static moe_status_t validate_config(const moe_layer_config_t *c, moe_backend_t b
  * ------------------------------------------------------------------------------------------- */
 
 /* Fills host f32 values of parameter p. Element i of an expert tensor is indexed globally,
- * (expert_begin + le) * per_expert + offset, so every rank layout initialises the same way. */
-static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v) {
+ * (global expert of local slot le) * per_expert + offset, so every placement initialises the
+ * same way and replicas start equal. */
+static void init_param_host(const moe_layer_t *L, moe_param_t p, float *v) {
+    const moe_layer_state_t *s = &L->s;
     uint64_t seed = s->cfg.seed;
     int64_t n = s->numel[p];
     int64_t per_expert = s->E_local ? n / s->E_local : 0;
-    int64_t base = s->expert_begin * per_expert;
     float bound;
     switch (p) {
     case MOE_PARAM_ROUTER_WEIGHT: bound = 1.0f / sqrtf((float)s->D); break;
@@ -109,10 +111,12 @@ static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v)
     default: bound = 1.0f / sqrtf((float)s->F); break; /* W2, B2 */
     }
     int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT;
-    for (int64_t i = 0; i < n; ++i)
-        v[i] = bound == 0.0f ? 0.0f
-                             : moe_init_uniform(seed, (uint32_t)p,
-                                                (uint64_t)(replicated ? i : base + i), bound);
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t g = replicated ? i
+                               : moe__placement_expert(L, i / per_expert) * per_expert +
+                                     i % per_expert;
+        v[i] = bound == 0.0f ? 0.0f : moe_init_uniform(seed, (uint32_t)p, (uint64_t)g, bound);
+    }
 }
 
 static void free_params(moe_layer_t *L) {
@@ -151,7 +155,7 @@ static moe_status_t alloc_params(moe_layer_t *L) {
         MOE_CHECK_GOTO(ops->mem.alloc(ctx, &s->param[p], bytes), st, done);
         MOE_CHECK_GOTO(ops->mem.alloc(ctx, &s->grad[p], bytes), st, done);
         MOE_CHECK_GOTO(ops->mem.memset_zero(ctx, s->grad[p], bytes, NULL), st, done);
-        init_param_host(s, (moe_param_t)p, host);
+        init_param_host(L, (moe_param_t)p, host);
         const void *src = host;
         if (esz == 2) {
             for (int64_t i = 0; i < s->numel[p]; ++i)
@@ -224,6 +228,9 @@ static void free_host_arrays(moe_layer_t *L) {
     free(s->offsets_h), free(s->counts_h), free(s->dropped_h);
     free(s->prob_sum_h), free(s->importance_h), free(s->load_h);
     free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
+    moe__placement_free(&L->pl);
+    free(L->pl.load_acc);
+    L->pl.load_acc = NULL;
 }
 
 moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
@@ -234,9 +241,6 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
             ctx == NULL ? "NULL" : "not a live moe_context_t");
     MOE_ARG(cfg != NULL, "cfg is NULL");
     MOE_CHECK(validate_config(cfg, ctx->backend));
-    MOE_ARG(cfg->num_experts % ctx->world == 0,
-            "cfg->num_experts %lld is not divisible by the %d ranks of the communicator",
-            (long long)cfg->num_experts, ctx->world);
 
     moe_layer_t *L = (moe_layer_t *)calloc(1, sizeof *L);
     if (!L) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "layer handle");
@@ -256,8 +260,6 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         s->cfg.priority = MOE_PRIORITY_SCORE;
     }
     s->K1 = s->K < s->E ? s->K + 1 : s->E;
-    s->E_local = s->E / ctx->world;
-    s->expert_begin = (int64_t)ctx->rank * s->E_local;
     s->rank = ctx->rank;
     s->capacity = -1;
 
@@ -273,14 +275,13 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     s->coefs.load = (float *)calloc(E, sizeof(float));
     size_t P = (size_t)ctx->world;
     moe_exchange_t *x = &L->ex;
-    x->send_counts = (int64_t *)calloc(E, sizeof(int64_t));
-    x->recv_counts = (int64_t *)calloc(P * (size_t)s->E_local, sizeof(int64_t));
+    /* (P, E_max) each; E_max <= E for every placement */
+    x->send_counts = (int64_t *)calloc(P * E, sizeof(int64_t));
+    x->recv_counts = (int64_t *)calloc(P * E, sizeof(int64_t));
     x->ex_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
     L->score_bias_h = (float *)calloc(E, sizeof(float));
     x->chunk_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
     x->chunk_plan = (int64_t *)calloc(4 * P * MOE_MAX_CHUNKS, sizeof(int64_t));
-    int64_t chunks = cfg->num_chunks ? cfg->num_chunks : MOE_DEFAULT_CHUNKS;
-    x->num_chunks = chunks < s->E_local ? chunks : s->E_local;
     if (!s->offsets_h || !s->counts_h || !s->dropped_h || !s->prob_sum_h || !s->importance_h ||
         !s->load_h || !s->coefs.switch_f || !s->coefs.imp || !s->coefs.load ||
         !x->send_counts || !x->recv_counts || !x->ex_offsets || !x->chunk_offsets ||
@@ -289,7 +290,14 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         free(L);
         return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "per-expert host arrays for %zu experts", E);
     }
-    moe_status_t st = check_same_config(ctx, cfg);
+    /* the default placement: E_local, the slots, the chunk count */
+    moe_status_t st = moe__placement_init_default(L);
+    if (st != MOE_STATUS_SUCCESS) {
+        free_host_arrays(L);
+        free(L);
+        return st;
+    }
+    st = check_same_config(ctx, cfg);
     if (st == MOE_STATUS_SUCCESS) st = alloc_params(L);
     if (st == MOE_STATUS_SUCCESS && cfg->bias_update_rate > 0.0) {
         st = ctx->ops->mem.alloc(ctx, (void **)&s->score_bias, E * sizeof(float));
