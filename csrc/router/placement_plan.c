@@ -10,6 +10,8 @@
  * 3. refinement: while some swap of one replica of the most loaded rank with one replica of
  *    another rank lowers the larger of the two ranks' loads, make the best such swap (bounded
  *    number of rounds). Swaps keep every rank's slot count.
+ * 4. this for replica counts r = 0 .. R (at most 33 of them), the plan with the lowest max load
+ *    kept: it uses E + r <= E + R slots.
  * Everything is in a fixed order, so every rank computes the same plan from the same loads. */
 #include <math.h>
 #include <stdlib.h>
@@ -34,19 +36,9 @@ static int by_int32(const void *a, const void *b) {
     return x < y ? -1 : (x > y);
 }
 
-moe_status_t moe_plan_placement(const double *load, int64_t E, int P, int64_t redundant,
-                                int64_t *num_local, int32_t *experts, double *imbalance) {
-    MOE_ARG(load != NULL, "load is NULL");
-    MOE_ARG(num_local != NULL, "num_local is NULL");
-    MOE_ARG(experts != NULL, "experts is NULL");
-    MOE_ARG(E >= 1 && E <= 65536, "num_experts %lld is not in [1, 65536]", (long long)E);
-    MOE_ARG(P >= 1 && P <= 65536, "ranks %d is not in [1, 65536]", P);
-    MOE_ARG(redundant >= 0 && redundant <= (int64_t)(P - 1) * E,
-            "redundant %lld is not in [0, (ranks - 1) x num_experts = %lld]", (long long)redundant,
-            (long long)(P - 1) * E);
-    for (int64_t e = 0; e < E; ++e)
-        MOE_ARG(isfinite(load[e]) && load[e] >= 0.0, "load[%lld] = %g is not finite and >= 0",
-                (long long)e, load[e]);
+/* one plan with exactly `redundant` replicas; *imbalance its max over mean rank load */
+static moe_status_t plan_once(const double *load, int64_t E, int P, int64_t redundant,
+                              int64_t *num_local, int32_t *experts, double *imbalance) {
     const int64_t S = E + redundant;
     const int64_t cap = (S + P - 1) / P;
     int64_t *m = (int64_t *)calloc((size_t)E, sizeof(int64_t));
@@ -127,7 +119,47 @@ moe_status_t moe_plan_placement(const double *load, int64_t E, int P, int64_t re
         total += rl[q];
         mx = fmax(mx, rl[q]);
     }
-    if (imbalance) *imbalance = total > 0.0 ? mx / (total / (double)P) : 1.0;
+    *imbalance = total > 0.0 ? mx / (total / (double)P) : 1.0;
     free(m), free(it), free(rank_of), free(rl), free(cnt), free(holds);
     return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_plan_placement(const double *load, int64_t E, int P, int64_t redundant,
+                                int64_t *num_local, int32_t *experts, double *imbalance) {
+    MOE_ARG(load != NULL, "load is NULL");
+    MOE_ARG(num_local != NULL, "num_local is NULL");
+    MOE_ARG(experts != NULL, "experts is NULL");
+    MOE_ARG(E >= 1 && E <= 65536, "num_experts %lld is not in [1, 65536]", (long long)E);
+    MOE_ARG(P >= 1 && P <= 65536, "ranks %d is not in [1, 65536]", P);
+    MOE_ARG(redundant >= 0 && redundant <= (int64_t)(P - 1) * E,
+            "redundant %lld is not in [0, (ranks - 1) x num_experts = %lld]", (long long)redundant,
+            (long long)(P - 1) * E);
+    for (int64_t e = 0; e < E; ++e)
+        MOE_ARG(isfinite(load[e]) && load[e] >= 0.0, "load[%lld] = %g is not finite and >= 0",
+                (long long)e, load[e]);
+    /* greedy replication is not monotone in the replica count (a replica can crowd the
+     * packing): plan with r = 0 .. redundant replicas (at most 33 counts, evenly spaced, r =
+     * redundant included) and keep the lowest max load, ties to fewer replicas */
+    int64_t *num = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+    int32_t *ex = (int32_t *)malloc((size_t)(E + redundant) * sizeof(int32_t));
+    if (!num || !ex) {
+        free(num), free(ex);
+        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "placement planner");
+    }
+    const int64_t trials = redundant < 32 ? redundant : 32;
+    double best = INFINITY;
+    moe_status_t st = MOE_STATUS_SUCCESS;
+    for (int64_t i = 0; i <= trials && st == MOE_STATUS_SUCCESS; ++i) {
+        int64_t r = trials ? redundant * i / trials : 0;
+        double imb = 0.0;
+        st = plan_once(load, E, P, r, num, ex, &imb);
+        if (st == MOE_STATUS_SUCCESS && imb < best * (1.0 - 1e-12)) {
+            best = imb;
+            memcpy(num_local, num, (size_t)P * sizeof(int64_t));
+            memcpy(experts, ex, (size_t)(E + r) * sizeof(int32_t));
+        }
+    }
+    free(num), free(ex);
+    if (st == MOE_STATUS_SUCCESS && imbalance) *imbalance = best;
+    return st;
 }

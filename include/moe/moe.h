@@ -349,13 +349,14 @@ MOE_API moe_status_t moe_layer_rebalance(moe_layer_t *layer, int64_t redundant,
                                          double *imbalance_after);
 
 /* The placement planner, a pure function: from per-expert loads load (E, finite, >= 0), P
- * ranks and `redundant` extra slots (0 .. (P - 1) E), a placement of E + redundant slots
- * (num_local (P), experts (E + redundant)) that keeps the largest rank load small, the load of
- * a replica being load / replicas. Algorithm (docs/expert-parallel.md): replicas to the
- * largest load per replica one at a time (as DeepSeek's EPLB); longest-first list scheduling to
- * the least loaded rank with a free slot (at most ceil(slots / P) per rank) that does not hold
- * the expert yet; then swaps that lower the most loaded rank. Deterministic. *imbalance (may be
- * NULL) is the planned max over mean rank load (1 when every load is 0). */
+ * ranks and up to `redundant` extra slots (0 .. (P - 1) E), a placement of E + r slots, r <=
+ * redundant (num_local (P), experts (room for E + redundant entries)), that keeps the largest
+ * rank load small, the load of a replica being load / replicas. Algorithm
+ * (docs/expert-parallel.md): replicas to the largest load per replica one at a time (as
+ * DeepSeek's EPLB); longest-first list scheduling to the least loaded rank with a free slot (at
+ * most ceil(slots / P) per rank) that does not hold the expert yet; swaps that lower the most
+ * loaded rank; this for several replica counts r <= redundant, the best kept. Deterministic.
+ * *imbalance (may be NULL) is the planned max over mean rank load (1 when every load is 0). */
 MOE_API moe_status_t moe_plan_placement(const double *load, int64_t num_experts, int ranks,
                                         int64_t redundant, int64_t *num_local, int32_t *experts,
                                         double *imbalance);
