@@ -132,8 +132,8 @@ typedef struct moe_layer_config {
                                 (gates use h), and after every training forward
                                 b_e += rate * sign(mean_e' load - load_e). Token choice, no noise. */
     int64_t num_chunks; /* expert parallelism: the expert side runs in this many chunks of
-                           local experts (capped at E_local; 0 = the default,
-                           MOE_DEFAULT_CHUNKS), each chunk's exchange posted before the previous
+                           local experts (capped at the most experts one rank holds; 0 = the
+                           default, MOE_DEFAULT_CHUNKS), each chunk's exchange posted before the previous
                            chunk's experts compute. No transport overlaps it yet (MPI does not
                            progress meanwhile; local and NCCL run in order, docs/expert-parallel.md).
                            Results do not depend on it. */
