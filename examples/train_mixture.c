@@ -17,7 +17,8 @@
  * docs/load-balancing.md) and --trace FILE records the routing of every training forward.
  *
  * Under mpirun (built with MPI) every process is one rank of an expert-parallel layer: each
- * rank draws its own shard of every batch, owns E/P experts, and the replicated weights (router,
+ * rank draws its own shard of every batch, holds its experts (contiguous; --rebalance-every
+ * re-places them from the running load), and the replicated weights (router,
  * noise network, readout) get their gradients summed over ranks before each step; the dense
  * baseline, one expert that cannot be split, is trained data-parallel. Rank 0 prints.
  *
@@ -163,6 +164,21 @@ static double train(model_t *m, const problem_t *p, const options_t *o, const ba
         sample(p, &rng, o->batch, bt.x, bt.y, bt.regime);
         double se = model_forward(m, o->backend, x, y, T, 1);
         if (se < 0.0 || model_backward_step(m, o->backend, y, T, o->batch, o)) goto done;
+        if (m->expert_parallel && o->world > 1 && o->rebalance_every > 0 &&
+            s % o->rebalance_every == 0 &&
+            s < o->steps) {
+            /* every rank holds the same global load: the same plan everywhere, and the experts
+             * move with their Adam moments */
+            double before = 0.0, after = 0.0;
+            moe_status_t st = moe_layer_rebalance(m->layer, o->redundant, m->opt, &before, &after);
+            if (st != MOE_STATUS_SUCCESS) {
+                fprintf(stderr, "error: moe_layer_rebalance: %s\n", moe_last_error());
+                goto done;
+            }
+            if (o->rank == 0)
+                printf("  step %d: re-placed the experts, rank load max/mean %.3f -> %.3f "
+                       "planned\n", s, before, after);
+        }
         sum_over_ranks_d(o, &se, 1);
         run += se / ((double)o->batch * m->O), ++nrun;
         if (s % o->log_every == 0 || s == o->steps) {
@@ -276,10 +292,6 @@ static int check_ranks(const options_t *o) {
                 o->world == 1 ? "" : "s", o->expect_ranks);
         return 2;
     }
-    if (o->experts % o->world) {
-        fprintf(stderr, "error: %d experts cannot be split over %d ranks\n", o->experts, o->world);
-        return 2;
-    }
     return 0;
 }
 
@@ -314,8 +326,11 @@ static void print_setup(const options_t *o, const problem_t *p, double var) {
            o->capacity_factor > 0.0 || o->router == MOE_ROUTER_EXPERT_CHOICE ? "" : " (dropless)",
            o->switch_coef, o->importance_coef, o->load_coef, o->z_coef, o->bias_rate);
     if (o->world > 1)
-        printf("  %d ranks (expert parallel over MPI): %d experts and %d-token shards each\n",
-               o->world, o->experts / o->world, o->batch / o->world);
+        printf("  %d ranks (expert parallel over MPI): %d to %d experts (contiguous) and "
+               "%d-token shards each%s\n",
+               o->world, o->experts / o->world, (o->experts + o->world - 1) / o->world,
+               o->batch / o->world,
+               o->rebalance_every > 0 ? "; experts re-placed from the running load" : "");
     printf("  held-out MSE of predicting the mean: %.5f\n", var);
 }
 
