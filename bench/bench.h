@@ -57,6 +57,8 @@ typedef struct bench_opts {
     int tokens_given;        /* -t or -b given (--model-table: else 4096 tokens per GPU) */
     int cap_given;           /* --capacity-factor given (replay keeps it over the trace's) */
     int dims_given[2];       /* -d, -F given (replay keeps them over the trace's) */
+    const char *placement;   /* --placement: NULL or "contiguous", "auto", or a file */
+    int64_t redundant;       /* --redundant R: extra slots for --placement auto */
 } bench_opts_t;
 
 /* statistics of one timed phase over the iterations, in seconds */
@@ -82,6 +84,8 @@ typedef struct bench_row {
     int ranks;
     double phase_s[MOE_PHASE_COUNT]; /* profiled pass: mean per call, max over ranks */
     double rank_imbalance;           /* max / mean rows received per rank */
+    double rank_imbalance_contig;    /* the same for the contiguous placement under the same
+                                        routing (modelled from the counts), mean over iters */
     double rows_sent_mean, rows_recv_mean; /* per rank and iteration */
     double rows_sent_max, rows_recv_max;
     double a2a_bytes; /* bytes one rank sends per all-to-all: mean rows sent x D x dtype size */
@@ -357,6 +361,15 @@ void bench_print_row(const bench_opts_t *o, const bench_row_t *r);
 /* the footer, the phase table and the ranks of the last size; 1 if --check failed */
 int bench_print_summary(const bench_opts_t *o, int P, const bench_row_t *rows, int nrows,
                         int nprof, int64_t total_wrong, int64_t total_checked, double worst);
+
+/* ---- placement.c: --placement, --redundant ---------------------------------------------- */
+
+/* --placement FILE on the new layer (collective) */
+int bench_placement_from_file(const bench_opts_t *o, moe_layer_t *layer, int P);
+/* --placement auto: a plan from the last forward's counts, set on the layer (collective) */
+int bench_placement_auto(const bench_opts_t *o, moe_layer_t *layer, int P, int print);
+/* max / mean rank load of the contiguous placement under the last forward's counts */
+int bench_contiguous_imbalance(moe_layer_t *layer, int64_t E, int P, double *imb);
 
 /* ---- model.c: --model-table ------------------------------------------------------------------ */
 

@@ -5,6 +5,7 @@
  *   moe_trace summary FILE
  *   moe_trace replay FILE [--ranks P] [--backend cpu|cuda] [--iters N] [--d-model D]
  *                         [--d-ff F] [--check]
+ *   moe_trace plan FILE --ranks P [--redundant R] [--output PATH]
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "core/clock.h"
+#include "tool_util.h"
 
 #include "moe/moe.h"
 #include "moe/trace_format.h"
@@ -239,13 +241,80 @@ static int replay(const trace_t *t, int argc, char **argv) {
     return rc;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * plan: a placement from the trace's per-expert counts (moe_plan_placement)
+ * ------------------------------------------------------------------------------------------- */
+
+static int plan(const trace_t *t, int argc, char **argv) {
+    int ranks = 0;
+    long long redundant = 0;
+    const char *output = NULL;
+    static const struct option opts[] = {{"ranks", required_argument, 0, 'r'},
+                                          {"redundant", required_argument, 0, 'R'},
+                                          {"output", required_argument, 0, 'o'},
+                                          {0, 0, 0, 0}};
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'r': ranks = atoi(optarg); break;
+        case 'R': redundant = atoll(optarg); break;
+        case 'o': output = optarg; break;
+        default: return 2;
+        }
+    }
+    const int64_t E = t->h.num_experts;
+    if (ranks < 1) {
+        fprintf(stderr, "moe_trace plan: --ranks P (>= 1) is required\n");
+        return 2;
+    }
+    double *load = calloc((size_t)E, sizeof(double));
+    int64_t *num = calloc((size_t)ranks, sizeof(int64_t)), *cnum = calloc((size_t)ranks, 8);
+    int32_t *ex = calloc((size_t)(E + (redundant > 0 ? redundant : 0)), sizeof(int32_t));
+    int32_t *cex = calloc((size_t)E, sizeof(int32_t));
+    int rc = 1;
+    if (!load || !num || !cnum || !ex || !cex) goto done;
+    for (int64_t i = 0; i < t->n; ++i)
+        for (int64_t e = 0; e < E; ++e) load[e] += (double)t->rec[i].counts[e];
+    double before = 0.0, after = 0.0;
+    for (int q = 0; q < ranks; ++q) cnum[q] = (q + 1) * E / ranks - q * E / ranks;
+    for (int64_t e = 0; e < E; ++e) cex[e] = (int32_t)e;
+    if (moe_placement_imbalance(load, E, ranks, cnum, cex, &before) ||
+        moe_plan_placement(load, E, ranks, redundant, num, ex, &after)) {
+        fprintf(stderr, "moe_trace plan: %s\n", moe_last_error());
+        goto done;
+    }
+    FILE *f = output ? fopen(output, "w") : stdout;
+    if (!f) {
+        fprintf(stderr, "moe_trace plan: cannot create %s\n", output);
+        goto done;
+    }
+    fprintf(f,
+            "# planned from %lld steps: E %lld, %d ranks, %lld redundant slots; rank load "
+            "max/mean %.4f contiguous -> %.4f planned\n",
+            (long long)t->n, (long long)E, ranks, redundant, before, after);
+    rc = tool_placement_write(f, E, ranks, num, ex) ? 1 : 0;
+    if (output) {
+        if (fclose(f)) rc = 1;
+        printf("rank load max/mean: contiguous %.4f, planned %.4f (%d ranks, %lld redundant); "
+               "placement written to %s\n",
+               before, after, ranks, redundant, output);
+    }
+done:
+    free(load), free(num), free(cnum), free(ex), free(cex);
+    return rc;
+}
+
 static void usage(void) {
     fprintf(stderr,
             "usage: moe_trace summary FILE\n"
             "       moe_trace replay FILE [--ranks P] [--backend cpu|cuda] [--iters N]\n"
             "                             [--d-model D] [--d-ff F] [--check]\n"
+            "       moe_trace plan FILE --ranks P [--redundant R] [--output PATH]\n"
             "Record a trace with moe_layer_trace_open(); replay times the recorded routing on P\n"
-            "ranks (threads of this process) and --check verifies the replayed routing.\n"
+            "ranks (threads of this process) and --check verifies the replayed routing; plan\n"
+            "writes a placement (moe_layer_set_placement, moe_bench --placement FILE) that\n"
+            "balances the trace's per-expert load over P ranks with R replicas.\n"
             "example: moe_trace replay run.trace --ranks 4 --check\n");
 }
 
@@ -261,6 +330,8 @@ int main(int argc, char **argv) {
         rc = summary(&t);
     else if (strcmp(argv[1], "replay") == 0)
         rc = replay(&t, argc - 2, argv + 2);
+    else if (strcmp(argv[1], "plan") == 0)
+        rc = plan(&t, argc - 2, argv + 2);
     else {
         usage();
         rc = 2;

@@ -43,6 +43,10 @@ static void usage(FILE *f) {
 "run\n"
 "      --backend B          cpu | cuda (default cuda when a CUDA context can be created)\n"
 "      --device N           CUDA device ordinal (default 0; under mpirun: the local rank)\n"
+"      --placement WHAT     expert placement over the ranks: contiguous (default), auto\n"
+"                           (planned from one untimed forward's counts at each size, with\n"
+"                           --redundant R extra slots) or a placement FILE (moe_trace plan)\n"
+"      --redundant R        replica slots --placement auto may use (default 0)\n"
 "      --local-ranks P      P expert-parallel ranks as threads of this process (local\n"
 "                           communicator; CPU or CUDA). Under mpirun every process is a rank\n"
 "                           (MPI communicator on CPU, NCCL with --backend cuda)\n"
@@ -85,7 +89,8 @@ static void usage(FILE *f) {
 enum {
     OPT_DTYPE = 256, OPT_ACT, OPT_GATE, OPT_RENORM, OPT_NOISY, OPT_CAP, OPT_PRIO, OPT_NOBIAS,
     OPT_PRESET, OPT_ROUTING, OPT_SEED, OPT_BACKEND, OPT_DEVICE, OPT_MODE, OPT_THREADS, OPT_JSON,
-    OPT_TRACE, OPT_LOCAL_RANKS, OPT_REPLAY, OPT_LINK_BW, OPT_MODEL_TABLE, OPT_CHUNKS
+    OPT_TRACE, OPT_LOCAL_RANKS, OPT_REPLAY, OPT_LINK_BW, OPT_MODEL_TABLE, OPT_CHUNKS,
+    OPT_PLACEMENT, OPT_REDUNDANT
 };
 
 static const struct option long_opts[] = {
@@ -108,6 +113,8 @@ static const struct option long_opts[] = {
     {"replay", required_argument, 0, OPT_REPLAY}, {"link-bw", required_argument, 0, OPT_LINK_BW},
     {"model-table", no_argument, 0, OPT_MODEL_TABLE},
     {"chunks", required_argument, 0, OPT_CHUNKS},
+    {"placement", required_argument, 0, OPT_PLACEMENT},
+    {"redundant", required_argument, 0, OPT_REDUNDANT},
     {0, 0, 0, 0}};
 static const char *short_opts = "t:d:F:E:k:w:n:b:e:f:ch";
 
@@ -307,6 +314,11 @@ static int parse_run_option(int c, bench_opts_t *o, int *b_given, int *e_given) 
         o->local_ranks = (int)v;
         break;
     case OPT_REPLAY: o->replay_path = optarg; break;
+    case OPT_PLACEMENT: o->placement = optarg; break;
+    case OPT_REDUNDANT:
+        if (parse_i64("--redundant", optarg, 0, 1 << 20, &v)) return -1;
+        o->redundant = v;
+        break;
     case OPT_LINK_BW: {
         char *end = NULL;
         o->link_bw = strtod(optarg, &end);

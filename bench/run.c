@@ -93,6 +93,9 @@ moe_status_t bench_step_layer(const bench_rank_arg_t *a, moe_layer_t *layer, con
     if (bwd) {
         st = moe_layer_backward(layer, n ? dy_dev : NULL, n ? dx_dev : NULL, NULL);
         if (st != MOE_STATUS_SUCCESS) return st;
+        /* replicated experts: their gradients summed, as a training step must */
+        st = moe_layer_reduce_replica_grads(layer, NULL);
+        if (st != MOE_STATUS_SUCCESS) return st;
         if (tool_mem_sync(m) != 0) return MOE_STATUS_BACKEND_ERROR;
         t2 = moe_now_s();
     }
@@ -109,6 +112,16 @@ static int rank_setup(rank_state_t *s) {
 #endif
     TRY(moe_context_create(&s->ctx, o->backend, o->device, s->a->comm));
     TRY(moe_layer_create(&s->layer, s->ctx, &o->cfg));
+    const int placed = o->placement && strcmp(o->placement, "contiguous") != 0;
+    if (placed && o->check) {
+        fprintf(stderr, "moe_bench: --check compares the contiguous placement only; drop "
+                        "--placement or --check\n");
+        return BENCH_EXIT_USAGE;
+    }
+    if (placed && strcmp(o->placement, "auto") != 0) {
+        int rc = bench_placement_from_file(o, s->layer, s->P);
+        if (rc != BENCH_EXIT_OK) return rc;
+    }
     if (s->me == 0) {
         char wt[64] = "";
         if (s->P > 1)
@@ -209,6 +222,12 @@ static int timed_pass(rank_state_t *s, int64_t T, int si, int nsizes, bench_row_
         ps->sent += (double)st.rows_sent, ps->recv += (double)st.rows_received;
         const double kept = (double)(st.num_assignments - st.num_dropped);
         r->imbalance += st.imbalance / o->iters;
+        if (s->P > 1) {
+            double ic = 0.0;
+            int rc = bench_contiguous_imbalance(s->layer, o->cfg.num_experts, s->P, &ic);
+            if (rc != BENCH_EXIT_OK) return rc;
+            r->rank_imbalance_contig += ic / o->iters;
+        }
         r->assignments = st.num_assignments, r->dropped = st.num_dropped;
         r->flops += (2.0 * kept * D * F2 + 2.0 * kept * F * D) * (s->fwd_bwd ? 3.0 : 1.0) /
                     o->iters;
@@ -318,6 +337,14 @@ static int ceilings_and_row(rank_state_t *s, int64_t T, bench_row_t *r, const pa
 static int run_size(rank_state_t *s, int64_t T, int si, int nsizes) {
     int rc = size_buffers(s, T);
     if (rc != BENCH_EXIT_OK) return rc;
+    if (s->o->placement && strcmp(s->o->placement, "auto") == 0) {
+        /* one untimed forward of this size's first step gives the counts to plan from */
+        BARRIER(s);
+        TRY(bench_step_layer(s->a, s->layer, &s->mem, T, s->step_base, s->x_dev, s->y_dev,
+                             s->dy_dev, s->dx_dev, 0, NULL));
+        if ((rc = bench_placement_auto(s->o, s->layer, s->P, s->me == 0)) != BENCH_EXIT_OK)
+            return rc;
+    }
     bench_row_t *r = &s->rows[s->nrows];
     r->tokens = T, r->wrong = -1, r->ranks = s->P;
     if (s->o->check && (rc = check_size(s, T, r)) != BENCH_EXIT_OK) return rc;

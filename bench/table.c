@@ -50,8 +50,13 @@ void bench_print_header(const bench_opts_t *o, const char *backend_text, const c
         int64_t El = c->num_experts / ranks,
                 ch = c->num_chunks ? c->num_chunks : MOE_DEFAULT_CHUNKS;
         printf("#  ranks    tokens = per rank; times = slowest rank per iteration; tokens/s over "
-               "all ranks; %lld experts per rank, %lld chunk%s\n",
+               "all ranks; %lld experts per rank (contiguous), %lld chunk%s\n",
                (long long)El, (long long)(ch < El ? ch : El), (ch < El ? ch : El) > 1 ? "s" : "");
+        printf("#  placement %s%s; rimbal = max/mean rows received per rank (measured), "
+               "rimb(c) = the same for the contiguous placement under the same routing "
+               "(modelled from the counts)\n",
+               o->placement ? o->placement : "contiguous",
+               o->placement && strcmp(o->placement, "auto") == 0 ? " (--redundant slots)" : "");
         printf("#  a2a      dispatch + return phases (profiled pass); algbw = all-to-alls x "
                "rows sent x D x %zu B / a2a; busbw = algbw (P-1)/P;\n"
                "#           ceil = raw all-to-all of the same bytes (%s); model = "
@@ -62,10 +67,11 @@ void bench_print_header(const bench_opts_t *o, const char *backend_text, const c
                o->link_bw > 0 ? "--link-bw" : "the ceiling's bandwidth");
     }
     printf("#\n");
-    printf("# %10s %10s %10s %10s %12s %8s %10s %6s %9s %7s %7s %9s %7s %7s %9s %9s %8s %7s\n",
+    printf("# %10s %10s %10s %10s %12s %8s %10s %6s %9s %7s %7s %9s %7s %7s %9s %9s %7s %8s "
+           "%7s\n",
            "tokens", "fwd(ms)", "bwd(ms)", "total(ms)", "tokens/s", "TFLOP/s", "gemm(ms)",
            "gemm%", "mcpy(ms)", "imbal", "rimbal", "a2a(ms)", "algbw", "busbw", "ceil(ms)",
-           "model(ms)", "dropped", "#wrong");
+           "model(ms)", "rimb(c)", "dropped", "#wrong");
 }
 
 void bench_finish_row(const bench_opts_t *o, int P, int ng, const double *gall, double *tf,
@@ -139,7 +145,7 @@ void bench_print_row(const bench_opts_t *o, const bench_row_t *r) {
     const int64_t T = r->tokens;
     char gemm[16] = "-", gpct[16] = "-", mcpy[16] = "-", wrong[24] = "N/A", bwd[16] = "-";
     char rimb[16] = "-", a2a[16] = "-", alg[16] = "-", bus[16] = "-", ceil_[16] = "-",
-         model[16] = "-";
+         model[16] = "-", rimbc[16] = "-";
     if (r->gemm_s >= 0) {
         snprintf(gemm, sizeof gemm, "%.3f", 1e3 * r->gemm_s);
         snprintf(gpct, sizeof gpct, "%.1f", 100.0 * r->gemm_s / r->total.mean);
@@ -149,6 +155,7 @@ void bench_print_row(const bench_opts_t *o, const bench_row_t *r) {
     if (fwd_bwd) snprintf(bwd, sizeof bwd, "%.3f", 1e3 * r->bwd.mean);
     if (P > 1) {
         snprintf(rimb, sizeof rimb, "%.3f", r->rank_imbalance);
+        snprintf(rimbc, sizeof rimbc, "%.3f", r->rank_imbalance_contig);
         snprintf(a2a, sizeof a2a, "%.3f", 1e3 * r->a2a_s);
         snprintf(alg, sizeof alg, "%.2f", r->algbw);
         snprintf(bus, sizeof bus, "%.2f", r->busbw);
@@ -156,10 +163,10 @@ void bench_print_row(const bench_opts_t *o, const bench_row_t *r) {
         if (r->model_s > 0) snprintf(model, sizeof model, "%.3f", 1e3 * r->model_s);
     }
     printf("  %10lld %10.3f %10s %10.3f %12.0f %8.4g %10s %6s %9s %7.3f %7s %9s %7s %7s "
-           "%9s %9s %8lld %7s\n",
+           "%9s %9s %7s %8lld %7s\n",
            (long long)T, 1e3 * r->fwd.mean, bwd, 1e3 * r->total.mean, r->tokens_per_s,
            r->tflops, gemm, gpct, mcpy, r->imbalance, rimb, a2a, alg, bus, ceil_, model,
-           (long long)r->dropped, wrong);
+           rimbc, (long long)r->dropped, wrong);
     fflush(stdout);
 }
 

@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "moe/moe.h"
 
@@ -57,5 +58,21 @@ float *tool_fetch_f32(const tool_mem_t *m, moe_dtype_t t, const void *src, int64
 extern const char *const tool_activation_names[4]; /* relu gelu silu swiglu */
 extern const char *const tool_gate_names[2];       /* softmax-of-topk topk-of-softmax */
 extern const char *const tool_priority_names[2];   /* position score */
+
+/* ---- placement files (placement_file.c; format in docs/expert-parallel.md) ---------------- */
+
+typedef struct tool_placement {
+    int64_t num_experts;
+    int ranks;
+    int64_t *num_local; /* (ranks) */
+    int32_t *experts;   /* (sum num_local), rank after rank */
+} tool_placement_t;
+
+/* 0 on success, -1 with a message on stderr (free with tool_placement_free either way) */
+int tool_placement_read(const char *path, tool_placement_t *pl);
+void tool_placement_free(tool_placement_t *pl);
+/* 0 on success */
+int tool_placement_write(FILE *f, int64_t num_experts, int ranks, const int64_t *num_local,
+                         const int32_t *experts);
 
 #endif /* MOE_TOOL_UTIL_H */

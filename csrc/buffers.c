@@ -62,6 +62,7 @@ static int list_buffers(moe_layer_state_t *s, moe__buf_t *b) {
     MOE_BUF(sh_dhpre, Fs2 * v);
     MOE_BUF(sh_dxs, S ? D * v : 0);
     MOE_BUF(sh_dlogit, S ? f : 0);
+    MOE_BUF(sendp, s->pack_rows ? K * D * v : 0); /* a placement that needs packing */
 #undef MOE_BUF
     return n;
 }

@@ -23,7 +23,9 @@ extern "C" {
 typedef struct moe_layer_state {
     moe_layer_config_t cfg;
     int64_t D, F, F2, E, K, K1;
-    int64_t E_local, expert_begin; /* this rank's experts: [expert_begin, expert_begin + E_local) */
+    int64_t E_local, expert_begin; /* this rank's experts: [expert_begin, expert_begin + E_local)
+                                      with one rank; with P > 1 its E_local placement slots
+                                      (moe_placement_t) and expert_begin 0 */
     int rank;
 
     /* parameters and gradients in backend memory (NULL when turned off), element counts */
@@ -49,6 +51,10 @@ typedef struct moe_layer_state {
     float *xp, *hpre, *act, *yp;
     /* backward scratch */
     float *dyp, *dact, *dhpre, *dxp, *dg, *dlogits, *dnoise;
+    /* expert parallelism with a placement whose destinations are not contiguous in xp: the
+     * rows in send order [chunk][destination][slot] (N, D), else NULL (placement.c decides) */
+    void *sendp;
+    int pack_rows; /* sendp is needed (set by placement.c) */
 
     /* host mirrors: what the scheduler and moe_layer_stats read */
     int64_t *offsets_h;       /* (E + 1) start row of each expert in xp */
@@ -78,10 +84,31 @@ typedef struct moe_layer_state {
     void *sh_act, *sh_ys, *sh_dys, *sh_dhpre, *sh_dxs;
 } moe_layer_state_t;
 
+/* Which rank holds which experts (placement.c). A slot is one (rank, expert) pair; slots are
+ * numbered rank after rank, and each rank's experts ascend. An expert held by several ranks is
+ * replicated: each source splits its rows of that expert over the replicas (the rule is in
+ * moe__placement_split). Host arrays. */
+typedef struct moe_placement {
+    int P;
+    int64_t E, S;          /* ranks, experts, slots (S >= E) */
+    int64_t E_max;         /* most slots of one rank */
+    int64_t *rank_begin;   /* (P + 1) rank q's slots are [rank_begin[q], rank_begin[q + 1]) */
+    int32_t *slot_expert;  /* (S) the expert of each slot */
+    int32_t *slot_rank;    /* (S) the rank of each slot */
+    int64_t *rep_begin;    /* (E + 1) expert e's slots are rep_slot[rep_begin[e] ..] */
+    int64_t *rep_slot;     /* (S) the slots of each expert, ascending (so by rank) */
+    int replicated;        /* some expert has more than one slot */
+    int contiguous;        /* no replicas and every rank's experts are one id range: the
+                              expert-major buffer is already destination-major (no packing) */
+    int64_t *piece_off, *piece_rows; /* (S) this rank's rows for each slot, in xp (a forward's) */
+    double *load_acc;      /* (E) assignments per expert summed over forwards since the last
+                              moe_layer_expert_load reset (global counts) */
+} moe_placement_t;
+
 /* the exchange plan of one forward with expert parallelism (host arrays) */
 typedef struct moe_exchange {
-    int64_t *send_counts; /* (E) kept rows this rank sends to each global expert */
-    int64_t *recv_counts; /* (P, E_local) rows each source rank sends to each local expert */
+    int64_t *send_counts; /* (P, E_max) kept rows this rank sends to each slot of each rank */
+    int64_t *recv_counts; /* (P, E_max) rows each source rank sends to each local slot */
     int64_t *ex_offsets;           /* (E + 1) expert-side rows: entries of the local experts */
     int64_t rows;                  /* rows this rank's experts received */
     int64_t num_chunks;            /* pipeline chunks of local experts */
@@ -105,6 +132,7 @@ struct moe_layer {
     void *ex_dy; /* gradient of the output rows */
     void *ex_dx; /* gradient of the input rows */
     moe_exchange_t ex;
+    moe_placement_t pl; /* which rank holds which experts */
 
     float *score_bias_h; /* (E) host mirror of s.score_bias (loss-free balancing) */
 

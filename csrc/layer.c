@@ -11,6 +11,7 @@
 #include "core/status.h"
 #include "handle.h"
 #include "router/hier.h"
+#include "placement.h"
 #include "scheduler.h"
 
 /* largest tensor dimension product we accept: keeps every index inside int64 and row ids
@@ -218,12 +219,13 @@ _Static_assert(MOE_PARAM_SHARED_B1 == MOE_PARAM_SHARED_W1 + 1 &&
                "ids after it must update both)");
 
 /* Fills host f32 values of parameter p. Element i of an expert tensor is indexed globally,
- * (expert_begin + le) * per_expert + offset, so every rank layout initialises the same way. */
-static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v) {
+ * (global expert of local slot le) * per_expert + offset, so every placement initialises the
+ * same way and replicas start equal. */
+static void init_param_host(const moe_layer_t *L, moe_param_t p, float *v) {
+    const moe_layer_state_t *s = &L->s;
     uint64_t seed = s->cfg.seed;
     int64_t n = s->numel[p];
     int64_t per_expert = s->E_local ? n / s->E_local : 0;
-    int64_t base = s->expert_begin * per_expert;
     float bound;
     switch (p) {
     case MOE_PARAM_ROUTER_WEIGHT: bound = 1.0f / sqrtf((float)s->D); break;
@@ -238,13 +240,16 @@ static void init_param_host(const moe_layer_state_t *s, moe_param_t p, float *v)
     case MOE_PARAM_SHARED_B2: bound = 1.0f / sqrtf((float)moe_shared_d_ff(&s->cfg)); break;
     default: bound = 1.0f / sqrtf((float)s->F); break; /* W2, B2 */
     }
-    /* replicated parameters are the same on every rank: indexed by their own element */
+    /* replicated parameters are the same on every rank: indexed by their own element; an
+     * expert's by its global expert (the placement's) */
     int replicated = p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT ||
                      p == MOE_PARAM_SECONDARY_ROUTER_WEIGHT || p >= MOE_PARAM_SHARED_W1;
-    for (int64_t i = 0; i < n; ++i)
-        v[i] = bound == 0.0f ? 0.0f
-                             : moe_init_uniform(seed, (uint32_t)p,
-                                                (uint64_t)(replicated ? i : base + i), bound);
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t g = replicated ? i
+                               : moe__placement_expert(L, i / per_expert) * per_expert +
+                                     i % per_expert;
+        v[i] = bound == 0.0f ? 0.0f : moe_init_uniform(seed, (uint32_t)p, (uint64_t)g, bound);
+    }
 }
 
 static void free_params(moe_layer_t *L) {
@@ -295,7 +300,7 @@ static moe_status_t alloc_params(moe_layer_t *L) {
         MOE_CHECK_GOTO(ops->mem.alloc(ctx, &s->param[p], bytes), st, done);
         MOE_CHECK_GOTO(ops->mem.alloc(ctx, &s->grad[p], bytes), st, done);
         MOE_CHECK_GOTO(ops->mem.memset_zero(ctx, s->grad[p], bytes, NULL), st, done);
-        init_param_host(s, (moe_param_t)p, host);
+        init_param_host(L, (moe_param_t)p, host);
         const void *src = host;
         if (esz == 2) {
             for (int64_t i = 0; i < s->numel[p]; ++i)
@@ -382,6 +387,9 @@ static void free_host_arrays(moe_layer_t *L) {
     free(s->coefs.switch_f), free(s->coefs.imp), free(s->coefs.load);
     free(L->expert_mask_h), free(L->avail_h);
     free(s->hier_sums_h), free(s->hier_coefs.c);
+    moe__placement_free(&L->pl);
+    free(L->pl.load_acc);
+    L->pl.load_acc = NULL;
 }
 
 moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
@@ -402,9 +410,6 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
                        "cfg->num_shared_experts: the %s backend has no shared-expert ops",
                        ctx->ops->name);
-    MOE_ARG(cfg->num_experts % ctx->world == 0,
-            "cfg->num_experts %lld is not divisible by the %d ranks of the communicator",
-            (long long)cfg->num_experts, ctx->world);
 
     moe_layer_t *L = (moe_layer_t *)calloc(1, sizeof *L);
     if (!L) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "layer handle");
@@ -429,8 +434,6 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         s->k2 = cfg->top_k / cfg->topk_group;
     }
     s->K1 = s->K < s->E ? s->K + 1 : s->E;
-    s->E_local = s->E / ctx->world;
-    s->expert_begin = (int64_t)ctx->rank * s->E_local;
     s->rank = ctx->rank;
     s->capacity = -1;
 
@@ -446,8 +449,9 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     s->coefs.load = (float *)calloc(E, sizeof(float));
     size_t P = (size_t)ctx->world;
     moe_exchange_t *x = &L->ex;
-    x->send_counts = (int64_t *)calloc(E, sizeof(int64_t));
-    x->recv_counts = (int64_t *)calloc(P * (size_t)s->E_local, sizeof(int64_t));
+    /* (P, E_max) each; E_max <= E for every placement */
+    x->send_counts = (int64_t *)calloc(P * E, sizeof(int64_t));
+    x->recv_counts = (int64_t *)calloc(P * E, sizeof(int64_t));
     x->ex_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
     L->score_bias_h = (float *)calloc(E, sizeof(float));
     x->chunk_offsets = (int64_t *)calloc(E + 1, sizeof(int64_t));
@@ -456,8 +460,6 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         s->hier_sums_h = (double *)calloc((size_t)MOE_HIER_NSUMS(s->G, s->E), sizeof(double));
         s->hier_coefs.c = (float *)calloc((size_t)MOE_HIER_NCOEFS(s->G, s->E), sizeof(float));
     }
-    int64_t chunks = cfg->num_chunks ? cfg->num_chunks : MOE_DEFAULT_CHUNKS;
-    x->num_chunks = chunks < s->E_local ? chunks : s->E_local;
     L->expert_mask_h = (uint8_t *)malloc(E);
     L->avail_h = (uint8_t *)malloc(E);
     if (L->expert_mask_h) memset(L->expert_mask_h, 1, E);
@@ -474,7 +476,14 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         free(L);
         return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "per-expert host arrays for %zu experts", E);
     }
-    moe_status_t st = check_same_config(ctx, cfg);
+    /* the default placement: E_local, the slots, the chunk count */
+    moe_status_t st = moe__placement_init_default(L);
+    if (st != MOE_STATUS_SUCCESS) {
+        free_host_arrays(L);
+        free(L);
+        return st;
+    }
+    st = check_same_config(ctx, cfg);
     if (st == MOE_STATUS_SUCCESS) st = alloc_params(L);
     if (st == MOE_STATUS_SUCCESS && cfg->bias_update_rate > 0.0) {
         st = ctx->ops->mem.alloc(ctx, (void **)&s->score_bias, E * sizeof(float));

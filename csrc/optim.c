@@ -11,6 +11,7 @@
 #include "core/optim_update.h"
 #include "core/status.h"
 #include "handle.h"
+#include "optim.h"
 
 #define MOE_OPTIMIZER_MAGIC 0x4D4F454Fu /* "MOEO" */
 
@@ -229,4 +230,20 @@ moe_status_t moe_optimizer_destroy(moe_optimizer_t *opt) {
     opt->magic = 0;
     free(opt);
     return MOE_STATUS_SUCCESS;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * for placement.c: the moments move with the experts
+ * ------------------------------------------------------------------------------------------- */
+
+moe_layer_t *moe__optimizer_layer(const moe_optimizer_t *opt) {
+    return opt && opt->magic == MOE_OPTIMIZER_MAGIC ? opt->layer : NULL;
+}
+
+int moe__optimizer_num_moments(const moe_optimizer_t *opt) {
+    return is_adam(&opt->cfg) ? 2 : opt->cfg.momentum > 0.0 ? 1 : 0;
+}
+
+void **moe__optimizer_moment(moe_optimizer_t *opt, int p, int which) {
+    return which == 0 ? &opt->m[p] : &opt->v[p];
 }

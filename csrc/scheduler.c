@@ -28,6 +28,7 @@
 #include "handle.h"
 #include "router/hier.h"
 #include "numerics.h"
+#include "placement.h"
 #include "router/router_host.h"
 #include "scheduler.h"
 #include "trace.h"
@@ -362,37 +363,54 @@ static moe_status_t shared_bwd(moe_layer_t *L, const moe_backend_layer_t *bl, vo
  * the expert side
  * ------------------------------------------------------------------------------------------- */
 
-/* the exchange plan from this rank's expert offsets and the peers' counts: what each source
- * sends each local expert, and where each local expert's rows start on the expert side */
+/* The exchange plan from this rank's route and the peers' counts. The placement (placement.c)
+ * says which slots (rank, expert) exist; this rank's kept rows of each expert are split over
+ * the expert's replicas (moe__placement_split), giving one piece of rows per slot. Counts go
+ * out as (P, E_max) per rank: what this rank sends each slot of each rank; the expert side then
+ * knows what each source sends each local slot, and where each local slot's rows start. */
 static moe_status_t plan_exchange(moe_layer_t *L) {
     moe_layer_state_t *s = &L->s;
     moe_context_t *ctx = L->ctx;
     moe_exchange_t *x = &L->ex;
+    const moe_placement_t *pl = &L->pl;
     const int P = ctx->world;
-    const int64_t El = s->E_local, b = s->expert_begin;
-    for (int64_t e = 0; e < s->E; ++e) x->send_counts[e] = s->offsets_h[e + 1] - s->offsets_h[e];
-    MOE_CHECK(moe__comm_alltoall_i64(ctx->comm, x->send_counts, x->recv_counts, El));
-    /* expert side: local expert le owns rows [ex_offsets[b + le], ex_offsets[b + le + 1]) */
+    const int64_t El = s->E_local, Em = pl->E_max;
+    moe__placement_split(L, s->offsets_h);
+    for (int q = 0; q < P; ++q) {
+        int64_t n = pl->rank_begin[q + 1] - pl->rank_begin[q];
+        for (int64_t le = 0; le < Em; ++le)
+            x->send_counts[q * Em + le] = le < n ? pl->piece_rows[pl->rank_begin[q] + le] : 0;
+    }
+    MOE_CHECK(moe__comm_alltoall_i64(ctx->comm, x->send_counts, x->recv_counts, Em));
+    /* expert side: local slot le owns rows [ex_offsets[le], ex_offsets[le + 1]) */
     int64_t acc = 0;
     for (int64_t le = 0; le < El; ++le) {
-        x->ex_offsets[b + le] = acc;
-        for (int q = 0; q < P; ++q) acc += x->recv_counts[q * El + le];
+        x->ex_offsets[le] = acc;
+        for (int q = 0; q < P; ++q) acc += x->recv_counts[q * Em + le];
     }
-    x->ex_offsets[b + El] = acc;
+    x->ex_offsets[El] = acc;
     x->rows = acc;
     return MOE_STATUS_SUCCESS;
 }
 
-/* local experts [lo, hi) of pipeline chunk c */
-static void chunk_range(const moe_layer_t *L, int64_t c, int64_t *lo, int64_t *hi) {
-    int64_t El = L->s.E_local, n = L->ex.num_chunks;
+/* local slots [lo, hi) of rank q in pipeline chunk c (a rank with fewer slots than chunks has
+ * empty chunks) */
+static void chunk_range_of(const moe_layer_t *L, int q, int64_t c, int64_t *lo, int64_t *hi) {
+    int64_t El = L->pl.rank_begin[q + 1] - L->pl.rank_begin[q], n = L->ex.num_chunks;
     *lo = c * El / n;
     *hi = (c + 1) * El / n;
 }
 
+static void chunk_range(const moe_layer_t *L, int64_t c, int64_t *lo, int64_t *hi) {
+    chunk_range_of(L, L->s.rank, c, lo, hi);
+}
+
 /* the four (P) arrays of chunk c's exchange: send rows, send offsets, recv rows, recv offsets.
- * Sources send chunk c's experts, which are contiguous in their expert-major buffer; arrivals
- * are laid out [chunk][source][expert], so every chunk's rows follow the previous chunk's. */
+ * Sources send the pieces of chunk c's slots of each destination: in place from the route's
+ * buffer when the placement is contiguous (the pieces of one destination's chunk follow each
+ * other there), else from sendp, where every (chunk, destination) gets its pieces packed in
+ * slot order. Arrivals are laid out [chunk][source][slot], so every chunk's rows follow the
+ * previous chunk's. */
 static int64_t *chunk_plan(moe_layer_t *L, int64_t c) {
     return L->ex.chunk_plan + c * 4 * L->ctx->world;
 }
@@ -400,32 +418,67 @@ static int64_t *chunk_plan(moe_layer_t *L, int64_t c) {
 static void plan_chunks(moe_layer_t *L) {
     moe_layer_state_t *s = &L->s;
     moe_exchange_t *x = &L->ex;
+    const moe_placement_t *pl = &L->pl;
     const int P = L->ctx->world;
-    const int64_t El = s->E_local;
-    int64_t base = 0;
+    const int64_t Em = pl->E_max;
+    int64_t base = 0, packed = 0;
     for (int64_t c = 0; c < x->num_chunks; ++c) {
         int64_t lo, hi, *sr = chunk_plan(L, c), *so = sr + P, *rr = sr + 2 * P, *ro = sr + 3 * P;
         chunk_range(L, c, &lo, &hi);
         for (int q = 0; q < P; ++q) {
-            so[q] = s->offsets_h[q * El + lo];
-            sr[q] = s->offsets_h[q * El + hi] - so[q];
+            int64_t qlo, qhi;
+            chunk_range_of(L, q, c, &qlo, &qhi);
+            const int64_t k0 = pl->rank_begin[q];
+            sr[q] = 0;
+            for (int64_t le = qlo; le < qhi; ++le) sr[q] += pl->piece_rows[k0 + le];
+            if (s->pack_rows) {
+                so[q] = packed;
+                packed += sr[q];
+            } else {
+                so[q] = qlo < qhi ? pl->piece_off[k0 + qlo] : 0;
+            }
             rr[q] = 0;
-            for (int64_t le = lo; le < hi; ++le) rr[q] += x->recv_counts[q * El + le];
+            for (int64_t le = lo; le < hi; ++le) rr[q] += x->recv_counts[q * Em + le];
             ro[q] = base;
             base += rr[q];
         }
     }
 }
 
-/* copies chunk c's rows between exchange order [source][expert] (wire) and expert order
- * [expert][source]; to_expert selects the direction */
+/* with a packing placement: copies every piece between the route's buffer and sendp, in the
+ * order of plan_chunks (to_send: route -> sendp; else back) */
+static moe_status_t pack_rows(moe_layer_t *L, void *route_side, int to_send, void *stream) {
+    moe_layer_state_t *s = &L->s;
+    moe_context_t *ctx = L->ctx;
+    const moe_placement_t *pl = &L->pl;
+    const size_t row = (size_t)s->D * moe_dtype_size(s->cfg.dtype);
+    int64_t at = 0;
+    for (int64_t c = 0; c < L->ex.num_chunks; ++c)
+        for (int q = 0; q < ctx->world; ++q) {
+            int64_t qlo, qhi;
+            chunk_range_of(L, q, c, &qlo, &qhi);
+            for (int64_t k = pl->rank_begin[q] + qlo; k < pl->rank_begin[q] + qhi; ++k) {
+                int64_t n = pl->piece_rows[k];
+                if (n == 0) continue;
+                char *a = (char *)route_side + (size_t)pl->piece_off[k] * row;
+                char *b = (char *)s->sendp + (size_t)at * row;
+                MOE_CHECK(ctx->ops->mem.copy(ctx, to_send ? b : a, to_send ? a : b,
+                                             (size_t)n * row, MOE_COPY_D2D, stream));
+                at += n;
+            }
+        }
+    return MOE_STATUS_SUCCESS;
+}
+
+/* copies chunk c's rows between exchange order [source][slot] (wire) and expert order
+ * [slot][source]; to_expert selects the direction */
 static moe_status_t regroup(moe_layer_t *L, int64_t c, void *wire, void *expert_side,
                             int to_expert, void *stream) {
     moe_layer_state_t *s = &L->s;
     moe_context_t *ctx = L->ctx;
     moe_exchange_t *x = &L->ex;
     const int P = ctx->world;
-    const int64_t El = s->E_local, D = s->D;
+    const int64_t Em = L->pl.E_max, D = s->D;
     const size_t row = (size_t)D * moe_dtype_size(s->cfg.dtype);
     int64_t lo, hi;
     chunk_range(L, c, &lo, &hi);
@@ -433,11 +486,11 @@ static moe_status_t regroup(moe_layer_t *L, int64_t c, void *wire, void *expert_
     for (int q = 0; q < P; ++q) {
         int64_t src = ro[q];
         for (int64_t le = lo; le < hi; ++le) {
-            int64_t n = x->recv_counts[q * El + le];
+            int64_t n = x->recv_counts[q * Em + le];
             if (n > 0) {
-                /* expert le's block: sources before q come first */
-                int64_t dst = x->ex_offsets[s->expert_begin + le];
-                for (int p = 0; p < q; ++p) dst += x->recv_counts[p * El + le];
+                /* slot le's block: sources before q come first */
+                int64_t dst = x->ex_offsets[le];
+                for (int p = 0; p < q; ++p) dst += x->recv_counts[p * Em + le];
                 char *a = (char *)wire + (size_t)src * row;
                 char *b = (char *)expert_side + (size_t)dst * row;
                 MOE_CHECK(ctx->ops->mem.copy(ctx, to_expert ? b : a, to_expert ? a : b,
@@ -449,16 +502,16 @@ static moe_status_t regroup(moe_layer_t *L, int64_t c, void *wire, void *expert_
     return MOE_STATUS_SUCCESS;
 }
 
-/* the expert rows of pipeline chunk c with P > 1: the expert side's offsets, with only chunk
- * c's experts non-empty (the other local experts get empty row ranges) */
+/* the expert rows of pipeline chunk c with P > 1: the expert side's offsets (indexed by local
+ * slot; the backend sees expert_begin 0), with only chunk c's slots non-empty */
 static moe_expert_rows_t chunk_rows(moe_layer_t *L, int64_t c) {
     moe_exchange_t *x = &L->ex;
-    int64_t b = L->s.expert_begin, lo, hi;
+    int64_t lo, hi;
     chunk_range(L, c, &lo, &hi);
-    int64_t first = x->ex_offsets[b + lo], last = x->ex_offsets[b + hi];
+    int64_t first = x->ex_offsets[lo], last = x->ex_offsets[hi];
     for (int64_t le = 0; le <= L->s.E_local; ++le) {
-        int64_t o = x->ex_offsets[b + le];
-        x->chunk_offsets[b + le] = o < first ? first : (o > last ? last : o);
+        int64_t o = x->ex_offsets[le];
+        x->chunk_offsets[le] = o < first ? first : (o > last ? last : o);
     }
     return (moe_expert_rows_t){.offsets = x->chunk_offsets, .route_offsets = 0};
 }
@@ -534,6 +587,12 @@ static moe_status_t expert_pipeline(moe_layer_t *L, const moe_backend_layer_t *b
     void *in_side = backward ? L->ex_dy : L->ex_x;
     void *out_side = backward ? L->ex_dx : L->ex_y;
     void *back = backward ? (void *)s->dxp : (void *)s->yp;
+    void *route_back = back;
+    if (s->pack_rows) { /* rows leave from and return to sendp (plan_chunks) */
+        MOE_CHECK(pack_rows(L, (void *)out, 1, stream));
+        out = s->sendp;
+        back = s->sendp;
+    }
     const moe_phase_t ph_disp = backward ? MOE_PHASE_BWD_DISPATCH : MOE_PHASE_DISPATCH;
     const moe_phase_t ph_exp = backward ? MOE_PHASE_BWD_EXPERTS : MOE_PHASE_EXPERTS;
     const moe_phase_t ph_ret = backward ? MOE_PHASE_BWD_RETURN : MOE_PHASE_RETURN;
@@ -576,6 +635,7 @@ static moe_status_t expert_pipeline(moe_layer_t *L, const moe_backend_layer_t *b
         moe_status_t r = moe__comm_wait(ctx->comm, ret[c]);
         if (st == MOE_STATUS_SUCCESS) st = w != MOE_STATUS_SUCCESS ? w : r;
     }
+    if (st == MOE_STATUS_SUCCESS && s->pack_rows) st = pack_rows(L, route_back, 0, stream);
     if (st == MOE_STATUS_SUCCESS) st = mark(L, ph_ret, t0, stream);
     return st;
 }
@@ -690,6 +750,8 @@ static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, fl
                                     .importance = s->importance_h,
                                     .load = s->load_h,
                                     .z_sum = &s->z_sum};
+    /* the running per-expert load the placement planner reads (global counts) */
+    for (int64_t e = 0; e < s->E; ++e) L->pl.load_acc[e] += (double)s->counts_h[e];
     if (s->G)
         MOE_CHECK(moe_hier_finalize(&s->cfg, s->E, s->G, s->k1, s->k2, s->hier_sums_h,
                                     s->counts_h, T_total, &s->stats, &s->hier_coefs));

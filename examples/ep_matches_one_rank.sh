@@ -4,10 +4,12 @@
 # the held-out MSEs of the MoE and of the data-parallel dense baseline agree. SGD, because Adam
 # would hide a wrong gradient scale; a Switch coefficient of 0.1, so the aux loss's weight
 # against the data loss counts too.
-# usage: ep_matches_one_rank.sh MPIEXEC NP TRAIN_MIXTURE   (extra mpiexec flags in $MPIEXEC_FLAGS)
+# usage: ep_matches_one_rank.sh MPIEXEC NP TRAIN_MIXTURE [train_mixture options for both runs]
+#        (extra mpiexec flags in $MPIEXEC_FLAGS)
 set -euo pipefail
 mpiexec=$1 np=$2 bin=$3
-args=(--no-noise --sgd --lr 0.1 --switch-coef 0.1 --steps 200 --seed 2 --log-every 200)
+shift 3
+args=(--no-noise --sgd --lr 0.1 --switch-coef 0.1 --steps 200 --seed 2 --log-every 200 "$@")
 # shellcheck disable=SC2086
 one=$("$mpiexec" -np 1 ${MPIEXEC_FLAGS:-} "$bin" "${args[@]}" --expect-ranks 1 | grep '^result')
 # shellcheck disable=SC2086

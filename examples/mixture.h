@@ -52,6 +52,8 @@ typedef struct {
     const char *csv_path, *trace_path;
     int expect_ranks; /* --expect-ranks: refuse to run on another number of ranks (tests) */
     int rank, world; /* this process's rank of the expert-parallel run (0 of 1 without MPI) */
+    int rebalance_every, redundant; /* under mpirun: moe_layer_rebalance every N steps with R
+                                       replica slots (0: never) */
 } options_t;
 
 int parse(int argc, char **argv, options_t *o);

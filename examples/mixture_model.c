@@ -188,7 +188,11 @@ int model_backward_step(model_t *m, moe_backend_t b, const float *y, int T, int 
     CHECK(moe_layer_backward(m->layer, m->dh_d, m->dx_d, NULL));
     if (o->world > 1) {
         /* experts are owned by one rank each; the router (and noise network) is replicated */
-        if (m->expert_parallel) CHECK(moe_layer_allreduce_router_grads(m->layer, NULL));
+        if (m->expert_parallel) {
+            CHECK(moe_layer_allreduce_router_grads(m->layer, NULL));
+            /* replicated experts (after a re-placement): their rows' gradients summed */
+            CHECK(moe_layer_reduce_replica_grads(m->layer, NULL));
+        }
         else if (sum_layer_grads(m, o)) return 1;
         sum_over_ranks_f(o, m->gWh, (int64_t)D * O);
         sum_over_ranks_f(o, m->gbh, O);

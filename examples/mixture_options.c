@@ -31,6 +31,9 @@ static void usage(FILE *f, const char *argv0) {
             "  --no-dense           skip the dense baseline (--check then tests the threshold)\n"
             "  --batch N            tokens per step over all ranks (default 256)\n"
             "  --log-every N        progress line (and CSV row) every N steps (default steps/10)\n"
+            "  --rebalance-every N  under mpirun: re-place the experts every N steps from the\n"
+            "                       layer's running load (moe_layer_rebalance; default 0: never)\n"
+            "  --redundant R        replica slots the re-placement may use (default 0)\n"
             "  --regimes R          generating processes (default 4)\n"
             "  --experts E          experts (default 4)\n"
             "  --top-k K            experts per token (default 1; expert choice: C = cf*T*K/E)\n"
@@ -73,6 +76,8 @@ int parse(int argc, char **argv, options_t *o) {
         INT_OPT("--steps", steps)
         INT_OPT("--batch", batch)
         INT_OPT("--log-every", log_every)
+        INT_OPT("--rebalance-every", rebalance_every)
+        INT_OPT("--redundant", redundant)
         INT_OPT("--expect-ranks", expect_ranks)
         INT_OPT("--regimes", regimes)
         INT_OPT("--experts", experts)

@@ -17,7 +17,8 @@
  * docs/load-balancing.md) and --trace FILE records the routing of every training forward.
  *
  * Under mpirun (built with MPI) every process is one rank of an expert-parallel layer: each
- * rank draws its own shard of every batch, owns E/P experts, and the replicated weights (router,
+ * rank draws its own shard of every batch, holds its experts (contiguous; --rebalance-every
+ * re-places them from the running load), and the replicated weights (router,
  * noise network, readout) get their gradients summed over ranks before each step; the dense
  * baseline, one expert that cannot be split, is trained data-parallel. Rank 0 prints.
  *
@@ -84,6 +85,18 @@ static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double 
         }
     }
     sum_over_ranks_d(o, &unrouted, 1);
+    /* per-rank load of an expert-parallel layer: rows each rank's experts received */
+    double rank_imb = 0.0;
+    if (m->expert_parallel && o->world > 1) {
+        double *rr = calloc((size_t)o->world, sizeof(double));
+        if (!rr) return 1;
+        rr[o->rank] = (double)st.rows_received;
+        sum_over_ranks_d(o, rr, o->world);
+        double mx = 0.0, sum = 0.0;
+        for (int q = 0; q < o->world; ++q) mx = rr[q] > mx ? rr[q] : mx, sum += rr[q];
+        rank_imb = sum > 0.0 ? mx / (sum / o->world) : 0.0;
+        free(rr);
+    }
     CHECK(moe_layer_score_bias(m->layer, lb->bias));
     if (!m->expert_parallel && o->world > 1) {
         /* a replicated layer's counts are this rank's own (aux losses too): add them up */
@@ -119,8 +132,10 @@ static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double 
                                      : 0.0);
     printf("step %5d  loss %.5f  load/expert", s, loss);
     for (int e = 0; e < E; ++e) printf(" %4lld", (long long)(lb->tokens[e] - lb->dropped[e]));
-    printf("  imbalance %.3f  dropped %.3f  switch %.3f  z %.3f  aux %.5f\n", imbalance,
+    printf("  imbalance %.3f  dropped %.3f  switch %.3f  z %.3f  aux %.5f", imbalance,
            dropped_frac, st.switch_loss, st.z_loss, st.aux_loss);
+    if (rank_imb > 0.0) printf("  rank load %.3f", rank_imb);
+    printf("\n");
     if (csv) {
         fprintf(csv, "%d,%.6g,%lld", s, loss, (long long)st.num_tokens);
         for (int e = 0; e < E; ++e)
@@ -168,6 +183,21 @@ static double train(model_t *m, const problem_t *p, const options_t *o, const ba
         if (s % o->log_every == 0 || s == o->steps) {
             if (log_step(m, o, &lb, s, run / nrun, T, csv)) goto done;
             run = 0.0, nrun = 0;
+        }
+        if (m->expert_parallel && o->world > 1 && o->rebalance_every > 0 &&
+            s % o->rebalance_every == 0 && s < o->steps) {
+            /* after the log (its stats need the last forward); every rank holds the same
+             * global load: the same plan everywhere, and the experts move with their Adam
+             * moments */
+            double before = 0.0, after = 0.0;
+            moe_status_t st = moe_layer_rebalance(m->layer, o->redundant, m->opt, &before, &after);
+            if (st != MOE_STATUS_SUCCESS) {
+                fprintf(stderr, "error: moe_layer_rebalance: %s\n", moe_last_error());
+                goto done;
+            }
+            if (o->rank == 0)
+                printf("  step %d: re-placed the experts, rank load max/mean %.3f -> %.3f "
+                       "planned\n", s, before, after);
         }
     }
     if (o->trace_path) moe_layer_trace_close(m->layer); /* the training forwards only */
@@ -276,10 +306,6 @@ static int check_ranks(const options_t *o) {
                 o->world == 1 ? "" : "s", o->expect_ranks);
         return 2;
     }
-    if (o->experts % o->world) {
-        fprintf(stderr, "error: %d experts cannot be split over %d ranks\n", o->experts, o->world);
-        return 2;
-    }
     return 0;
 }
 
@@ -314,8 +340,11 @@ static void print_setup(const options_t *o, const problem_t *p, double var) {
            o->capacity_factor > 0.0 || o->router == MOE_ROUTER_EXPERT_CHOICE ? "" : " (dropless)",
            o->switch_coef, o->importance_coef, o->load_coef, o->z_coef, o->bias_rate);
     if (o->world > 1)
-        printf("  %d ranks (expert parallel over MPI): %d experts and %d-token shards each\n",
-               o->world, o->experts / o->world, o->batch / o->world);
+        printf("  %d ranks (expert parallel over MPI): %d to %d experts (contiguous) and "
+               "%d-token shards each%s\n",
+               o->world, o->experts / o->world, (o->experts + o->world - 1) / o->world,
+               o->batch / o->world,
+               o->rebalance_every > 0 ? "; experts re-placed from the running load" : "");
     printf("  held-out MSE of predicting the mean: %.5f\n", var);
 }
 

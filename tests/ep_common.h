@@ -106,6 +106,61 @@ Result run_rank(moe_comm_t *comm, const moe_layer_config_t &cfg, const float *x,
     return r;
 }
 
+// A placement as moe_layer_set_placement takes it: experts per rank, then the lists.
+struct Placement {
+    std::vector<int64_t> num_local;
+    std::vector<int32_t> experts;
+    // first slot of rank q
+    int64_t begin(int q) const {
+        int64_t b = 0;
+        for (int i = 0; i < q; ++i) b += num_local[(size_t)i];
+        return b;
+    }
+};
+
+inline Placement placement(const std::vector<std::vector<int32_t>> &ranks) {
+    Placement p;
+    for (const auto &r : ranks) {
+        p.num_local.push_back((int64_t)r.size());
+        p.experts.insert(p.experts.end(), r.begin(), r.end());
+    }
+    return p;
+}
+
+// forward + backward of one rank on a layer with placement pl (empty: the default), the
+// replicas' gradients summed; grads in the rank's slot order
+inline Result run_rank_placed(moe_comm_t *comm, const moe_layer_config_t &cfg, const float *x,
+                              const float *dy, int64_t T, const Placement &pl) {
+    Result r;
+    moe_context_t *ctx = nullptr;
+    moe_layer_t *layer = nullptr;
+    moe_status_t st = moe_context_create(&ctx, MOE_BACKEND_CPU, 0, comm);
+    if (!st) st = moe_layer_create(&layer, ctx, &cfg);
+    if (!st && !pl.num_local.empty())
+        st = moe_layer_set_placement(layer, pl.num_local.data(), pl.experts.data(), nullptr);
+    const int64_t D = cfg.d_model;
+    r.y.assign((size_t)(T * D), 0.0f);
+    r.dx.assign((size_t)(T * D), 0.0f);
+    if (!st) st = moe_layer_forward(layer, T ? x : nullptr, T ? r.y.data() : nullptr, T, 1, nullptr);
+    if (!st) st = moe_layer_backward(layer, T ? dy : nullptr, T ? r.dx.data() : nullptr, nullptr);
+    if (!st) st = moe_layer_reduce_replica_grads(layer, nullptr);
+    if (!st) st = moe_layer_stats(layer, &r.stats, nullptr, nullptr);
+    if (!st)
+        for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+            void *g = nullptr;
+            int64_t n = 0;
+            moe_layer_param(layer, (moe_param_t)p, nullptr, &g, &n);
+            r.grad[p] = host_copy(g, n);
+        }
+    if (st) {
+        r.status = st;
+        r.error = moe_last_error();
+    }
+    moe_layer_destroy(layer);
+    moe_context_destroy(ctx);
+    return r;
+}
+
 // max |a - b| / max(max |b|, tiny) over the ranges
 inline double rel_err(const float *a, const float *b, int64_t n) {
     double num = 0.0, den = 1e-30;

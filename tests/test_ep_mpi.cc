@@ -66,6 +66,68 @@ TEST(EpMpi, DroplessMatchesSingleRank) { check_dropless(-1, 2, 2, 53); }
 TEST(EpMpi, RankWithNoTokens) { check_dropless(1, 1, 1, 31); }
 TEST(EpMpi, TopKEqualsExperts) { check_dropless(-1, 1, 1, 17); }
 
+// Placements on any world size (np 3 runs 8 experts on 3 ranks): the default uneven split,
+// rank 0 without experts and expert 0 replicated on every other rank, and every expert on
+// every rank; each rank's y, dx and expert gradients (replicas summed) equal the single-rank
+// layer's.
+void check_placement(const ep::Placement &pl, int64_t E, int64_t T) {
+    const int P = world_size(), r = world_rank();
+    moe_layer_config_t cfg = ep::small_config(E, 2);
+    cfg.switch_loss_coef = 0.1;
+    const int64_t D = cfg.d_model;
+    auto x = ep::make_tokens(T, D, 15), dy = ep::make_tokens(T, D, 16);
+    auto begin = ep::split(T, P);
+    Result ref = ep::run_rank(nullptr, cfg, x.data(), dy.data(), T, [](moe_layer_t *) {});
+    ASSERT_EQ(ref.status, MOE_STATUS_SUCCESS) << ref.error;
+    Comm comm;
+    int64_t b = begin[(size_t)r], Tr = begin[(size_t)r + 1] - b;
+    Result R = ep::run_rank_placed(comm.c, cfg, x.data() + b * D, dy.data() + b * D, Tr, pl);
+    ASSERT_EQ(R.status, MOE_STATUS_SUCCESS) << "rank " << r << ": " << R.error;
+    if (Tr > 0) {
+        EXPECT_LE(ep::rel_err(R.y.data(), ref.y.data() + b * D, Tr * D), kTol);
+        EXPECT_LE(ep::rel_err(R.dx.data(), ref.dx.data() + b * D, Tr * D), kTol);
+    }
+    const int64_t per[MOE_PARAM_COUNT] = {0, 0, D * cfg.d_ff, cfg.d_ff, cfg.d_ff * D, D};
+    int64_t El = (r + 1) * E / P - r * E / P, k0 = r * E / P;
+    std::vector<int32_t> mine;
+    if (pl.num_local.empty()) {
+        for (int64_t e = k0; e < k0 + El; ++e) mine.push_back((int32_t)e);
+    } else {
+        mine.assign(pl.experts.begin() + pl.begin(r),
+                    pl.experts.begin() + pl.begin(r) + pl.num_local[(size_t)r]);
+    }
+    for (int p = MOE_PARAM_W1; p < MOE_PARAM_COUNT; ++p) {
+        ASSERT_EQ(R.grad[p].size(), mine.size() * (size_t)per[p]);
+        for (size_t le = 0; le < mine.size(); ++le)
+            EXPECT_LE(ep::rel_err(R.grad[p].data() + le * per[p],
+                                  ref.grad[p].data() + mine[le] * per[p], per[p]),
+                      kTol)
+                << "param " << p << " expert " << mine[le] << " rank " << r;
+    }
+}
+
+TEST(EpMpi, DefaultPlacementAnyExpertCount) { check_placement({}, 8, 57); }
+
+TEST(EpMpi, ReplicatedPlacementWithAnEmptyRank) {
+    const int P = world_size();
+    if (P < 2) GTEST_SKIP() << "needs 2 ranks";
+    const int64_t E = 8;
+    std::vector<std::vector<int32_t>> ranks((size_t)P);
+    for (int q = 1; q < P; ++q) {
+        for (int64_t e = (q - 1) * E / (P - 1); e < q * E / (P - 1); ++e)
+            ranks[(size_t)q].push_back((int32_t)e);
+        if (ranks[(size_t)q].empty() || ranks[(size_t)q][0] != 0)
+            ranks[(size_t)q].insert(ranks[(size_t)q].begin(), 0);
+    }
+    check_placement(ep::placement(ranks), E, 61);
+}
+
+TEST(EpMpi, EveryExpertOnEveryRank) {
+    const int P = world_size();
+    std::vector<std::vector<int32_t>> ranks((size_t)P, {0, 1, 2, 3, 4});
+    check_placement(ep::placement(ranks), 5, 44);
+}
+
 TEST(EpMpi, RouterGradientAllReduce) {
     const int P = world_size(), r = world_rank();
     moe_layer_config_t cfg = ep::small_config(2 * P, 2);

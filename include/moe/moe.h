@@ -154,8 +154,8 @@ typedef struct moe_layer_config {
                                 the unbiased scores), and after every training forward
                                 b_e += rate * sign(mean_e' load - load_e). Token choice, no noise. */
     int64_t num_chunks; /* expert parallelism: the expert side runs in this many chunks of
-                           local experts (capped at E_local; 0 = the default,
-                           MOE_DEFAULT_CHUNKS), each chunk's exchange posted before the previous
+                           local experts (capped at the most experts one rank holds; 0 = the
+                           default, MOE_DEFAULT_CHUNKS), each chunk's exchange posted before the previous
                            chunk's experts compute. No transport overlaps it yet (MPI does not
                            progress meanwhile; local and NCCL run in order, docs/expert-parallel.md).
                            Results do not depend on it. */
@@ -216,11 +216,13 @@ MOE_API moe_status_t moe_layer_config_preset(const char *name, moe_layer_config_
 /* ============================================================================================
  * Communicator: expert parallelism over P ranks
  *
- * A layer created on a context with a communicator of P ranks owns E/P experts (rank r the
- * contiguous range [r E/P, (r+1) E/P)); every rank routes its own tokens, rows travel to the
- * experts' owners and back by all-to-all. Every rank of a communicator must make the same
- * sequence of collective calls: moe_layer_create, moe_layer_forward, moe_layer_backward,
- * moe_layer_allreduce_router_grads, moe_comm_barrier, moe_comm_destroy. A collective that waits
+ * A layer created on a context with a communicator of P ranks spreads its E experts over the
+ * ranks by its placement (below; by default rank r holds the contiguous range
+ * [floor(r E/P), floor((r+1) E/P)), any E >= 1 on any P >= 1); every rank routes its own tokens,
+ * rows travel to the experts' holders and back by all-to-all. Every rank of a communicator must
+ * make the same sequence of collective calls: moe_layer_create, moe_layer_forward,
+ * moe_layer_backward, moe_layer_allreduce_router_grads, moe_layer_set_placement,
+ * moe_layer_reduce_replica_grads, moe_layer_rebalance, moe_comm_barrier, moe_comm_destroy. A collective that waits
  * longer than the communicator's timeout for a peer returns MOE_STATUS_COMM_ERROR naming the
  * missing ranks, and the communicator is then unusable (destroy it).
  * ========================================================================================== */
@@ -289,7 +291,9 @@ typedef struct moe_layer moe_layer_t;
 typedef enum moe_param {
     MOE_PARAM_ROUTER_WEIGHT = 0, /* Wg (D, E); (D, num_groups) for MOE_ROUTER_HIERARCHICAL */
     MOE_PARAM_NOISE_WEIGHT = 1,  /* Wn (D, E), only when noisy_gating */
-    MOE_PARAM_W1 = 2,            /* (E_local, D, F), or (E_local, D, 2F) for SWIGLU: [gate | up] */
+    MOE_PARAM_W1 = 2,            /* (E_local, D, F), or (E_local, D, 2F) for SWIGLU: [gate | up];
+                                    E_local = this rank's slots of the placement, in placement
+                                    order (ascending expert id) */
     MOE_PARAM_B1 = 3,            /* (E_local, F) or (E_local, 2F), only when expert_bias */
     MOE_PARAM_W2 = 4,            /* (E_local, F, D) */
     MOE_PARAM_B2 = 5,            /* (E_local, D), only when expert_bias */
@@ -414,6 +418,86 @@ MOE_API moe_status_t moe_layer_expert_availability(const moe_layer_t *layer, uin
  * on one rank. Collective. f32 storage only. Routed expert weights are owned by one rank and
  * need no reduction. (The name predates shared experts.) */
 MOE_API moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream);
+
+/* ============================================================================================
+ * Expert placement and replication (docs/expert-parallel.md)
+ *
+ * A placement says which rank holds which experts: num_local[q] (P entries, the communicator's
+ * size) experts for rank q, listed in experts[] rank after rank (sum num_local entries), each
+ * rank's list strictly ascending. Every expert must be held by at least one rank; a rank may
+ * hold none. An expert held by m > 1 ranks is replicated: each source rank cuts its kept rows of
+ * that expert (n of them, in route order) into m consecutive parts, part i = rows
+ * [floor(i n / m), floor((i + 1) n / m)), and sends part i to the ((i + rank) mod m)-th holder
+ * (holders in rank order), so every replica gets n / m of every source's rows, +-1.
+ * moe_layer_param gives a rank's experts in its placement order: slot le of W1/B1/W2/B2 is
+ * expert experts[rank_begin + le]. Replicas start equal (the init rule indexes experts
+ * globally) and stay equal when their gradients are summed (moe_layer_reduce_replica_grads)
+ * before every optimizer step.
+ * ========================================================================================== */
+
+typedef struct moe_optimizer moe_optimizer_t; /* declared again with the optimizer below */
+
+/* Collective: sets the layer's placement (same arguments on every rank, checked: a rank that
+ * differs gets INVALID_ARGUMENT naming the rank). Validated: num_local[q] in [0, E], ids in
+ * [0, E), ascending per rank, every expert placed (INVALID_ARGUMENT naming what is wrong; the
+ * layer is unchanged). Each rank's experts' parameters and gradients move to their new holders
+ * by the communicator (a new slot takes its expert from the same rank when it held it, else
+ * from the lowest rank that held it), and so do the moment buffers of opt when given (the
+ * layer's optimizer, on every rank or on none; NULL: the optimizer must not be stepped again on
+ * this layer). Call it between steps, e.g. before the first forward or after an optimizer
+ * step: the last forward can no longer be differentiated (backward needs a new forward), and
+ * the pointers of moe_layer_param and E_local change. With one rank the only placement is every
+ * expert once. Host arrays. */
+MOE_API moe_status_t moe_layer_set_placement(moe_layer_t *layer, const int64_t *num_local,
+                                             const int32_t *experts, moe_optimizer_t *opt);
+
+/* The layer's placement: num_local (P) and experts (num_slots entries), either may be NULL;
+ * *num_slots (may be NULL) the number of slots, E plus the replicas. Pure query. */
+MOE_API moe_status_t moe_layer_get_placement(const moe_layer_t *layer, int64_t *num_local,
+                                             int32_t *experts, int64_t *num_slots);
+
+/* Collective: sums the expert gradients (W1, B1, W2, B2) of every replicated expert over the
+ * ranks that hold it, in place, so that every replica holds the gradient of all the expert's
+ * rows, as the single-rank layer would. Each holder receives the others' gradients through the
+ * communicator and adds them on the host in rank order, the same operations on every holder, so
+ * the replicas' gradients (and weights after a step) stay bitwise equal. Call it after the last
+ * backward and before moe_optimizer_step; a no-op without replicas or on one rank. f32 storage
+ * (INVALID_ARGUMENT otherwise). Synchronises the stream. */
+MOE_API moe_status_t moe_layer_reduce_replica_grads(moe_layer_t *layer, void *stream);
+
+/* The running load: assignments per expert (E doubles, global counts, before dropping) summed
+ * over the forwards since creation or the last reset (reset != 0 zeroes it after the read;
+ * load may be NULL). Pure host state. */
+MOE_API moe_status_t moe_layer_expert_load(moe_layer_t *layer, double *load, int reset);
+
+/* Collective online re-planning: a placement from the running load (moe_plan_placement with
+ * the communicator's size and `redundant` extra slots), set by moe_layer_set_placement (moving
+ * the experts' state and opt's moments), then the running load reset. Every rank holds the
+ * same global counts, so every rank plans the same placement. *imbalance_before (the current
+ * placement under the same load) and *imbalance_after (the planned one), max over mean rank
+ * load, may be NULL. Call it every N steps between an optimizer step and the next forward. */
+MOE_API moe_status_t moe_layer_rebalance(moe_layer_t *layer, int64_t redundant,
+                                         moe_optimizer_t *opt, double *imbalance_before,
+                                         double *imbalance_after);
+
+/* The placement planner, a pure function: from per-expert loads load (E, finite, >= 0), P
+ * ranks and up to `redundant` extra slots (0 .. (P - 1) E), a placement of E + r slots, r <=
+ * redundant (num_local (P), experts (room for E + redundant entries)), that keeps the largest
+ * rank load small, the load of a replica being load / replicas. Algorithm
+ * (docs/expert-parallel.md): replicas to the largest load per replica one at a time (as
+ * DeepSeek's EPLB); longest-first list scheduling to the least loaded rank with a free slot (at
+ * most ceil(slots / P) per rank) that does not hold the expert yet; swaps that lower the most
+ * loaded rank; this for several replica counts r <= redundant, the best kept. Deterministic.
+ * *imbalance (may be NULL) is the planned max over mean rank load (1 when every load is 0). */
+MOE_API moe_status_t moe_plan_placement(const double *load, int64_t num_experts, int ranks,
+                                        int64_t redundant, int64_t *num_local, int32_t *experts,
+                                        double *imbalance);
+
+/* Max over mean rank load of a placement (validated as moe_layer_set_placement does) under
+ * per-expert loads, each replica taking load / replicas. */
+MOE_API moe_status_t moe_placement_imbalance(const double *load, int64_t num_experts, int ranks,
+                                             const int64_t *num_local, const int32_t *experts,
+                                             double *imbalance);
 
 /* Sets every parameter gradient to zero. */
 MOE_API moe_status_t moe_layer_zero_grad(moe_layer_t *layer, void *stream);

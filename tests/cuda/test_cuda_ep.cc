@@ -208,6 +208,103 @@ TEST_P(CudaEpLocal, RanksOnOneGpuMatchSingleRankCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Ranks, CudaEpLocal, ::testing::Values(2, 4, 8));
 
+// Placement and replication through the CUDA backend: 3 local ranks on one GPU, 8 experts,
+// rank 0 without experts, experts 0 and 1 replicated; each rank's experts get the reference's
+// parameters of their global experts; y, dx and the expert gradients (replicas summed) must
+// equal the single-rank CPU layer's.
+TEST(CudaEpPlacement, ReplicatedPlacementMatchesSingleRankCpu) {
+    REQUIRE_GPU();
+    const int P = 3;
+    const int64_t T = 131, E = 8;
+    moe_layer_config_t cfg = config(E, 2);
+    auto x = tokens(T, cfg.d_model, 4), dy = tokens(T, cfg.d_model, 5);
+    Reference ref = reference(cfg, x, dy, T);
+    const std::vector<int64_t> num = {0, 5, 5};
+    const std::vector<int32_t> ex = {0, 1, 2, 3, 4, 0, 1, 5, 6, 7};
+    const int64_t k0[P] = {0, 0, 5};
+    const int64_t D = cfg.d_model, F2 = 2 * cfg.d_ff;
+    const int64_t per[MOE_PARAM_COUNT] = {0, 0, D * F2, F2, cfg.d_ff * D, D};
+    std::vector<moe_comm_t *> comms((size_t)P);
+    ASSERT_EQ(moe_comm_create_local(comms.data(), P), 0);
+    std::vector<RankOut> out((size_t)P);
+    std::vector<std::thread> th;
+    for (int r = 0; r < P; ++r)
+        th.emplace_back([&, r] {
+            RankOut &o = out[(size_t)r];
+            RankOut &out = o;  // for RK
+            int64_t b = T * r / P, Tr = T * (r + 1) / P - b;
+            size_t bytes = (size_t)(Tr * D) * sizeof(float);
+            moe_context_t *ctx = nullptr;
+            moe_layer_t *layer = nullptr;
+            float *dxb = nullptr, *dyb = nullptr, *dbuf = nullptr, *ddx = nullptr;
+            cudaSetDevice(0);
+            RK(moe_context_create(&ctx, MOE_BACKEND_CUDA, 0, comms[(size_t)r]));
+            RK(moe_layer_create(&layer, ctx, &cfg));
+            RK(moe_layer_set_placement(layer, num.data(), ex.data(), nullptr));
+            for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+                void *v = nullptr;
+                int64_t n = 0;
+                RK(moe_layer_param(layer, (moe_param_t)p, &v, nullptr, &n));
+                if (n == 0) continue;
+                if (p == MOE_PARAM_ROUTER_WEIGHT || p == MOE_PARAM_NOISE_WEIGHT) {
+                    cudaMemcpy(v, ref.param[p].data(), (size_t)n * sizeof(float),
+                               cudaMemcpyHostToDevice);
+                    continue;
+                }
+                for (int64_t le = 0; le < num[(size_t)r]; ++le)
+                    cudaMemcpy((float *)v + le * per[p],
+                               ref.param[p].data() + ex[(size_t)(k0[r] + le)] * per[p],
+                               (size_t)per[p] * sizeof(float), cudaMemcpyHostToDevice);
+            }
+            cudaMalloc(&dxb, bytes + 4), cudaMalloc(&dyb, bytes + 4);
+            cudaMalloc(&dbuf, bytes + 4), cudaMalloc(&ddx, bytes + 4);
+            cudaMemcpy(dxb, x.data() + b * D, bytes, cudaMemcpyHostToDevice);
+            cudaMemcpy(dyb, dy.data() + b * D, bytes, cudaMemcpyHostToDevice);
+            RK(moe_layer_forward(layer, dxb, dbuf, Tr, 1, nullptr));
+            RK(moe_layer_backward(layer, dyb, ddx, nullptr));
+            RK(moe_layer_reduce_replica_grads(layer, nullptr));
+            cudaDeviceSynchronize();
+            o.y.resize((size_t)(Tr * D));
+            o.dx.resize((size_t)(Tr * D));
+            cudaMemcpy(o.y.data(), dbuf, bytes, cudaMemcpyDeviceToHost);
+            cudaMemcpy(o.dx.data(), ddx, bytes, cudaMemcpyDeviceToHost);
+            for (int p = 0; p < MOE_PARAM_COUNT; ++p) {
+                void *g = nullptr;
+                int64_t n = 0;
+                RK(moe_layer_param(layer, (moe_param_t)p, nullptr, &g, &n));
+                o.grad[p].resize((size_t)n);
+                if (n)
+                    cudaMemcpy(o.grad[p].data(), g, (size_t)n * sizeof(float),
+                               cudaMemcpyDeviceToHost);
+            }
+        done:
+            moe_layer_destroy(layer);
+            moe_context_destroy(ctx);
+            cudaFree(dxb), cudaFree(dyb), cudaFree(dbuf), cudaFree(ddx);
+        });
+    for (auto &t : th) t.join();
+    for (auto *c : comms) EXPECT_EQ(moe_comm_destroy(c), 0);
+    for (int r = 0; r < P; ++r) {
+        const RankOut &o = out[(size_t)r];
+        ASSERT_TRUE(o.error.empty()) << "rank " << r << ": " << o.error;
+        int64_t b = T * r / P, Tr = T * (r + 1) / P - b;
+        const size_t Dz = (size_t)D;
+        if (Tr > 0) {
+            EXPECT_LE(rel_err(o.y.data(), ref.y.data() + (size_t)b * Dz, (size_t)Tr * Dz), kTol);
+            EXPECT_LE(rel_err(o.dx.data(), ref.dx.data() + (size_t)b * Dz, (size_t)Tr * Dz), kTol);
+        }
+        for (int p = MOE_PARAM_W1; p < MOE_PARAM_COUNT; ++p) {
+            ASSERT_EQ(o.grad[p].size(), (size_t)(num[(size_t)r] * per[p]));
+            for (int64_t le = 0; le < num[(size_t)r]; ++le)
+                EXPECT_LE(rel_err(o.grad[p].data() + le * per[p],
+                                  ref.grad[p].data() + ex[(size_t)(k0[r] + le)] * per[p],
+                                  (size_t)per[p]),
+                          kTol)
+                    << "param " << p << ", slot " << le << ", rank " << r;
+        }
+    }
+}
+
 #ifdef MOE_TEST_NCCL
 TEST(CudaEpNccl, OneRankThroughNccl) {
     REQUIRE_GPU();
