@@ -580,18 +580,21 @@ static moe_status_t layer_forward(moe_layer_t *layer, const void *x, void *y,
     return moe__scheduler_forward(layer, x, y, num_tokens, training, stream);
 }
 
-moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
-                               int training, void *stream) {
-    MOE_LAYER_ARG(layer);
-    moe_status_t st = layer_forward(layer, x, y, num_tokens, training, stream);
+/* a failing forward (either kind) drops pending forced routing (moe.h), so no later forward
+ * inherits it; returns st */
+static moe_status_t drop_forced_on_failure(moe_layer_t *layer, moe_status_t st) {
     if (st != MOE_STATUS_SUCCESS && layer->forced_idx) {
-        /* a failing forward drops pending forced routing (moe.h), so no later forward
-         * inherits it */
         free(layer->forced_idx), free(layer->forced_gate);
         layer->forced_idx = NULL, layer->forced_gate = NULL;
         layer->forced_T = 0;
     }
     return st;
+}
+
+moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
+                               int training, void *stream) {
+    MOE_LAYER_ARG(layer);
+    return drop_forced_on_failure(layer, layer_forward(layer, x, y, num_tokens, training, stream));
 }
 
 moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream) {
@@ -617,10 +620,9 @@ static moe_status_t experts_out_supported(const moe_layer_t *layer) {
     return MOE_STATUS_SUCCESS;
 }
 
-moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
-                                       float *gate, int64_t num_tokens, int training,
-                                       void *stream) {
-    MOE_LAYER_ARG(layer);
+static moe_status_t layer_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
+                                          float *gate, int64_t num_tokens, int training,
+                                          void *stream) {
     MOE_CHECK(experts_out_supported(layer));
     MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
     MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
@@ -631,6 +633,14 @@ moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x, void *
             (long long)num_tokens, (long long)layer->s.K);
     return moe__scheduler_forward_experts(layer, x, y_experts, gate, num_tokens, training,
                                           stream);
+}
+
+moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
+                                       float *gate, int64_t num_tokens, int training,
+                                       void *stream) {
+    MOE_LAYER_ARG(layer);
+    return drop_forced_on_failure(layer, layer_forward_experts(layer, x, y_experts, gate,
+                                                               num_tokens, training, stream));
 }
 
 moe_status_t moe_layer_backward_experts(moe_layer_t *layer, const void *dy_experts,

@@ -138,6 +138,13 @@ TEST(ForcedRouting, DroppedByAFailingForward) {
     EXPECT_EQ(moe_layer_forward(l, x.data(), nullptr, T, 0, nullptr), MOE_STATUS_INVALID_ARGUMENT);
     ASSERT_EQ(moe_layer_forward(l, x.data(), y.data(), T, 0, nullptr), MOE_STATUS_SUCCESS);
     expect_router_choice(l, T, x);
+    // a failing per-expert-outputs forward (ye NULL) drops it as well
+    force_32(l, T);
+    std::vector<float> ge(T * 2);
+    EXPECT_EQ(moe_layer_forward_experts(l, x.data(), nullptr, ge.data(), T, 0, nullptr),
+              MOE_STATUS_INVALID_ARGUMENT);
+    ASSERT_EQ(moe_layer_forward(l, x.data(), y.data(), T, 0, nullptr), MOE_STATUS_SUCCESS);
+    expect_router_choice(l, T, x);
     // a forced routing that is used still works as before
     force_32(l, T);
     ASSERT_EQ(moe_layer_forward(l, x.data(), y.data(), T, 0, nullptr), MOE_STATUS_SUCCESS);

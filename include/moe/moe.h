@@ -598,9 +598,9 @@ MOE_API moe_status_t moe_layer_trace_close(moe_layer_t *layer);
  * and combine gradients; the router receives no gradient from the forced gates.
  * Cancelling: expert_index = gate = NULL with num_tokens = 0 drops a pending forced routing
  * (SUCCESS also when none is pending); with non-NULL arrays, num_tokens = 0 forces the routing
- * of a forward of 0 tokens. Any moe_layer_forward on this layer that does not return SUCCESS
- * (a token count other than num_tokens, an argument error, NaN/Inf in x, ALLOC_FAILED, ...)
- * also drops it: the next forward routes normally unless forced again.
+ * of a forward of 0 tokens. Any moe_layer_forward or moe_layer_forward_experts on this layer
+ * that does not return SUCCESS (a token count other than num_tokens, an argument error, NaN/Inf
+ * in x, ALLOC_FAILED, ...) also drops it: the next forward routes normally unless forced again.
  * NOT_SUPPORTED for router = MOE_ROUTER_HIERARCHICAL. */
 MOE_API moe_status_t moe_layer_force_routing(moe_layer_t *layer, const int32_t *expert_index,
                                              const float *gate, int64_t num_tokens);
