@@ -220,11 +220,12 @@ MOE_API moe_status_t moe_layer_config_preset(const char *name, moe_layer_config_
  * ranks by its placement (below; by default rank r holds the contiguous range
  * [floor(r E/P), floor((r+1) E/P)), any E >= 1 on any P >= 1); every rank routes its own tokens,
  * rows travel to the experts' holders and back by all-to-all. Every rank of a communicator must
- * make the same sequence of collective calls: moe_layer_create, moe_layer_forward,
- * moe_layer_backward, moe_layer_allreduce_router_grads, moe_layer_set_placement,
- * moe_layer_reduce_replica_grads, moe_layer_rebalance, moe_comm_barrier, moe_comm_destroy. A collective that waits
- * longer than the communicator's timeout for a peer returns MOE_STATUS_COMM_ERROR naming the
- * missing ranks, and the communicator is then unusable (destroy it).
+ * make the same sequence of collective calls: moe_layer_create, moe_layer_forward(_experts),
+ * moe_layer_backward(_experts), moe_layer_allreduce_router_grads, moe_layer_set_expert_mask,
+ * moe_layer_set_placement, moe_layer_reduce_replica_grads, moe_layer_rebalance,
+ * moe_comm_barrier, moe_comm_destroy. A collective that waits longer than the communicator's
+ * timeout for a peer returns MOE_STATUS_COMM_ERROR naming the missing ranks, and the
+ * communicator is then unusable (destroy it).
  * ========================================================================================== */
 
 typedef struct moe_comm moe_comm_t;
