@@ -396,3 +396,62 @@ TEST(SharedExperts, OptimizerStepsSharedParameters) {
 }
 
 }  // namespace
+
+// ---- whole model-family layers: the presets' routing with their shared experts ----------------
+
+// A DeepSeek-V3-shaped layer (sigmoid scores with a selection bias, 8 groups of which a token
+// keeps 4 by top-2 sums, renormalised gates times 2.5, one ungated shared expert) and a
+// Qwen-MoE-shaped one (softmax top-k without renormalisation, one gated shared expert 4x as
+// wide), at small sizes, forward and backward against the float64 reference.
+TEST(SharedExperts, ModelFamilyLayersMatchReference) {
+    struct Family {
+        const char *preset;
+        int64_t S, Fs;
+        int gated;
+    } fams[] = {{"deepseek-v3", 1, 0, 0}, {"qwen2-moe", 1, 32, 1}};
+    for (const Family &fm : fams) {
+        SCOPED_TRACE(fm.preset);
+        moe_layer_config_t cfg = moe_layer_config_default();
+        ASSERT_EQ(moe_layer_config_preset(fm.preset, &cfg), MOE_STATUS_SUCCESS) << moe_last_error();
+        cfg.d_model = 16, cfg.d_ff = 8;
+        cfg.num_experts = 16;
+        cfg.top_k = 4;
+        if (cfg.num_groups > 1) cfg.num_groups = 8, cfg.topk_group = 4;
+        cfg.num_shared_experts = fm.S;
+        cfg.shared_d_ff = fm.Fs;
+        cfg.shared_expert_gate = fm.gated;
+        cfg.seed = 77;
+        moetest::Layer L(cfg);
+        ASSERT_EQ(L.status, MOE_STATUS_SUCCESS) << moe_last_error();
+        const float a = 6.0f / std::sqrt((float)cfg.d_model);
+        moetest::set_param(L, MOE_PARAM_ROUTER_WEIGHT,
+                           moetest::uniform(cfg.d_model * cfg.num_experts, 41, -a, a));
+        if (fm.gated)
+            moetest::set_param(L, MOE_PARAM_SHARED_GATE, moetest::uniform(cfg.d_model, 42, -a, a));
+        if (cfg.score_func == MOE_SCORE_SIGMOID) {
+            std::vector<float> b = moetest::uniform(cfg.num_experts, 43, -0.2f, 0.2f);
+            ASSERT_EQ(moe_layer_set_score_bias(L, b.data()), MOE_STATUS_SUCCESS);
+        }
+        auto x = moetest::uniform(40 * cfg.d_model, 44);
+        Forward f = moetest::check_against_reference(L, x, 40, 1, 0);
+        ASSERT_EQ((int64_t)f.shared_out.size(), 40 * cfg.d_model);
+        // the family's routing is what ran: DeepSeek-V3's gates sum to the scaling factor and a
+        // token's experts lie in at most topk_group groups; Qwen's softmax gates sum below 1
+        for (int64_t t = 0; t < 40; ++t) {
+            double sum = 0;
+            std::vector<int> groups(8, 0);
+            for (int64_t j = 0; j < cfg.top_k; ++j) {
+                sum += f.gate[t * cfg.top_k + j];
+                groups[f.idx[t * cfg.top_k + j] / 2] = 1;
+            }
+            if (cfg.score_func == MOE_SCORE_SIGMOID) {
+                EXPECT_NEAR(sum, 2.5, 1e-9);
+                EXPECT_LE(groups[0] + groups[1] + groups[2] + groups[3] + groups[4] + groups[5] +
+                              groups[6] + groups[7],
+                          4);
+            } else {
+                EXPECT_LT(sum, 1.0);
+            }
+        }
+    }
+}
