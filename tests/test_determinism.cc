@@ -26,8 +26,9 @@ struct Outcome {
     moe_routing_stats_t st{};
     bool operator==(const Outcome &o) const {
         for (int p = 0; p < MOE_PARAM_COUNT; ++p)
-            if (std::memcmp(grad[p].data(), o.grad[p].data(), grad[p].size() * 4) != 0 ||
-                grad[p].size() != o.grad[p].size())
+            if (grad[p].size() != o.grad[p].size() ||
+                (!grad[p].empty() &&
+                 std::memcmp(grad[p].data(), o.grad[p].data(), grad[p].size() * 4) != 0))
                 return false;
         return same_bytes(y, o.y) && same_bytes(dx, o.dx) && same_bytes(gate, o.gate) &&
                idx == o.idx && kept == o.kept && counts == o.counts && dropped == o.dropped &&
