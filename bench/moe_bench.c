@@ -165,7 +165,7 @@ static int run_ranks(const bench_opts_t *o, const bench_replay_t *rp, const worl
     const int P = ws->mpi ? 1 : ws->size;
     bench_rank_arg_t *args = calloc((size_t)P, sizeof *args);
     pthread_t *th = calloc((size_t)P, sizeof *th);
-    int rc = BENCH_EXIT_OK;
+    int rc = BENCH_EXIT_OK, started = 0;
     if (!args || !th) rc = BENCH_EXIT_FAIL;
     for (int q = 0; rc == BENCH_EXIT_OK && q < P; ++q) {
         args[q] = (bench_rank_arg_t){
@@ -173,10 +173,20 @@ static int run_ranks(const bench_opts_t *o, const bench_replay_t *rp, const worl
             .out = out,
             .w = {.kind = ws->mpi ? BENCH_WORLD_MPI : P > 1 ? BENCH_WORLD_LOCAL : BENCH_WORLD_SELF,
                   .rank = ws->mpi ? ws->rank : q, .size = ws->size, .sh = ws->mpi ? NULL : sh}};
-        if (P == 1) bench_run_rank(&args[q]);
-        else pthread_create(&th[q], NULL, bench_run_rank, &args[q]);
+        if (P == 1) {
+            bench_run_rank(&args[q]);
+            started = 1;
+        } else if (pthread_create(&th[q], NULL, bench_run_rank, &args[q]) == 0) {
+            started = q + 1;
+        } else {
+            /* the ranks already running wait for this one: break their barriers */
+            bench_world_abort(&args[q].w);
+            rc = BENCH_EXIT_FAIL;
+        }
     }
-    for (int q = 0; rc == BENCH_EXIT_OK && q < P; ++q) {
+    /* every started rank is joined, whatever the others returned: its arguments and the
+     * shared state are freed after this */
+    for (int q = 0; q < started; ++q) {
         if (P > 1) pthread_join(th[q], NULL);
         if (args[q].rc != BENCH_EXIT_OK && (rc == BENCH_EXIT_OK || q == 0)) rc = args[q].rc;
     }
