@@ -167,6 +167,13 @@ struct moe_layer {
     /* numeric checks of the outputs (numerics.c): 0 = on (the default), 1 = turned off by
      * moe_layer_set_check_numerics(layer, 0) */
     int skip_numeric_checks;
+
+    /* expert parallelism (moe.h, "Agreement"): what this layer's agreement steps carry (the
+     * same on every rank: set from the communicator's step count at creation), and whether a
+     * collective call of it is between its agreement step and its last collective (a failure
+     * there breaks the communicator for every rank, as the peers may be waiting) */
+    uint64_t agree_key;
+    int exchange_open;
 };
 
 /* the layer as the backend ops see it (state.h), made from the state at each call */

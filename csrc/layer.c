@@ -5,6 +5,7 @@
 
 #include "backend/backend.h"
 #include "buffers.h"
+#include "collective.h"
 #include "comm/comm.h"
 #include "config.h"
 #include "core/dtype.h"
@@ -136,7 +137,12 @@ done:
 static moe_status_t check_same_config(moe_context_t *ctx, const moe_layer_config_t *cfg) {
     if (ctx->world == 1) return MOE_STATUS_SUCCESS;
     uint64_t *all = (uint64_t *)malloc((size_t)ctx->world * sizeof(uint64_t));
-    if (!all) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "config check");
+    if (!all) {
+        /* the peers are in the all-gather already: they must not wait for this rank */
+        moe_status_t st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "config check");
+        moe__comm_abort(ctx->comm, st);
+        return st;
+    }
     moe_status_t st = moe__comm_allgather_u64(ctx->comm, moe__config_hash(cfg), all);
     for (int q = 0; q < ctx->world && st == MOE_STATUS_SUCCESS; ++q)
         if (all[q] != all[ctx->rank])
@@ -163,12 +169,8 @@ static void free_host_arrays(moe_layer_t *L) {
     L->pl.load_acc = NULL;
 }
 
-moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
-                              const moe_layer_config_t *cfg) {
-    MOE_ARG(layer != NULL, "layer is NULL");
-    *layer = NULL;
-    MOE_ARG(ctx != NULL && ctx->magic == MOE_CONTEXT_MAGIC, "ctx is %s",
-            ctx == NULL ? "NULL" : "not a live moe_context_t");
+/* what moe_layer_create checks before anything is allocated */
+static moe_status_t create_checks(const moe_context_t *ctx, const moe_layer_config_t *cfg) {
     MOE_ARG(cfg != NULL, "cfg is NULL");
     MOE_CHECK(moe__config_validate(cfg, ctx->backend));
     if (cfg->router == MOE_ROUTER_HIERARCHICAL &&
@@ -181,7 +183,12 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         return MOE_ERR(MOE_STATUS_NOT_SUPPORTED,
                        "cfg->num_shared_experts: the %s backend has no shared-expert ops",
                        ctx->ops->name);
+    return MOE_STATUS_SUCCESS;
+}
 
+/* this rank's layer: every allocation, nothing collective; *layer stays NULL on failure */
+static moe_status_t create_local(moe_layer_t **layer, moe_context_t *ctx,
+                                 const moe_layer_config_t *cfg) {
     moe_layer_t *L = (moe_layer_t *)calloc(1, sizeof *L);
     if (!L) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "layer handle");
     L->ctx = ctx;
@@ -254,8 +261,7 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
         free(L);
         return st;
     }
-    st = check_same_config(ctx, cfg);
-    if (st == MOE_STATUS_SUCCESS) st = alloc_params(L);
+    st = alloc_params(L);
     if (st == MOE_STATUS_SUCCESS && cfg->bias_update_rate > 0.0) {
         st = ctx->ops->mem.alloc(ctx, (void **)&s->score_bias, E * sizeof(float));
         if (st == MOE_STATUS_SUCCESS)
@@ -294,6 +300,39 @@ moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
     }
     L->magic = MOE_LAYER_MAGIC;
     ctx->num_layers++;
+    *layer = L;
+    return MOE_STATUS_SUCCESS;
+}
+
+moe_status_t moe_layer_create(moe_layer_t **layer, moe_context_t *ctx,
+                              const moe_layer_config_t *cfg) {
+    MOE_ARG(layer != NULL, "layer is NULL");
+    *layer = NULL;
+    /* a rank without a context cannot reach its peers (they wait for their timeout) */
+    MOE_ARG(ctx != NULL && ctx->magic == MOE_CONTEXT_MAGIC, "ctx is %s",
+            ctx == NULL ? "NULL" : "not a live moe_context_t");
+    moe_status_t st = create_checks(ctx, cfg);
+    if (ctx->world > 1) {
+        /* a rank whose checks failed ends the call on every rank; then the configs compare */
+        st = moe__comm_agree(ctx->comm, MOE_CALL_LAYER_CREATE, 0, st);
+        if (st == MOE_STATUS_SUCCESS) st = check_same_config(ctx, cfg);
+    }
+    MOE_CHECK(st);
+    /* the layer's agreement key: the communicator's step count, the same on every rank */
+    const uint64_t key = ctx->comm ? ctx->comm->seq : 0;
+    moe_layer_t *L = NULL;
+    st = create_local(&L, ctx, cfg);
+    if (ctx->world > 1) {
+        /* all or none: a rank whose allocations failed would never join the layer's calls */
+        moe_status_t all = moe__comm_agree(ctx->comm, MOE_CALL_LAYER_CREATED, key, st);
+        if (all != MOE_STATUS_SUCCESS && L) {
+            moe_layer_destroy(L);
+            L = NULL;
+        }
+        st = all;
+    }
+    MOE_CHECK(st);
+    L->agree_key = key;
     *layer = L;
     return MOE_STATUS_SUCCESS;
 }
@@ -340,16 +379,7 @@ moe_status_t moe_layer_param(moe_layer_t *layer, moe_param_t which, void **value
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t layer_forward(moe_layer_t *layer, const void *x, void *y,
-                                  int64_t num_tokens, int training, void *stream) {
-    MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
-    MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
-    MOE_ARG(y != NULL || num_tokens == 0, "y is NULL");
-    MOE_ARG(num_tokens <= INT32_MAX / layer->s.K,
-            "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
-            (long long)num_tokens, (long long)layer->s.K);
-    return moe__scheduler_forward(layer, x, y, num_tokens, training, stream);
-}
+/* ---- forward and backward: each rank's checks, the agreement step, then the call ---- */
 
 /* a failing forward (either kind) drops pending forced routing (moe.h), so no later forward
  * inherits it; returns st */
@@ -361,23 +391,6 @@ static moe_status_t drop_forced_on_failure(moe_layer_t *layer, moe_status_t st) 
     }
     return st;
 }
-
-moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
-                               int training, void *stream) {
-    MOE_LAYER_ARG(layer);
-    return drop_forced_on_failure(layer, layer_forward(layer, x, y, num_tokens, training, stream));
-}
-
-moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream) {
-    MOE_LAYER_ARG(layer);
-    MOE_ARG(dy != NULL || layer->s.T == 0, "dy is NULL");
-    MOE_ARG(dx != NULL || layer->s.T == 0, "dx is NULL");
-    MOE_ARG(layer->s.have_forward, "no successful forward to differentiate: call "
-                                   "moe_layer_forward first");
-    return moe__scheduler_backward(layer, dy, dx, stream);
-}
-
-/* ---- per-expert outputs (unfused combine) ---- */
 
 static moe_status_t experts_out_supported(const moe_layer_t *layer) {
     if (layer->s.cfg.num_shared_experts > 0)
@@ -391,39 +404,88 @@ static moe_status_t experts_out_supported(const moe_layer_t *layer) {
     return MOE_STATUS_SUCCESS;
 }
 
-static moe_status_t layer_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
-                                          float *gate, int64_t num_tokens, int training,
-                                          void *stream) {
-    MOE_CHECK(experts_out_supported(layer));
+/* y is y (moe_layer_forward) or y_experts (gate != NULL: moe_layer_forward_experts) */
+static moe_status_t forward_checks(moe_layer_t *layer, const void *x, const void *y,
+                                   const float *gate, int experts_out, int64_t num_tokens) {
+    if (experts_out) MOE_CHECK(experts_out_supported(layer));
     MOE_ARG(num_tokens >= 0, "num_tokens %lld is negative", (long long)num_tokens);
     MOE_ARG(x != NULL || num_tokens == 0, "x is NULL");
-    MOE_ARG(y_experts != NULL || num_tokens == 0, "y_experts is NULL");
-    MOE_ARG(gate != NULL || num_tokens == 0, "gate is NULL");
+    MOE_ARG(y != NULL || num_tokens == 0, experts_out ? "y_experts is NULL" : "y is NULL");
+    MOE_ARG(!experts_out || gate != NULL || num_tokens == 0, "gate is NULL");
     MOE_ARG(num_tokens <= INT32_MAX / layer->s.K,
             "num_tokens x top_k = %lld x %lld exceeds the 2^31 rows one call can route",
             (long long)num_tokens, (long long)layer->s.K);
-    return moe__scheduler_forward_experts(layer, x, y_experts, gate, num_tokens, training,
-                                          stream);
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t layer_forward(moe_layer_t *layer, const void *x, void *y, float *gate,
+                                  int experts_out, int64_t num_tokens, int training,
+                                  void *stream) {
+    moe_status_t st = forward_checks(layer, x, y, gate, experts_out, num_tokens);
+    /* x's values, forced routing, the buffers: nothing of the last forward changes yet */
+    if (st == MOE_STATUS_SUCCESS)
+        st = moe__scheduler_forward_prepare(layer, x, num_tokens, training, stream);
+    /* every rank must route with the same training flag (noise, dropout, bias updates) */
+    MOE_CHECK(moe__layer_agree(layer,
+                               experts_out ? MOE_CALL_FORWARD_EXPERTS : MOE_CALL_FORWARD,
+                               training != 0, st));
+    st = experts_out ? moe__scheduler_forward_experts(layer, x, y, gate, num_tokens, training,
+                                                      stream)
+                     : moe__scheduler_forward(layer, x, y, num_tokens, training, stream);
+    return moe__layer_finish(layer, st);
+}
+
+moe_status_t moe_layer_forward(moe_layer_t *layer, const void *x, void *y, int64_t num_tokens,
+                               int training, void *stream) {
+    MOE_LAYER_ARG(layer);
+    return drop_forced_on_failure(
+        layer, layer_forward(layer, x, y, NULL, 0, num_tokens, training, stream));
 }
 
 moe_status_t moe_layer_forward_experts(moe_layer_t *layer, const void *x, void *y_experts,
                                        float *gate, int64_t num_tokens, int training,
                                        void *stream) {
     MOE_LAYER_ARG(layer);
-    return drop_forced_on_failure(layer, layer_forward_experts(layer, x, y_experts, gate,
-                                                               num_tokens, training, stream));
+    return drop_forced_on_failure(
+        layer, layer_forward(layer, x, y_experts, gate, 1, num_tokens, training, stream));
+}
+
+static moe_status_t backward_checks(moe_layer_t *layer, const void *dy, const float *dgate,
+                                    const void *dx, int experts_out) {
+    if (experts_out) MOE_CHECK(experts_out_supported(layer));
+    MOE_ARG(dy != NULL || layer->s.T == 0, experts_out ? "dy_experts is NULL" : "dy is NULL");
+    MOE_ARG(!experts_out || dgate != NULL || layer->s.T == 0, "dgate is NULL");
+    MOE_ARG(dx != NULL || layer->s.T == 0, "dx is NULL");
+    MOE_ARG(layer->s.have_forward, experts_out
+                                       ? "no successful forward to differentiate: call "
+                                         "moe_layer_forward_experts first"
+                                       : "no successful forward to differentiate: call "
+                                         "moe_layer_forward first");
+    return MOE_STATUS_SUCCESS;
+}
+
+static moe_status_t layer_backward(moe_layer_t *layer, const void *dy, const float *dgate,
+                                   void *dx, int experts_out, void *stream) {
+    moe_status_t st = backward_checks(layer, dy, dgate, dx, experts_out);
+    /* NaN/Inf in dy: nothing is accumulated on any rank */
+    if (st == MOE_STATUS_SUCCESS) st = moe__scheduler_backward_prepare(layer, dy, experts_out, stream);
+    MOE_CHECK(moe__layer_agree(layer,
+                               experts_out ? MOE_CALL_BACKWARD_EXPERTS : MOE_CALL_BACKWARD, 0,
+                               st));
+    st = experts_out ? moe__scheduler_backward_experts(layer, dy, dgate, dx, stream)
+                     : moe__scheduler_backward(layer, dy, dx, stream);
+    return moe__layer_finish(layer, st);
+}
+
+moe_status_t moe_layer_backward(moe_layer_t *layer, const void *dy, void *dx, void *stream) {
+    MOE_LAYER_ARG(layer);
+    return layer_backward(layer, dy, NULL, dx, 0, stream);
 }
 
 moe_status_t moe_layer_backward_experts(moe_layer_t *layer, const void *dy_experts,
                                         const float *dgate, void *dx, void *stream) {
     MOE_LAYER_ARG(layer);
-    MOE_CHECK(experts_out_supported(layer));
-    MOE_ARG(dy_experts != NULL || layer->s.T == 0, "dy_experts is NULL");
-    MOE_ARG(dgate != NULL || layer->s.T == 0, "dgate is NULL");
-    MOE_ARG(dx != NULL || layer->s.T == 0, "dx is NULL");
-    MOE_ARG(layer->s.have_forward, "no successful forward to differentiate: call "
-                                   "moe_layer_forward_experts first");
-    return moe__scheduler_backward_experts(layer, dy_experts, dgate, dx, stream);
+    return layer_backward(layer, dy_experts, dgate, dx, 1, stream);
 }
 
 moe_status_t moe_layer_zero_grad(moe_layer_t *layer, void *stream) {
@@ -458,19 +520,22 @@ moe_status_t moe_layer_allreduce_router_grads(moe_layer_t *layer, void *stream) 
     MOE_LAYER_ARG(layer);
     moe_context_t *ctx = layer->ctx;
     if (ctx->world == 1) return MOE_STATUS_SUCCESS;
-    MOE_ARG(layer->s.cfg.dtype == MOE_DTYPE_F32, "router gradient all-reduce needs f32 storage");
+    moe_status_t st =
+        layer->s.cfg.dtype == MOE_DTYPE_F32
+            ? MOE_STATUS_SUCCESS
+            : MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "router gradient all-reduce needs f32 storage");
+    MOE_CHECK(moe__layer_agree(layer, MOE_CALL_ALLREDUCE_ROUTER_GRADS, 0, st));
     /* the replicated parameters: the routers', and the shared experts' */
     const moe_param_t which[] = {MOE_PARAM_ROUTER_WEIGHT, MOE_PARAM_NOISE_WEIGHT,
                                  MOE_PARAM_SECONDARY_ROUTER_WEIGHT,
                                  MOE_PARAM_SHARED_W1,     MOE_PARAM_SHARED_B1,
                                  MOE_PARAM_SHARED_W2,     MOE_PARAM_SHARED_B2,
                                  MOE_PARAM_SHARED_GATE};
-    for (size_t i = 0; i < sizeof which / sizeof which[0]; ++i)
+    for (size_t i = 0; i < sizeof which / sizeof which[0] && st == MOE_STATUS_SUCCESS; ++i)
         if (layer->s.grad[which[i]])
-            MOE_CHECK(moe__comm_allreduce_f32(ctx->comm, &ctx->mem,
-                                              (float *)layer->s.grad[which[i]],
-                                              layer->s.numel[which[i]], stream));
-    return MOE_STATUS_SUCCESS;
+            st = moe__comm_allreduce_f32(ctx->comm, &ctx->mem, (float *)layer->s.grad[which[i]],
+                                         layer->s.numel[which[i]], stream);
+    return moe__layer_finish(layer, st);
 }
 
 moe_status_t moe_layer_set_profiling(moe_layer_t *layer, int enable) {
@@ -524,6 +589,17 @@ moe_status_t moe_layer_set_score_bias(moe_layer_t *layer, const float *bias) {
  * expert availability (routing extensions)
  * ------------------------------------------------------------------------------------------- */
 
+static moe_status_t mask_checks(const moe_layer_t *layer, int64_t n) {
+    const int64_t E = layer->s.E;
+    MOE_ARG(n >= layer->s.K, "mask leaves %lld experts available, fewer than top_k = %lld",
+            (long long)n, (long long)layer->s.K);
+    MOE_ARG(n == E || !layer->s.cfg.noisy_gating,
+            "mask: an expert mask is not defined with noisy_gating (Shazeer's load estimator)");
+    MOE_ARG(n == E || layer->s.cfg.router == MOE_ROUTER_TOKEN_CHOICE,
+            "mask: an expert mask applies to token choice only");
+    return MOE_STATUS_SUCCESS;
+}
+
 moe_status_t moe_layer_set_expert_mask(moe_layer_t *layer, const uint8_t *mask) {
     MOE_LAYER_ARG(layer);
     const int64_t E = layer->s.E;
@@ -534,18 +610,14 @@ moe_status_t moe_layer_set_expert_mask(moe_layer_t *layer, const uint8_t *mask) 
         n += v;
         h = (h ^ v) * 1099511628211ull;
     }
-    MOE_ARG(n >= layer->s.K, "mask leaves %lld experts available, fewer than top_k = %lld",
-            (long long)n, (long long)layer->s.K);
-    MOE_ARG(n == E || !layer->s.cfg.noisy_gating,
-            "mask: an expert mask is not defined with noisy_gating (Shazeer's load estimator)");
-    MOE_ARG(n == E || layer->s.cfg.router == MOE_ROUTER_TOKEN_CHOICE,
-            "mask: an expert mask applies to token choice only");
+    MOE_CHECK(moe__layer_agree(layer, MOE_CALL_SET_EXPERT_MASK, 0, mask_checks(layer, n)));
     moe_context_t *ctx = layer->ctx;
     if (ctx->world > 1) {
         /* collective: every rank must route with the same experts */
         uint64_t *all = (uint64_t *)malloc((size_t)ctx->world * sizeof(uint64_t));
-        if (!all) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "mask check");
-        moe_status_t st = moe__comm_allgather_u64(ctx->comm, h, all);
+        if (!all) return moe__layer_finish(layer, MOE_ERR(MOE_STATUS_ALLOC_FAILED, "mask check"));
+        moe_status_t st = moe__layer_finish(layer, moe__comm_allgather_u64(ctx->comm, h, all));
+        /* every rank reads the same hashes: a mismatch ends the call on every rank */
         for (int q = 0; q < ctx->world && st == MOE_STATUS_SUCCESS; ++q)
             if (all[q] != all[ctx->rank])
                 st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,

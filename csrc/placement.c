@@ -10,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "buffers.h"
+#include "collective.h"
 #include "comm/comm.h"
 #include "core/dtype.h"
 #include "core/status.h"
@@ -268,32 +269,46 @@ static uint64_t placement_hash(int P, const int64_t *num_local, const int32_t *e
 
 #define MOE_NARRAYS (3 * 4) /* parameter, gradient, two moments; of W1, B1, W2, B2 */
 
+static moe_status_t placement_args(const moe_layer_t *layer, const int64_t *num_local,
+                                   const int32_t *experts, moe_optimizer_t *opt, int *nmom) {
+    MOE_ARG(num_local != NULL, "num_local is NULL");
+    MOE_ARG(experts != NULL, "experts is NULL");
+    if (opt) {
+        MOE_ARG(moe__optimizer_layer(opt) == layer, "opt is not an optimizer of this layer");
+        *nmom = moe__optimizer_num_moments(opt);
+    }
+    return MOE_STATUS_SUCCESS;
+}
+
 moe_status_t moe_layer_set_placement(moe_layer_t *layer, const int64_t *num_local,
                                      const int32_t *experts, moe_optimizer_t *opt) {
     MOE_LAYER_ARG(layer);
-    MOE_ARG(num_local != NULL, "num_local is NULL");
-    MOE_ARG(experts != NULL, "experts is NULL");
     moe_context_t *ctx = layer->ctx;
     moe_layer_state_t *s = &layer->s;
-    int nmom = 0;
-    if (opt) {
-        MOE_ARG(moe__optimizer_layer(opt) == layer, "opt is not an optimizer of this layer");
-        nmom = moe__optimizer_num_moments(opt);
-    }
     moe_placement_t np;
-    MOE_CHECK(build(&np, ctx->world, s->E, num_local, experts));
+    memset(&np, 0, sizeof np);
+    int nmom = 0;
+    moe_status_t st = placement_args(layer, num_local, experts, opt, &nmom);
+    if (st == MOE_STATUS_SUCCESS) st = build(&np, ctx->world, s->E, num_local, experts);
     if (ctx->world == 1) { /* every expert once, ascending: the placement the layer has */
         moe__placement_free(&np);
-        return MOE_STATUS_SUCCESS;
+        return st;
     }
-    moe_status_t st = MOE_STATUS_SUCCESS;
-    if (ctx->world > 1) {
+    st = moe__layer_agree(layer, MOE_CALL_SET_PLACEMENT, 0, st);
+    if (st != MOE_STATUS_SUCCESS) {
+        moe__placement_free(&np);
+        return st;
+    }
+    {
         uint64_t *all = (uint64_t *)malloc((size_t)ctx->world * sizeof(uint64_t));
         if (!all) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "placement check");
         if (st == MOE_STATUS_SUCCESS)
             st = moe__comm_allgather_u64(ctx->comm,
                                          placement_hash(ctx->world, num_local, experts, np.S, nmom),
                                          all);
+        /* a failure so far breaks the communicator (the peers are in the all-gather); a
+         * mismatch below is seen by every rank alike */
+        st = moe__layer_finish(layer, st);
         for (int q = 0; q < ctx->world && st == MOE_STATUS_SUCCESS; ++q)
             if (all[q] != all[ctx->rank])
                 st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
@@ -333,6 +348,9 @@ moe_status_t moe_layer_set_placement(moe_layer_t *layer, const int64_t *num_loca
             if (per_expert(s, p) && El > 0)
                 st = ctx->ops->mem.alloc(ctx, &fresh_v[p - MOE_PARAM_W1],
                                          (size_t)El * (size_t)per_expert(s, p) * sizeof(float));
+    /* every rank allocated, or none goes on (a rank without its arrays would never join the
+     * moves) */
+    st = moe__layer_agree(layer, MOE_CALL_PLACEMENT_ALLOCATED, 0, st);
     for (int i = 0; i < MOE_NARRAYS && st == MOE_STATUS_SUCCESS; ++i)
         if (slots[i]) st = move_array(layer, &layer->pl, &np, *slots[i], fresh[i], rowb[i]);
     if (nmom == 2)
@@ -341,6 +359,7 @@ moe_status_t moe_layer_set_placement(moe_layer_t *layer, const int64_t *num_loca
                 st = move_array(layer, &layer->pl, &np, *moe__optimizer_moment(opt, p, 1),
                                 fresh_v[p - MOE_PARAM_W1],
                                 (size_t)per_expert(s, p) * sizeof(float));
+    st = moe__layer_finish(layer, st); /* the moves were the last collectives */
     if (st != MOE_STATUS_SUCCESS) {
         for (int i = 0; i < MOE_NARRAYS; ++i) ctx->ops->mem.free(ctx, fresh[i]);
         for (int i = 0; i < 4; ++i) ctx->ops->mem.free(ctx, fresh_v[i]);
@@ -401,11 +420,17 @@ moe_status_t moe_layer_reduce_replica_grads(moe_layer_t *layer, void *stream) {
     const moe_placement_t *pl = &layer->pl;
     moe_layer_state_t *s = &layer->s;
     if (ctx->world == 1 || !pl->replicated) return MOE_STATUS_SUCCESS;
-    MOE_ARG(s->cfg.dtype == MOE_DTYPE_F32, "the replica gradient sum needs f32 storage");
+    MOE_CHECK(moe__layer_agree(
+        layer, MOE_CALL_REDUCE_REPLICA_GRADS, 0,
+        s->cfg.dtype == MOE_DTYPE_F32
+            ? MOE_STATUS_SUCCESS
+            : MOE_ERR(MOE_STATUS_INVALID_ARGUMENT, "the replica gradient sum needs f32 storage")));
     const int P = ctx->world, me = ctx->rank;
     const int64_t k0 = pl->rank_begin[me], El = s->E_local;
     int64_t *cnt = (int64_t *)calloc(4 * (size_t)P, sizeof(int64_t));
-    if (!cnt) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "replica gradient plan");
+    if (!cnt)
+        return moe__layer_finish(layer,
+                                 MOE_ERR(MOE_STATUS_ALLOC_FAILED, "replica gradient plan"));
     int64_t *sr = cnt, *so = cnt + P, *rr = cnt + 2 * P, *ro = cnt + 3 * P;
     /* rank q and this rank exchange the experts both hold, in expert order, both ways */
     int64_t tot = 0;
@@ -487,7 +512,7 @@ moe_status_t moe_layer_reduce_replica_grads(moe_layer_t *layer, void *stream) {
         mine = peers = NULL;
     }
     free(cnt);
-    return st;
+    return moe__layer_finish(layer, st);
 }
 
 moe_status_t moe_layer_expert_load(moe_layer_t *layer, double *load, int reset) {
@@ -502,36 +527,40 @@ moe_status_t moe_layer_rebalance(moe_layer_t *layer, int64_t redundant, moe_opti
     MOE_LAYER_ARG(layer);
     const int P = layer->ctx->world;
     const int64_t E = layer->s.E;
-    MOE_ARG(redundant >= 0 && redundant <= (int64_t)(P - 1) * E,
-            "redundant %lld is not in [0, (ranks - 1) x num_experts = %lld]", (long long)redundant,
-            (long long)(P - 1) * E);
-    int64_t *num = (int64_t *)malloc((size_t)P * sizeof(int64_t));
-    int32_t *ex = (int32_t *)malloc((size_t)(E + redundant) * sizeof(int32_t));
-    if (!num || !ex) {
-        free(num), free(ex);
-        return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "rebalance plan");
+    /* the plan is computed on every rank from the same numbers: one agreement on the arguments
+     * and the allocations, then moe_layer_set_placement (collective) */
+    moe_status_t st = redundant >= 0 && redundant <= (int64_t)(P - 1) * E
+                          ? MOE_STATUS_SUCCESS
+                          : MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
+                                    "redundant %lld is not in [0, (ranks - 1) x num_experts = "
+                                    "%lld]",
+                                    (long long)redundant, (long long)(P - 1) * E);
+    int64_t *num = NULL, *cur = NULL;
+    int32_t *ex = NULL;
+    if (st == MOE_STATUS_SUCCESS) {
+        num = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+        cur = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+        ex = (int32_t *)malloc((size_t)(E + redundant) * sizeof(int32_t));
+        if (!num || !cur || !ex) st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "rebalance plan");
+    }
+    st = moe__layer_agree(layer, MOE_CALL_REBALANCE, 0, st);
+    moe__layer_exchange_done(layer); /* the rest is this rank's, up to set_placement's own step */
+    if (st != MOE_STATUS_SUCCESS) {
+        free(num), free(cur), free(ex);
+        return st;
     }
     const moe_placement_t *pl = &layer->pl;
     if (imbalance_before) {
-        int64_t *cur = (int64_t *)malloc((size_t)P * sizeof(int64_t));
-        moe_status_t st = cur ? MOE_STATUS_SUCCESS
-                              : MOE_ERR(MOE_STATUS_ALLOC_FAILED, "rebalance plan");
-        if (cur) {
-            for (int q = 0; q < P; ++q) cur[q] = pl->rank_begin[q + 1] - pl->rank_begin[q];
-            st = moe_placement_imbalance(pl->load_acc, E, P, cur, pl->slot_expert,
-                                         imbalance_before);
-            free(cur);
-        }
-        if (st != MOE_STATUS_SUCCESS) {
-            free(num), free(ex);
-            return st;
-        }
+        for (int q = 0; q < P; ++q) cur[q] = pl->rank_begin[q + 1] - pl->rank_begin[q];
+        st = moe_placement_imbalance(pl->load_acc, E, P, cur, pl->slot_expert, imbalance_before);
     }
-    /* every rank holds the same global counts, so every rank computes the same plan */
-    moe_status_t st = moe_plan_placement(pl->load_acc, E, P, redundant, num, ex, imbalance_after);
+    /* every rank holds the same global counts, so every rank computes the same plan (and, with
+     * the same numbers, fails the same way) */
+    if (st == MOE_STATUS_SUCCESS)
+        st = moe_plan_placement(pl->load_acc, E, P, redundant, num, ex, imbalance_after);
     if (st == MOE_STATUS_SUCCESS) st = moe_layer_set_placement(layer, num, ex, opt);
     if (st == MOE_STATUS_SUCCESS) memset(layer->pl.load_acc, 0, (size_t)E * sizeof(double));
-    free(num), free(ex);
+    free(num), free(cur), free(ex);
     return st;
 }
 

@@ -21,6 +21,7 @@
 
 #include "backend/backend.h"
 #include "buffers.h"
+#include "collective.h"
 #include "comm/comm.h"
 #include "core/clock.h"
 #include "core/dtype.h"
@@ -415,39 +416,57 @@ static moe_status_t expert_pipeline(moe_layer_t *L, const moe_backend_layer_t *b
 }
 
 /* the forward; with ye (per-expert outputs) the combine is experts_out_fwd instead */
+/* The forward's own checks, before its agreement step: forced routing for this T (and for
+ * experts available in it), finite x, buffers for T tokens. Nothing of the last forward
+ * changes: it stays readable when this fails. */
+moe_status_t moe__scheduler_forward_prepare(moe_layer_t *L, const void *x, int64_t T,
+                                            int training, void *stream) {
+    moe_context_t *ctx = L->ctx;
+    const moe_backend_ops_t *ops = ctx->ops;
+    moe_layer_state_t *s = &L->s;
+    if (L->forced_idx && L->forced_T != T)
+        return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
+                       "forced routing was given for %lld tokens, this forward has %lld",
+                       (long long)L->forced_T, (long long)T);
+    if (L->forced_idx) {
+        /* the availability this forward will draw (expert_availability below), checked now so
+         * that the refusal comes before the agreement step */
+        uint8_t *avail = (uint8_t *)malloc((size_t)s->E);
+        if (!avail) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "availability check");
+        const double p = training ? s->cfg.expert_dropout : 0.0;
+        int64_t n = moe_router_availability(L->expert_mask_h, s->E, s->K, p, s->cfg.seed,
+                                            L->train_calls, avail);
+        moe_status_t st = MOE_STATUS_SUCCESS;
+        for (int64_t i = 0; n < s->E && i < L->forced_T * s->K && st == MOE_STATUS_SUCCESS; ++i) {
+            int32_t e = L->forced_idx[i];
+            if (e >= 0 && e < s->E && !avail[e])
+                st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
+                             "forced routing sends token %lld to expert %d, which is unavailable "
+                             "in this forward (mask or expert dropout)",
+                             (long long)(i / s->K), (int)e);
+        }
+        free(avail);
+        MOE_CHECK(st);
+    }
+    int64_t bad = 0;
+    if (T > 0 && ops->count_nonfinite_typed)
+        MOE_CHECK(ops->count_nonfinite_typed(ctx, x, s->cfg.dtype, T * s->D, &bad, stream));
+    else if (T > 0)
+        MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
+    if (bad)
+        return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
+                       "x holds %lld NaN/Inf values among %lld tokens: nothing was routed",
+                       (long long)bad, (long long)T);
+    /* growing replaces the buffers only once every new one is allocated */
+    return moe__buffers_reserve_tokens(L, T);
+}
+
 static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, float *ge,
                             int64_t T, int training, void *stream) {
     moe_context_t *ctx = L->ctx;
     const moe_backend_ops_t *ops = ctx->ops;
     moe_layer_state_t *s = &L->s;
     const int ep = ctx->world > 1;
-
-    if (L->forced_idx && L->forced_T != T)
-        return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
-                       "forced routing was given for %lld tokens, this forward has %lld",
-                       (long long)L->forced_T, (long long)T);
-    /* refuse bad input before anything changes: the last forward stays readable */
-    int64_t bad = 0;
-    if (T > 0 && ops->count_nonfinite_typed)
-        MOE_CHECK(ops->count_nonfinite_typed(ctx, x, s->cfg.dtype, T * s->D, &bad, stream));
-    else if (T > 0)
-        MOE_CHECK(ops->count_nonfinite(ctx, x, T * s->D, &bad, stream));
-    if (ep) {
-        /* every rank must take the same way out, or the peers would wait for this one */
-        double any = (double)bad;
-        MOE_CHECK(moe__comm_allreduce_f64(ctx->comm, &any, 1));
-        if (any > 0.0 && !bad)
-            return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
-                           "rank %d: x of another rank holds %.0f NaN/Inf values: nothing was "
-                           "routed",
-                           ctx->rank, any);
-    }
-    if (bad)
-        return MOE_ERR(MOE_STATUS_NUMERIC_ERROR,
-                       "x holds %lld NaN/Inf values among %lld tokens: nothing was routed",
-                       (long long)bad, (long long)T);
-    /* growing replaces the buffers only once every new one is allocated */
-    MOE_CHECK(moe__buffers_reserve_tokens(L, T));
 
     const moe_backend_layer_t bl = moe__backend_layer(s);
     /* from here the previous forward's state is overwritten */
@@ -526,6 +545,7 @@ static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, fl
         s->stats.rows_sent = s->num_rows;
         s->stats.rows_received = L->ex.rows;
         MOE_CHECK(expert_pipeline(L, &bl, 0, stream, &t0));
+        moe__layer_exchange_done(L); /* what follows is this rank's alone */
     } else {
         MOE_CHECK(moe__buffers_reserve_rows(L, s->num_rows));
         s->stats.rows_sent = s->stats.rows_received = s->num_rows;
@@ -577,9 +597,6 @@ static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, co
     const moe_backend_layer_t bl = moe__backend_layer(s);
     for (int p = MOE_PHASE_BWD_COMBINE; p < MOE_PHASE_COUNT; ++p) L->phase_s[p] = 0.0;
     double t0 = moe_now_s();
-    /* dy, or the gradients of the per-expert output rows (T, W, D) */
-    MOE_CHECK(dye ? moe__numerics_check_dy(L, dye, T * s->K * s->D, stream)
-                  : moe__numerics_check_dy(L, dy, T * s->D, stream));
 
     /* dy is read in full by combine_bwd before dx is first written: dx may alias dy */
     if (T > 0 && dye) MOE_CHECK(moe__op_experts_out_bwd(L, &bl, dye, dge, stream));
@@ -590,6 +607,7 @@ static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, co
 
     if (ep) {
         MOE_CHECK(expert_pipeline(L, &bl, 1, stream, &t0));
+        moe__layer_exchange_done(L); /* what follows is this rank's alone */
     } else {
         const expert_bufs_t e = route_bufs(L);
         MOE_CHECK(ffn_bwd(L, &bl, &e, stream));
@@ -604,6 +622,13 @@ static moe_status_t backward(moe_layer_t *L, const void *dy, const void *dye, co
     if (shared) MOE_CHECK(moe__op_shared_bwd(L, &bl, dx, stream));
     MOE_CHECK(mark(L, MOE_PHASE_BWD_GATE, &t0, stream));
     return moe__numerics_check_backward(L, T > 0 ? dx : NULL, stream);
+}
+
+moe_status_t moe__scheduler_backward_prepare(moe_layer_t *L, const void *dy, int experts_out,
+                                             void *stream) {
+    /* dy, or the gradients of the per-expert output rows (T, W, D) */
+    const moe_layer_state_t *s = &L->s;
+    return moe__numerics_check_dy(L, dy, experts_out ? s->T * s->K * s->D : s->T * s->D, stream);
 }
 
 moe_status_t moe__scheduler_backward(moe_layer_t *L, const void *dy, void *dx, void *stream) {

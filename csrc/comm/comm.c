@@ -51,14 +51,6 @@ static moe_status_t broken(const moe_comm_t *c) {
                    c->rank);
 }
 
-moe_status_t moe_comm_barrier(moe_comm_t *comm) {
-    MOE_COMM_ARG(comm);
-    if (comm->broken) return broken(comm);
-    moe_status_t st = comm->ops->barrier(comm);
-    if (st != MOE_STATUS_SUCCESS) comm->broken = 1;
-    return st;
-}
-
 moe_status_t moe_comm_destroy(moe_comm_t *comm) {
     if (!comm) return MOE_STATUS_SUCCESS;
     MOE_COMM_ARG(comm);
@@ -70,14 +62,39 @@ moe_status_t moe_comm_destroy(moe_comm_t *comm) {
     return MOE_STATUS_SUCCESS;
 }
 
-/* the checked wrappers the scheduler and layer call */
+void moe__comm_abort(moe_comm_t *c, moe_status_t status) {
+    if (!c || c->broken) return;
+    c->broken = 1;
+    if (c->ops->abort) c->ops->abort(c, status, moe_last_error());
+}
+
+void moe__comm_fail_call(moe_comm_t *c, int64_t n) {
+    c->calls = 0;
+    c->fail_at = n > 0 ? n : 0;
+}
+
+/* the fault hook's failure, as a transport's own would be */
+static moe_status_t injected(moe_comm_t *c) {
+    c->fail_at = 0;
+    return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: collective call %lld failed (injected fault)",
+                   c->rank, (long long)c->calls);
+}
+
+/* The checked wrappers the scheduler and layer call. A failed collective leaves this rank out
+ * of step with its peers for good: the communicator is broken, and the peers are told (they
+ * may be waiting in this very collective). */
 #define MOE_COMM_CALL(c, call)                                                                 \
     do {                                                                                       \
         if ((c)->broken) return broken(c);                                                     \
-        moe_status_t st_ = (call);                                                             \
-        if (st_ != MOE_STATUS_SUCCESS) (c)->broken = 1;                                        \
+        moe_status_t st_ = ++(c)->calls == (c)->fail_at ? injected(c) : (call);                \
+        if (st_ != MOE_STATUS_SUCCESS) moe__comm_abort((c), st_);                              \
         return st_;                                                                            \
     } while (0)
+
+moe_status_t moe_comm_barrier(moe_comm_t *comm) {
+    MOE_COMM_ARG(comm);
+    MOE_COMM_CALL(comm, comm->ops->barrier(comm));
+}
 
 moe_status_t moe__comm_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv,
                                     int64_t n) {

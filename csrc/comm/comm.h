@@ -48,6 +48,10 @@ typedef struct moe_comm_ops {
     moe_status_t (*allreduce_f32)(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                   void *stream);
     moe_status_t (*barrier)(moe_comm_t *c);
+    /* this rank leaves a collective call it cannot finish: tell the peers, so a peer waiting in
+     * a collective returns COMM_ERROR at once instead of at its timeout (why: this rank's
+     * message). NULL: the transport cannot (the peers wait for their timeout). */
+    void (*abort)(moe_comm_t *c, moe_status_t status, const char *why);
     void (*destroy)(moe_comm_t *c);
 } moe_comm_ops_t;
 
@@ -58,6 +62,9 @@ struct moe_comm {
     double timeout_s;
     int broken; /* a collective failed: every later call refuses */
     int num_contexts;
+    uint64_t seq;    /* agreement steps made: the same on every rank while the ranks are in step */
+    int64_t calls;   /* checked collective calls made (what the fault hook counts) */
+    int64_t fail_at; /* test hook: the checked call of that number fails (0: none) */
     const moe_comm_ops_t *ops;
     void *impl;
 };
@@ -82,6 +89,17 @@ moe_status_t moe__comm_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, c
 moe_status_t moe__comm_wait(moe_comm_t *c, void *req);
 moe_status_t moe__comm_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                      void *stream);
+
+/* This rank cannot finish the collective call it is in (a local failure after the call's
+ * agreement step, while peers may wait in one of its collectives): marks the communicator
+ * broken and tells the peers (ops->abort), whose waits then end in COMM_ERROR. Keeps the
+ * calling thread's last error. Nothing happens when the communicator is broken already. */
+void moe__comm_abort(moe_comm_t *c, moe_status_t status);
+
+/* Test hook (fault injection, tests/test_ep_faults.cc): the n-th checked collective call of c
+ * from now (agreement steps included) fails with COMM_ERROR as a transport failure would, and
+ * tells the peers; n <= 0 turns it off. Not part of the public API. */
+void moe__comm_fail_call(moe_comm_t *c, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -3,7 +3,10 @@
  *
  * Every collective is: publish this rank's pointers in its slot, wait at a barrier, read the
  * peers' slots, wait at a second barrier (so no peer reuses a buffer still being read). The
- * barrier waits at most the communicator's timeout and then names the ranks that never came. */
+ * barrier waits at most the communicator's timeout and then names the ranks that never came.
+ * Each slot also names its collective and size, checked by every rank after the first barrier:
+ * ranks in different collectives all return COMM_ERROR instead of reading each other's
+ * buffers. A rank that leaves a call it cannot finish (ops->abort) wakes every waiting peer. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
@@ -16,7 +19,13 @@
 #include "comm/comm.h"
 #include "core/status.h"
 
+enum { OP_ALLTOALL_I64 = 1, OP_ALLREDUCE_F64, OP_ALLGATHER_U64, OP_ALLTOALLV_ROWS, OP_BARRIER };
+static const char *const op_names[] = {"", "alltoall_i64", "allreduce_f64", "allgather_u64",
+                                       "alltoallv_rows", "barrier"};
+
 typedef struct {
+    int op;    /* the collective this rank is in */
+    int64_t n; /* and its size (elements, or row bytes) */
     const void *send;
     const int64_t *send_rows, *send_off;
     const int64_t *i64;
@@ -33,19 +42,32 @@ typedef struct {
     uint64_t generation;
     int arrived;
     int aborted;
+    int abort_rank; /* the rank that left (timed out, or failed in a call) */
+    moe_status_t abort_status;
+    char abort_why[512];
     int *here; /* (size) rank arrived in the current generation */
     local_slot_t *slot;
     double *scratch_f64; /* shared reduction buffer */
     int64_t scratch_n;
 } local_shared_t;
 
+/* the error of a rank that finds the group aborted (called with the lock held, releases it) */
+static moe_status_t aborted_error(moe_comm_t *c, local_shared_t *sh) {
+    int who = sh->abort_rank;
+    moe_status_t why_st = sh->abort_status;
+    char why[512];
+    memcpy(why, sh->abort_why, sizeof why);
+    pthread_mutex_unlock(&sh->mu);
+    return MOE_ERR(MOE_STATUS_COMM_ERROR,
+                   "rank %d: rank %d left a collective call it could not finish (%s: %s); the "
+                   "communicator is unusable",
+                   c->rank, who, moe_status_string(why_st), why);
+}
+
 static moe_status_t local_barrier(moe_comm_t *c) {
     local_shared_t *sh = (local_shared_t *)c->impl;
     pthread_mutex_lock(&sh->mu);
-    if (sh->aborted) {
-        pthread_mutex_unlock(&sh->mu);
-        return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: a peer gave up waiting earlier", c->rank);
-    }
+    if (sh->aborted) return aborted_error(c, sh);
     uint64_t gen = sh->generation;
     sh->here[c->rank] = 1;
     if (++sh->arrived == sh->size) {
@@ -69,26 +91,63 @@ static moe_status_t local_barrier(moe_comm_t *c) {
         pthread_mutex_unlock(&sh->mu);
         return MOE_STATUS_SUCCESS;
     }
+    if (sh->aborted) return aborted_error(c, sh);
     char missing[256] = "";
     size_t used = 0;
     for (int q = 0; q < sh->size && used + 12 < sizeof missing; ++q)
         if (!sh->here[q]) used += (size_t)snprintf(missing + used, sizeof missing - used, " %d", q);
-    int was_aborted = sh->aborted;
     sh->aborted = 1;
+    sh->abort_rank = c->rank;
+    sh->abort_status = MOE_STATUS_COMM_ERROR;
+    snprintf(sh->abort_why, sizeof sh->abort_why, "it waited %.1f s for ranks%s", c->timeout_s,
+             missing);
     pthread_cond_broadcast(&sh->cv);
     pthread_mutex_unlock(&sh->mu);
-    if (was_aborted)
-        return MOE_ERR(MOE_STATUS_COMM_ERROR, "rank %d: a peer gave up waiting", c->rank);
     return MOE_ERR(MOE_STATUS_COMM_ERROR,
                    "rank %d waited %.1f s in a collective; ranks that never arrived:%s",
                    c->rank, c->timeout_s, missing);
+}
+
+static void local_abort(moe_comm_t *c, moe_status_t status, const char *why) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    pthread_mutex_lock(&sh->mu);
+    if (!sh->aborted) {
+        sh->aborted = 1;
+        sh->abort_rank = c->rank;
+        sh->abort_status = status;
+        snprintf(sh->abort_why, sizeof sh->abort_why, "%s", why ? why : "");
+    }
+    pthread_cond_broadcast(&sh->cv);
+    pthread_mutex_unlock(&sh->mu);
+}
+
+/* The first barrier of a collective, then the check that every rank is in this collective
+ * with this size. Every rank reads every slot, so all of them see a mismatch and leave
+ * together (after the second barrier, before anyone reads a peer's buffers). */
+static moe_status_t enter(moe_comm_t *c, int op, int64_t n) {
+    local_shared_t *sh = (local_shared_t *)c->impl;
+    sh->slot[c->rank].op = op;
+    sh->slot[c->rank].n = n;
+    MOE_CHECK(local_barrier(c));
+    for (int q = 0; q < sh->size; ++q) {
+        if (sh->slot[q].op == op && sh->slot[q].n == n) continue;
+        moe_status_t st = MOE_ERR(
+            MOE_STATUS_COMM_ERROR,
+            "rank %d is in collective %s of %lld while rank %d is in %s of %lld: the ranks' "
+            "call sequences differ (nothing was exchanged)",
+            c->rank, op_names[op], (long long)n, q, op_names[sh->slot[q].op],
+            (long long)sh->slot[q].n);
+        moe_status_t b = local_barrier(c);
+        return b != MOE_STATUS_SUCCESS ? b : st;
+    }
+    return MOE_STATUS_SUCCESS;
 }
 
 static moe_status_t local_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv,
                                        int64_t n) {
     local_shared_t *sh = (local_shared_t *)c->impl;
     sh->slot[c->rank].i64 = send;
-    MOE_CHECK(local_barrier(c));
+    MOE_CHECK(enter(c, OP_ALLTOALL_I64, n));
     for (int q = 0; q < sh->size; ++q)
         memcpy(recv + (int64_t)q * n, sh->slot[q].i64 + (int64_t)c->rank * n,
                (size_t)n * sizeof(int64_t));
@@ -98,7 +157,7 @@ static moe_status_t local_alltoall_i64(moe_comm_t *c, const int64_t *send, int64
 static moe_status_t local_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
     local_shared_t *sh = (local_shared_t *)c->impl;
     sh->slot[c->rank].f64 = buf;
-    MOE_CHECK(local_barrier(c));
+    MOE_CHECK(enter(c, OP_ALLREDUCE_F64, n));
     /* rank 0 sums in rank order into the shared scratch; everyone copies it out */
     moe_status_t st = MOE_STATUS_SUCCESS;
     if (c->rank == 0) {
@@ -129,7 +188,7 @@ static moe_status_t local_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
 static moe_status_t local_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) {
     local_shared_t *sh = (local_shared_t *)c->impl;
     sh->slot[c->rank].u64 = v;
-    MOE_CHECK(local_barrier(c));
+    MOE_CHECK(enter(c, OP_ALLGATHER_U64, 1));
     for (int q = 0; q < sh->size; ++q) all[q] = sh->slot[q].u64;
     return local_barrier(c);
 }
@@ -146,7 +205,7 @@ static moe_status_t local_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem,
     sh->slot[me].send = send;
     sh->slot[me].send_rows = send_rows;
     sh->slot[me].send_off = send_off;
-    MOE_CHECK(local_barrier(c));
+    MOE_CHECK(enter(c, OP_ALLTOALLV_ROWS, (int64_t)row_bytes));
     moe_status_t st = MOE_STATUS_SUCCESS;
     for (int q = 0; q < sh->size && st == MOE_STATUS_SUCCESS; ++q) {
         int64_t rows = sh->slot[q].send_rows[me];
@@ -207,6 +266,12 @@ static moe_status_t local_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, 
     return st;
 }
 
+/* moe_comm_barrier: tagged like the others, so it never matches another collective's barrier */
+static moe_status_t local_barrier_call(moe_comm_t *c) {
+    MOE_CHECK(enter(c, OP_BARRIER, 0));
+    return local_barrier(c);
+}
+
 static void local_destroy(moe_comm_t *c) {
     local_shared_t *sh = (local_shared_t *)c->impl;
     pthread_mutex_lock(&sh->mu);
@@ -228,7 +293,8 @@ static const moe_comm_ops_t local_ops = {
     .ialltoallv_rows = local_ialltoallv_rows,
     .wait = local_wait,
     .allreduce_f32 = local_allreduce_f32,
-    .barrier = local_barrier,
+    .barrier = local_barrier_call,
+    .abort = local_abort,
     .destroy = local_destroy,
 };
 

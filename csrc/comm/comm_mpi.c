@@ -2,11 +2,18 @@
  *
  * Every collective is the non-blocking MPI-3 form polled with MPI_Test until the communicator's
  * timeout, so a peer that never joins ends in MOE_STATUS_COMM_ERROR instead of a silent hang
- * (a peer that dies is reported by the MPI runtime, which names its rank). */
+ * (a peer that dies is reported by the MPI runtime, which names its rank).
+ *
+ * A second duplicate carries notices: a rank that leaves a call it cannot finish (ops->abort)
+ * sends each peer one, and every wait polls for them beside its request, so a peer waiting in a
+ * collective the failed rank will never join returns COMM_ERROR at once. The abandoned request
+ * stays pending; the communicator is broken from then on. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <mpi.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "comm/comm.h"
@@ -15,10 +22,60 @@
 #include "core/status.h"
 
 typedef struct {
-    MPI_Comm comm; /* our duplicate, errors returned instead of fatal */
+    MPI_Comm comm;   /* our duplicate, errors returned instead of fatal */
+    MPI_Comm notice; /* a second one: the notices of ranks that left a call */
+    struct mpi_sent *sent; /* the notices this rank sent, until destroy */
 } mpi_impl_t;
 
-/* waits for req, at most the communicator's timeout */
+/* one notice: who left, with which status and why (a fixed-size message) */
+typedef struct {
+    int32_t rank, status;
+    char why[248];
+} mpi_notice_t;
+
+/* what must outlive the notice sends: the message and one request per peer */
+struct mpi_sent {
+    mpi_notice_t msg;
+    MPI_Request req[];
+};
+
+#define MOE_NOTICE_TAG 77
+
+/* a peer's notice, if one came: COMM_ERROR naming it */
+static moe_status_t poll_notice(const moe_comm_t *c) {
+    mpi_impl_t *m = (mpi_impl_t *)c->impl;
+    int flag = 0;
+    MPI_Status ms;
+    MOE_MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, MOE_NOTICE_TAG, m->notice, &flag, &ms));
+    if (!flag) return MOE_STATUS_SUCCESS;
+    mpi_notice_t n;
+    MOE_MPI_CHECK(MPI_Recv(&n, (int)sizeof n, MPI_BYTE, ms.MPI_SOURCE, MOE_NOTICE_TAG, m->notice,
+                           MPI_STATUS_IGNORE));
+    n.why[sizeof n.why - 1] = '\0';
+    return MOE_ERR(MOE_STATUS_COMM_ERROR,
+                   "rank %d: rank %d left a collective call it could not finish (%s: %s); the "
+                   "communicator is unusable",
+                   c->rank, (int)n.rank, moe_status_string((moe_status_t)n.status), n.why);
+}
+
+static void mpi_abort_call(moe_comm_t *c, moe_status_t status, const char *why) {
+    mpi_impl_t *m = (mpi_impl_t *)c->impl;
+    if (m->sent) return;
+    m->sent = (struct mpi_sent *)malloc(sizeof *m->sent + (size_t)c->size * sizeof(MPI_Request));
+    if (!m->sent) return; /* the peers then wait for their timeout */
+    mpi_notice_t *n = &m->sent->msg;
+    memset(n, 0, sizeof *n);
+    n->rank = c->rank;
+    n->status = (int32_t)status;
+    snprintf(n->why, sizeof n->why, "%s", why ? why : "");
+    for (int q = 0; q < c->size; ++q) {
+        m->sent->req[q] = MPI_REQUEST_NULL;
+        if (q != c->rank)
+            MPI_Isend(n, (int)sizeof *n, MPI_BYTE, q, MOE_NOTICE_TAG, m->notice, &m->sent->req[q]);
+    }
+}
+
+/* waits for req, at most the communicator's timeout, or until a peer's notice comes */
 static moe_status_t mpi_wait(const moe_comm_t *c, MPI_Request *req, const char *what) {
     double t0 = moe_now_s();
     struct timespec nap = {0, 20000}; /* 20 us between polls */
@@ -26,6 +83,7 @@ static moe_status_t mpi_wait(const moe_comm_t *c, MPI_Request *req, const char *
         int done = 0;
         MOE_MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
         if (done) return MOE_STATUS_SUCCESS;
+        if ((spins & 63) == 0) MOE_CHECK(poll_notice(c));
         if (spins > 1000) nanosleep(&nap, NULL);
         if (moe_now_s() - t0 > c->timeout_s) {
             /* the request stays pending: the communicator is unusable from here on */
@@ -139,7 +197,16 @@ static void mpi_destroy(moe_comm_t *c) {
     mpi_impl_t *m = (mpi_impl_t *)c->impl;
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (!finalized && !c->broken) MPI_Comm_free(&m->comm);
+    if (!finalized && !c->broken) {
+        MPI_Comm_free(&m->comm);
+        MPI_Comm_free(&m->notice);
+    }
+    if (m->sent) {
+        /* a small notice is buffered at once; one still in flight keeps its memory */
+        int done = finalized;
+        if (!finalized) MPI_Testall(c->size, m->sent->req, &done, MPI_STATUSES_IGNORE);
+        if (done) free(m->sent);
+    }
     free(m);
 }
 
@@ -153,6 +220,7 @@ static const moe_comm_ops_t mpi_ops = {
     .wait = mpi_wait_pending,
     .allreduce_f32 = mpi_allreduce_f32,
     .barrier = mpi_barrier,
+    .abort = mpi_abort_call,
     .destroy = mpi_destroy,
 };
 
@@ -168,11 +236,15 @@ moe_status_t moe_comm_create_mpi(moe_comm_t **comm, const void *mpi_comm) {
     moe_status_t st = MOE_STATUS_SUCCESS;
     MOE_MPI_CHECK_GOTO(MPI_Comm_dup(base, &m->comm), st, fail);
     MPI_Comm_set_errhandler(m->comm, MPI_ERRORS_RETURN);
+    MOE_MPI_CHECK_GOTO(MPI_Comm_dup(m->comm, &m->notice), st, dup_fail);
+    MPI_Comm_set_errhandler(m->notice, MPI_ERRORS_RETURN);
     int rank = 0, size = 1;
     MPI_Comm_rank(m->comm, &rank);
     MPI_Comm_size(m->comm, &size);
     st = moe__comm_alloc(comm, MOE_COMM_KIND_MPI, rank, size, &mpi_ops, m);
     if (st == MOE_STATUS_SUCCESS) return st;
+    MPI_Comm_free(&m->notice);
+dup_fail:
     MPI_Comm_free(&m->comm);
 fail:
     free(m);

@@ -43,6 +43,10 @@ moe_status_t moe__error(moe_status_t status, const char *func, const char *file,
     return status;
 }
 
+void moe__error_restore(const char *message) {
+    snprintf(moe_tls_error, sizeof moe_tls_error, "%s", message);
+}
+
 moe_status_t moe__io_error(int err, const char *func, const char *file, int line,
                            const char *fmt, ...) {
     char what[768];

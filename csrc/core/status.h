@@ -26,6 +26,9 @@ moe_status_t moe__error(moe_status_t status, const char *func, const char *file,
 moe_status_t moe__io_error(int err, const char *func, const char *file, int line,
                            const char *fmt, ...) MOE_PRINTF(5, 6);
 
+/* puts back a message saved from moe_last_error() (after calls that may have replaced it) */
+void moe__error_restore(const char *message);
+
 #ifdef __cplusplus
 }
 #endif
