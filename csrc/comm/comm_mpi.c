@@ -97,32 +97,85 @@ static moe_status_t mpi_wait(const moe_comm_t *c, MPI_Request *req, const char *
 
 #define MPI_COMM_OF(c) (((mpi_impl_t *)(c)->impl)->comm)
 
+/* Every collective works on buffers of its own (staged in and out): a collective that is
+ * abandoned (timeout, a peer's notice, a failed wait) stays pending inside MPI, which may still
+ * write into its receive buffer when a peer's data arrive later, so that buffer must never be
+ * the caller's (freed with its layer) and is never freed while the request is pending: it is
+ * left to the process (the communicator is broken, and a program ends soon after). */
+
 static moe_status_t mpi_alltoall_i64(moe_comm_t *c, const int64_t *send, int64_t *recv,
                                      int64_t n) {
+    const size_t bytes = (size_t)c->size * (size_t)n * sizeof(int64_t);
+    int64_t *stage = (int64_t *)malloc(bytes ? 2 * bytes : 1);
+    if (!stage) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "all-to-all staging");
+    int64_t *sb = stage, *rb = stage + (size_t)c->size * (size_t)n;
+    if (bytes) memcpy(sb, send, bytes);
     MPI_Request req;
-    MOE_MPI_CHECK(MPI_Ialltoall(send, (int)n, MPI_INT64_T, recv, (int)n, MPI_INT64_T,
-                                MPI_COMM_OF(c), &req));
-    return mpi_wait(c, &req, "MPI_Ialltoall");
+    int rc = MPI_Ialltoall(sb, (int)n, MPI_INT64_T, rb, (int)n, MPI_INT64_T, MPI_COMM_OF(c), &req);
+    if (rc != MPI_SUCCESS) {
+        free(stage);
+        return moe__mpi_error(rc, "MPI_Ialltoall", __func__, __FILE__, __LINE__);
+    }
+    moe_status_t st = mpi_wait(c, &req, "MPI_Ialltoall");
+    if (st != MOE_STATUS_SUCCESS) return st; /* stage stays with the pending request */
+    if (bytes) memcpy(recv, rb, bytes);
+    free(stage);
+    return MOE_STATUS_SUCCESS;
+}
+
+/* in-place sum of n values of type t (size esz) */
+static moe_status_t allreduce(moe_comm_t *c, void *buf, int64_t n, MPI_Datatype t, size_t esz) {
+    const size_t bytes = (size_t)n * esz;
+    void *stage = malloc(bytes ? bytes : 1);
+    if (!stage) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "all-reduce staging");
+    if (bytes) memcpy(stage, buf, bytes);
+    MPI_Request req;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, stage, (int)n, t, MPI_SUM, MPI_COMM_OF(c), &req);
+    if (rc != MPI_SUCCESS) {
+        free(stage);
+        return moe__mpi_error(rc, "MPI_Iallreduce", __func__, __FILE__, __LINE__);
+    }
+    moe_status_t st = mpi_wait(c, &req, "MPI_Iallreduce");
+    if (st != MOE_STATUS_SUCCESS) return st;
+    if (bytes) memcpy(buf, stage, bytes);
+    free(stage);
+    return MOE_STATUS_SUCCESS;
 }
 
 static moe_status_t mpi_allreduce_f64(moe_comm_t *c, double *buf, int64_t n) {
-    MPI_Request req;
-    MOE_MPI_CHECK(
-        MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_OF(c), &req));
-    return mpi_wait(c, &req, "MPI_Iallreduce");
+    return allreduce(c, buf, n, MPI_DOUBLE, sizeof(double));
 }
 
 static moe_status_t mpi_allgather_u64(moe_comm_t *c, uint64_t v, uint64_t *all) {
+    uint64_t *stage = (uint64_t *)malloc((size_t)(c->size + 1) * sizeof(uint64_t));
+    if (!stage) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "all-gather staging");
+    stage[0] = v;
     MPI_Request req;
-    MOE_MPI_CHECK(MPI_Iallgather(&v, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, MPI_COMM_OF(c), &req));
-    return mpi_wait(c, &req, "MPI_Iallgather");
+    int rc = MPI_Iallgather(stage, 1, MPI_UINT64_T, stage + 1, 1, MPI_UINT64_T, MPI_COMM_OF(c),
+                            &req);
+    if (rc != MPI_SUCCESS) {
+        free(stage);
+        return moe__mpi_error(rc, "MPI_Iallgather", __func__, __FILE__, __LINE__);
+    }
+    moe_status_t st = mpi_wait(c, &req, "MPI_Iallgather");
+    if (st != MOE_STATUS_SUCCESS) return st;
+    memcpy(all, stage + 1, (size_t)c->size * sizeof(uint64_t));
+    free(stage);
+    return MOE_STATUS_SUCCESS;
 }
 
-/* one pending all-to-allv: the request and what must live until it completes */
+/* one pending all-to-allv: the request and what must live until it completes (the counts, the
+ * staged rows both ways, where the received rows go) */
 typedef struct {
     MPI_Request req;
     MPI_Datatype row;
-    int counts[]; /* send counts, send displs, recv counts, recv displs: 4P ints */
+    void *recv;            /* the caller's receive buffer, filled at the wait */
+    size_t row_bytes;
+    char *sbuf, *rbuf;     /* staged rows, send and receive */
+    int64_t rows_in;       /* rows received in all */
+    int P;
+    int64_t *recv_at;      /* (P) the caller's receive offset of each peer's rows */
+    int counts[];          /* send counts, send displs, recv counts, recv displs: 4P ints */
 } mpi_pending_t;
 
 static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
@@ -133,39 +186,66 @@ static moe_status_t mpi_ialltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, 
     (void)mem, (void)stream;
     int P = c->size;
     *req = NULL;
-    mpi_pending_t *p = (mpi_pending_t *)malloc(sizeof *p + (size_t)(4 * P) * sizeof(int));
+    mpi_pending_t *p = (mpi_pending_t *)calloc(1, sizeof *p + (size_t)(4 * P) * sizeof(int));
     if (!p) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "alltoallv request");
+    p->P = P;
     int *sc = p->counts, *sd = sc + P, *rcn = sc + 2 * P, *rd = sc + 3 * P;
+    /* staged packed, peer after peer; the received rows go to recv_off at the wait */
+    int64_t out = 0, in = 0;
     for (int q = 0; q < P; ++q) {
         sc[q] = (int)send_rows[q];
-        sd[q] = (int)send_off[q];
+        sd[q] = (int)out;
+        out += send_rows[q];
         rcn[q] = (int)recv_rows[q];
-        rd[q] = (int)recv_off[q];
+        rd[q] = (int)in;
+        in += recv_rows[q];
     }
+    p->recv = recv;
+    p->row_bytes = row_bytes;
+    p->rows_in = in;
+    p->sbuf = (char *)malloc(out ? (size_t)out * row_bytes : 1);
+    p->rbuf = (char *)malloc(in ? (size_t)in * row_bytes : 1);
+    p->recv_at = (int64_t *)malloc((size_t)P * sizeof(int64_t));
     moe_status_t st = MOE_STATUS_SUCCESS;
+    if (!p->sbuf || !p->rbuf || !p->recv_at) {
+        st = MOE_ERR(MOE_STATUS_ALLOC_FAILED, "alltoallv staging of %lld + %lld rows",
+                     (long long)out, (long long)in);
+        goto no_type;
+    }
+    for (int q = 0; q < P; ++q)
+        if (send_rows[q])
+            memcpy(p->sbuf + (size_t)sd[q] * row_bytes,
+                   (const char *)send + (size_t)send_off[q] * row_bytes,
+                   (size_t)send_rows[q] * row_bytes);
+    /* where each peer's rows land in the caller's buffer, for the wait */
+    for (int q = 0; q < P; ++q) p->recv_at[q] = recv_off[q];
     MOE_MPI_CHECK_GOTO(MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &p->row), st, no_type);
     MOE_MPI_CHECK_GOTO(MPI_Type_commit(&p->row), st, typed);
-    MOE_MPI_CHECK_GOTO(
-        MPI_Ialltoallv(send, sc, sd, p->row, recv, rcn, rd, p->row, MPI_COMM_OF(c), &p->req), st,
-        typed);
+    MOE_MPI_CHECK_GOTO(MPI_Ialltoallv(p->sbuf, sc, sd, p->row, p->rbuf, rcn, rd, p->row,
+                                      MPI_COMM_OF(c), &p->req),
+                       st, typed);
     *req = p;
     return MOE_STATUS_SUCCESS;
 typed:
     MPI_Type_free(&p->row);
 no_type:
-    free(p);
+    free(p->sbuf), free(p->rbuf), free(p->recv_at), free(p);
     return st;
 }
 
 static moe_status_t mpi_wait_pending(moe_comm_t *c, void *req) {
     mpi_pending_t *p = (mpi_pending_t *)req;
     moe_status_t st = mpi_wait(c, &p->req, "MPI_Ialltoallv");
-    if (st == MOE_STATUS_SUCCESS) {
-        /* a request still pending keeps its buffers: leak it rather than free what MPI uses */
-        MPI_Type_free(&p->row);
-        free(p);
-    }
-    return st;
+    /* a request still pending keeps its buffers: leave them to MPI rather than free them */
+    if (st != MOE_STATUS_SUCCESS) return st;
+    const int *rcn = p->counts + 2 * p->P, *rd = p->counts + 3 * p->P;
+    for (int q = 0; q < p->P; ++q)
+        if (rcn[q])
+            memcpy((char *)p->recv + (size_t)p->recv_at[q] * p->row_bytes,
+                   p->rbuf + (size_t)rd[q] * p->row_bytes, (size_t)rcn[q] * p->row_bytes);
+    MPI_Type_free(&p->row);
+    free(p->sbuf), free(p->rbuf), free(p->recv_at), free(p);
+    return MOE_STATUS_SUCCESS;
 }
 
 static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, const void *send,
@@ -181,10 +261,7 @@ static moe_status_t mpi_alltoallv_rows(moe_comm_t *c, const moe_memory_t *mem, c
 static moe_status_t mpi_allreduce_f32(moe_comm_t *c, const moe_memory_t *mem, float *buf, int64_t n,
                                       void *stream) {
     (void)mem, (void)stream;
-    MPI_Request req;
-    MOE_MPI_CHECK(
-        MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_OF(c), &req));
-    return mpi_wait(c, &req, "MPI_Iallreduce");
+    return allreduce(c, buf, n, MPI_FLOAT, sizeof(float));
 }
 
 static moe_status_t mpi_barrier(moe_comm_t *c) {
@@ -192,7 +269,6 @@ static moe_status_t mpi_barrier(moe_comm_t *c) {
     MOE_MPI_CHECK(MPI_Ibarrier(MPI_COMM_OF(c), &req));
     return mpi_wait(c, &req, "MPI_Ibarrier");
 }
-
 static void mpi_destroy(moe_comm_t *c) {
     mpi_impl_t *m = (mpi_impl_t *)c->impl;
     int finalized = 0;
