@@ -55,20 +55,23 @@ typedef struct {
     int32_t *kept;             /* (T, W) this rank's kept flags */
 } logbuf_t;
 
-static void csv_header(FILE *f, int E) {
+static void csv_header(FILE *f, int E, int P) {
     fprintf(f, "step,loss,tokens");
     for (int e = 0; e < E; ++e) fprintf(f, ",load_%d", e);
     for (int e = 0; e < E; ++e) fprintf(f, ",routed_%d", e);
     fprintf(f, ",imbalance,imbalance_routed,dropped_frac,unrouted_frac,switch_loss,"
                "importance_loss,load_loss,z_loss,aux_loss");
     for (int e = 0; e < E; ++e) fprintf(f, ",bias_%d", e);
-    fprintf(f, "\n");
+    fprintf(f, ",rank_imbalance");
+    for (int q = 0; q < P; ++q) fprintf(f, ",rank_rows_%d", q);
+    fprintf(f, ",step_ms\n");
 }
 
 /* one progress line (and CSV row) of the layer's last training forward; loss is the mean
- * training MSE since the previous one. Every rank calls it (it sums over ranks). */
-static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double loss, int T,
-                    FILE *csv) {
+ * training MSE since the previous one, step_ms this rank's mean wall time of a training step
+ * (forward, backward, optimizer) since then. Every rank calls it (it sums over ranks). */
+static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double loss,
+                    double step_ms, int T, FILE *csv) {
     moe_routing_stats_t st;
     CHECK(moe_layer_stats(m->layer, &st, lb->tokens, lb->dropped));
     const int E = m->E;
@@ -85,18 +88,20 @@ static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double 
         }
     }
     sum_over_ranks_d(o, &unrouted, 1);
-    /* per-rank load of an expert-parallel layer: rows each rank's experts received */
+    /* per-rank load of an expert-parallel layer: rows each rank's experts received (one
+     * rank: all rows); and the step time of the slowest rank */
     double rank_imb = 0.0;
-    if (m->expert_parallel && o->world > 1) {
-        double *rr = calloc((size_t)o->world, sizeof(double));
-        if (!rr) return 1;
-        rr[o->rank] = (double)st.rows_received;
-        sum_over_ranks_d(o, rr, o->world);
-        double mx = 0.0, sum = 0.0;
-        for (int q = 0; q < o->world; ++q) mx = rr[q] > mx ? rr[q] : mx, sum += rr[q];
-        rank_imb = sum > 0.0 ? mx / (sum / o->world) : 0.0;
-        free(rr);
+    double *rr = calloc((size_t)o->world * 2, sizeof(double)), *ms = rr + o->world;
+    if (!rr) return 1;
+    rr[o->rank] = (double)st.rows_received;
+    ms[o->rank] = step_ms;
+    sum_over_ranks_d(o, rr, 2 * o->world);
+    double mx = 0.0, sum = 0.0;
+    for (int q = 0; q < o->world; ++q) {
+        mx = rr[q] > mx ? rr[q] : mx, sum += rr[q];
+        step_ms = ms[q] > step_ms ? ms[q] : step_ms;
     }
+    if (m->expert_parallel && o->world > 1) rank_imb = sum > 0.0 ? mx / (sum / o->world) : 0.0;
     CHECK(moe_layer_score_bias(m->layer, lb->bias));
     if (!m->expert_parallel && o->world > 1) {
         /* a replicated layer's counts are this rank's own (aux losses too): add them up */
@@ -111,7 +116,10 @@ static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double 
             lb->tokens[e] = (int64_t)v[0], lb->dropped[e] = (int64_t)v[1];
         }
     }
-    if (o->rank != 0) return 0;
+    if (o->rank != 0) {
+        free(rr);
+        return 0;
+    }
 
     /* load: assignments the experts compute, after capacity (for expert choice every expert
      * fills its C slots, so the load is flat by construction) */
@@ -135,7 +143,7 @@ static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double 
     printf("  imbalance %.3f  dropped %.3f  switch %.3f  z %.3f  aux %.5f", imbalance,
            dropped_frac, st.switch_loss, st.z_loss, st.aux_loss);
     if (rank_imb > 0.0) printf("  rank load %.3f", rank_imb);
-    printf("\n");
+    printf("  step %.2f ms\n", step_ms);
     if (csv) {
         fprintf(csv, "%d,%.6g,%lld", s, loss, (long long)st.num_tokens);
         for (int e = 0; e < E; ++e)
@@ -145,8 +153,12 @@ static int log_step(model_t *m, const options_t *o, logbuf_t *lb, int s, double 
                 dropped_frac, unrouted_frac, st.switch_loss, st.importance_loss, st.load_loss,
                 st.z_loss, st.aux_loss);
         for (int e = 0; e < E; ++e) fprintf(csv, ",%.6g", lb->bias[e]);
-        fprintf(csv, "\n");
+        /* one rank (or a replicated layer): 1 by definition */
+        fprintf(csv, ",%.6g", rank_imb > 0.0 ? rank_imb : 1.0);
+        for (int q = 0; q < o->world; ++q) fprintf(csv, ",%.0f", rr[q]);
+        fprintf(csv, ",%.6g\n", step_ms);
     }
+    free(rr);
     return 0;
 }
 
@@ -170,19 +182,23 @@ static double train(model_t *m, const problem_t *p, const options_t *o, const ba
                    calloc((size_t)(T > 0 ? T : 1) * (size_t)m->E, sizeof(int32_t))};
     double result = -1.0;
     if (!lb.tokens || !lb.dropped || !lb.bias || !lb.kept) goto done;
-    if (csv && o->rank == 0) csv_header(csv, m->E);
-    double run = 0.0, t0 = moe_now_s();
+    if (csv && o->rank == 0) csv_header(csv, m->E, o->world);
+    double run = 0.0, t0 = moe_now_s(), step_s = 0.0;
     int nrun = 0;
     if (o->rank == 0) printf("\n== %s: E=%d K=%d ==\n", m->name, m->E, m->K);
     for (int s = 1; s <= o->steps; ++s) {
         sample(p, &rng, o->batch, bt.x, bt.y, bt.regime);
+        /* step time: the layer's forward and backward, the gradient sums and the optimizer
+         * (not the sampling, which every rank does for the whole batch, nor a re-placement) */
+        double ts = moe_now_s();
         double se = model_forward(m, o->backend, x, y, T, 1);
         if (se < 0.0 || model_backward_step(m, o->backend, y, T, o->batch, o)) goto done;
+        step_s += moe_now_s() - ts;
         sum_over_ranks_d(o, &se, 1);
         run += se / ((double)o->batch * m->O), ++nrun;
         if (s % o->log_every == 0 || s == o->steps) {
-            if (log_step(m, o, &lb, s, run / nrun, T, csv)) goto done;
-            run = 0.0, nrun = 0;
+            if (log_step(m, o, &lb, s, run / nrun, 1e3 * step_s / nrun, T, csv)) goto done;
+            run = 0.0, nrun = 0, step_s = 0.0;
         }
         if (m->expert_parallel && o->world > 1 && o->rebalance_every > 0 &&
             s % o->rebalance_every == 0 && s < o->steps) {
@@ -361,8 +377,9 @@ static int report(const options_t *o, double moe_loss, double dense_loss, double
                    moe_loss, var, purity);
         /* one machine-readable line for scripts (scripts/lb-experiment) */
         printf("result strategy=%s capacity_factor=%g eval_mse=%.6f dense_mse=%.6f "
-               "specialisation=%.4f\n", strategy_names[o->strategy], o->capacity_factor, moe_loss,
-               dense_loss, purity);
+               "specialisation=%.4f ranks=%d rebalance_every=%d redundant=%d\n",
+               strategy_names[o->strategy], o->capacity_factor, moe_loss, dense_loss, purity,
+               o->world, o->world > 1 ? o->rebalance_every : 0, o->redundant);
     }
     if (o->check) {
         int ok = moe_loss < o->check_threshold && (!o->dense || moe_loss < dense_loss);
