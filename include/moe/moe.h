@@ -226,6 +226,31 @@ MOE_API moe_status_t moe_layer_config_preset(const char *name, moe_layer_config_
  * moe_comm_barrier, moe_comm_destroy. A collective that waits longer than the communicator's
  * timeout for a peer returns MOE_STATUS_COMM_ERROR naming the missing ranks, and the
  * communicator is then unusable (destroy it).
+ *
+ * Agreement. Each of those layer calls opens with an agreement step (one all-gather of one
+ * 64-bit word per rank: the call, a hash of the layer, the call's flags and the step count, and
+ * the rank's own status) before any data moves:
+ *  - a rank whose own checks fail (a NULL pointer, forced routing for another token count,
+ *    NaN/Inf in x or dy, an invalid config or a dtype its backend refuses at create, a bad
+ *    mask, placement or redundancy) returns its own status and message, and every other rank
+ *    returns the same status at once with a message naming that rank ("rank 1 failed its own
+ *    checks in moe_layer_forward"); nothing ran on any rank and the layers and the
+ *    communicator stay usable;
+ *  - ranks in different calls (one skips a forward, one calls backward twice, two layers, a
+ *    training flag that differs) all return MOE_STATUS_COMM_ERROR naming the calls; nothing
+ *    was exchanged and the communicator stays usable;
+ *  - moe_layer_create (and moe_layer_set_placement) end with a second step: when an
+ *    allocation fails on one rank, every rank's call fails and hands out nothing.
+ * A rank that fails after the agreement step while peers may wait in one of the call's
+ * collectives (ALLOC_FAILED, a backend or transport error), or whose collective fails, breaks
+ * the communicator and tells its peers: over the local and MPI communicators their waits end
+ * at once in MOE_STATUS_COMM_ERROR naming the rank and its reason; over NCCL they wait for
+ * their timeout. The communicator is then unusable on every rank (destroy the layers,
+ * contexts and communicators). A rank with an invalid layer or context handle cannot reach its
+ * peers: they wait for their timeout. Under MPI, end the job with MPI_Abort after a
+ * COMM_ERROR: a hung peer never reaches MPI_Finalize, where the others would wait for it.
+ * One agreement step costs one all-gather of 8 bytes per call (it replaces the all-reduce
+ * that checked x and dy for NaN/Inf).
  * ========================================================================================== */
 
 typedef struct moe_comm moe_comm_t;
