@@ -149,6 +149,7 @@ def _declare(lib):
         "moe_layer_forward": (c_int, [c_void_p, c_void_p, c_void_p, c_int64, c_int, c_void_p]),
         "moe_layer_backward": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p]),
         "moe_layer_zero_grad": (c_int, [c_void_p, c_void_p]),
+        "moe_layer_set_check_numerics": (c_int, [c_void_p, c_int]),
         "moe_layer_forward_experts": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_int64,
                                               c_int, c_void_p]),
         "moe_layer_backward_experts": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p,

@@ -328,6 +328,13 @@ class Layer(_Handle):
     def zero_grad(self, stream=None):
         _check(self._lib.moe_layer_zero_grad(self._live(), _ptr(stream)), "moe_layer_zero_grad")
 
+    def set_check_numerics(self, enable=True):
+        """Turns the checks of y, dx and the gradients for NaN/Inf on (the default) or off
+        (moe_layer_set_check_numerics: each check is a pass over the output, a host wait on
+        CUDA). The checks of x and dy stay on."""
+        _check(self._lib.moe_layer_set_check_numerics(self._live(), 1 if enable else 0),
+               "moe_layer_set_check_numerics")
+
     # ---- parameters ----
     def _shape(self, which, numel):
         D, E, F2, F = self.d_model, self.num_experts, self._f2, self.config["d_ff"]

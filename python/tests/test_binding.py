@@ -391,3 +391,19 @@ def test_score_bias_moves_only_with_the_update_rate(ctx):
     counts = lf.stats()["tokens_per_expert"]
     expect = np.where(counts < counts.mean(), 0.01, np.where(counts > counts.mean(), -0.01, 0.0))
     np.testing.assert_allclose(lf.score_bias(), expect, atol=1e-7)
+
+
+def test_output_checks_can_be_turned_off(ctx):
+    # a NaN written into a weight: finite x, non-finite y
+    layer = libmoe.Layer(ctx, d_model=8, d_ff=8, num_experts=4, top_k=2)
+    layer.param("w2")[...] = np.nan
+    x = rand((3, 8))
+    with pytest.raises(MoeError) as e:
+        layer.forward(x)
+    assert e.value.status == libmoe.NUMERIC_ERROR and "y holds" in e.value.message
+    layer.set_check_numerics(False)
+    y = layer.forward(x)
+    assert np.isnan(y).any()
+    layer.set_check_numerics(True)
+    with pytest.raises(MoeError):
+        layer.forward(x)
