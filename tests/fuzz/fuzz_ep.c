@@ -48,6 +48,11 @@ typedef struct {
     int valid;
     int64_t num_local[FZ_MAX_P];
     int32_t experts[FZ_EXPERTS_ROOM];
+    /* an invalid placement given by one rank only (-1: by every rank); the others pass the
+     * valid placement it was made from */
+    int only_rank;
+    int64_t alt_num_local[FZ_MAX_P];
+    int32_t alt_experts[FZ_EXPERTS_ROOM];
 } fz_placement_t;
 
 /* everything the bytes decide; shared read-only by the rank threads */
@@ -67,6 +72,7 @@ typedef struct {
     int64_t T[FZ_MAX_P], begin[FZ_MAX_P + 1], TT;
     float x[FZ_MAX_TT * FZ_MAX_D], dy[FZ_MAX_TT * FZ_MAX_D]; /* (TT, D) */
     int x_bad, dy_bad; /* the rank holding a non-finite value, or -1 */
+    int x_null;        /* the rank (with tokens) that passes x = NULL, or -1 */
     moe_comm_t *comm[FZ_MAX_P];
 } fz_spec_t;
 
@@ -183,6 +189,8 @@ static void valid_placement(fz_t *f, int P, int64_t E, fz_placement_t *pl) {
 static void invalid_placement(fz_t *f, int P, int64_t E, fz_placement_t *pl) {
     valid_placement(f, P, E, pl);
     pl->valid = 0;
+    memcpy(pl->alt_num_local, pl->num_local, sizeof pl->num_local);
+    memcpy(pl->alt_experts, pl->experts, sizeof pl->experts);
     uint8_t how = fz_u8(f);
     int q = (int)(fz_u8(f) % P);
     int64_t b = 0;
@@ -237,6 +245,7 @@ static void fuzz_spec(fz_t *f, fz_spec_t *sp) {
     sp->TT = sp->begin[sp->P];
     sp->num_place = fz_u8(f) % 3;
     for (int i = 0; i < sp->num_place; ++i) {
+        sp->place[i].only_rank = -1;
         if (fz_u8(f) % 3 == 0)
             invalid_placement(f, sp->P, E, &sp->place[i]);
         else
@@ -279,6 +288,18 @@ static void fuzz_spec(fz_t *f, fz_spec_t *sp) {
         for (int r = 0; r < sp->P; ++r)
             if (t >= sp->begin[r] && t < sp->begin[r + 1]) *which[k] = r;
     }
+    /* arguments that differ over the ranks (moe.h, "Agreement"): one rank's invalid placement
+     * against the others' valid one, or one rank's NULL x; the call fails on every rank */
+    for (int i = 0; i < sp->num_place; ++i) {
+        uint8_t u = fz_u8(f);
+        if (!sp->place[i].valid && sp->P > 1 && u % 2) sp->place[i].only_rank = (u >> 1) % sp->P;
+    }
+    sp->x_null = -1;
+    uint8_t u = fz_u8(f);
+    if (sp->P > 1 && sp->x_bad < 0 && u % 8 == 7) {
+        int r = (u >> 3) % sp->P;
+        if (sp->T[r] > 0) sp->x_null = r;
+    }
 }
 
 /* ---- one rank's run (also the single-rank layer's, rank -1) ---- */
@@ -297,8 +318,10 @@ static void run_layer(fz_rank_t *R, moe_layer_t *L) {
     const int64_t T = one ? sp->TT : sp->T[R->rank];
     if (!one)
         for (int i = 0; i < sp->num_place; ++i) {
-            R->st_place[i] = moe_layer_set_placement(L, sp->place[i].num_local,
-                                                     sp->place[i].experts, NULL);
+            const fz_placement_t *pl = &sp->place[i];
+            const int alt = pl->only_rank >= 0 && pl->only_rank != R->rank;
+            R->st_place[i] = moe_layer_set_placement(L, alt ? pl->alt_num_local : pl->num_local,
+                                                     alt ? pl->alt_experts : pl->experts, NULL);
             note(R, R->st_place[i], "set_placement");
         }
     if (sp->use_mask) note(R, R->st_mask = moe_layer_set_expert_mask(L, sp->mask), "mask");
@@ -307,7 +330,8 @@ static void run_layer(fz_rank_t *R, moe_layer_t *L) {
         note(R, R->st_force = moe_layer_force_routing(L, sp->fidx + b * K, sp->fgate + b * K, T),
              "force_routing");
     /* a rank without tokens passes NULL, as moe.h allows */
-    R->st_fwd = moe_layer_forward(L, T ? sp->x + b * D : NULL, T ? R->y : NULL, T,
+    const int x_null = !one && R->rank == sp->x_null;
+    R->st_fwd = moe_layer_forward(L, T && !x_null ? sp->x + b * D : NULL, T ? R->y : NULL, T,
                                   sp->training, NULL);
     note(R, R->st_fwd, "forward");
     if (R->st_fwd != MOE_STATUS_SUCCESS) return;
@@ -446,6 +470,8 @@ static int compare(const fz_spec_t *sp, const fz_rank_t *ref, const fz_rank_t *r
     const moe_status_t bwd_want =
         sp->dy_bad >= 0 ? MOE_STATUS_NUMERIC_ERROR : MOE_STATUS_SUCCESS;
     expect_status(ref, "forward", ref->st_fwd, fwd_want);
+    /* one rank's NULL x: INVALID_ARGUMENT on every rank (the single-rank layer had x) */
+    const moe_status_t rank_fwd_want = sp->x_null >= 0 ? MOE_STATUS_INVALID_ARGUMENT : fwd_want;
     for (int r = 0; r < P; ++r) {
         const fz_rank_t *R = &ranks[r];
         expect_status(R, "context_create", R->st_ctx, MOE_STATUS_SUCCESS);
@@ -456,9 +482,9 @@ static int compare(const fz_spec_t *sp, const fz_rank_t *ref, const fz_rank_t *r
         expect_status(R, "set_expert_mask", R->st_mask, MOE_STATUS_SUCCESS);
         expect_status(R, "set_score_bias", R->st_bias, MOE_STATUS_SUCCESS);
         expect_status(R, "force_routing", R->st_force, MOE_STATUS_SUCCESS);
-        expect_status(R, "forward", R->st_fwd, fwd_want);
+        expect_status(R, "forward", R->st_fwd, rank_fwd_want);
     }
-    if (fwd_want != MOE_STATUS_SUCCESS) return 1;
+    if (rank_fwd_want != MOE_STATUS_SUCCESS) return 1;
     expect_status(ref, "backward", ref->st_bwd, bwd_want);
     for (int r = -1; r < P; ++r) {
         const fz_rank_t *R = r < 0 ? ref : &ranks[r];
