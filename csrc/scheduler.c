@@ -120,12 +120,11 @@ static moe_status_t expert_availability(moe_layer_t *L, int training, void *stre
                                  stream);
 }
 
-/* forced routing may not name an expert that is unavailable in this forward */
-static moe_status_t forced_available(moe_layer_t *L) {
-    if (L->avail_all) return MOE_STATUS_SUCCESS;
+/* forced routing may not name an expert that avail (E flags) marks unavailable */
+static moe_status_t forced_available(const moe_layer_t *L, const uint8_t *avail) {
     for (int64_t i = 0; i < L->forced_T * L->s.K; ++i) {
         int32_t e = L->forced_idx[i];
-        if (e >= 0 && e < L->s.E && !L->avail_h[e])
+        if (e >= 0 && e < L->s.E && !avail[e])
             return MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
                            "forced routing sends token %lld to expert %d, which is unavailable "
                            "in this forward (mask or expert dropout)",
@@ -415,7 +414,6 @@ static moe_status_t expert_pipeline(moe_layer_t *L, const moe_backend_layer_t *b
     return st;
 }
 
-/* the forward; with ye (per-expert outputs) the combine is experts_out_fwd instead */
 /* The forward's own checks, before its agreement step: forced routing for this T (and for
  * experts available in it), finite x, buffers for T tokens. Nothing of the last forward
  * changes: it stays readable when this fails. */
@@ -429,22 +427,14 @@ moe_status_t moe__scheduler_forward_prepare(moe_layer_t *L, const void *x, int64
                        "forced routing was given for %lld tokens, this forward has %lld",
                        (long long)L->forced_T, (long long)T);
     if (L->forced_idx) {
-        /* the availability this forward will draw (expert_availability below), checked now so
-         * that the refusal comes before the agreement step */
+        /* the availability this forward will draw (expert_availability, the same call), checked
+         * now so that the refusal comes before the agreement step */
         uint8_t *avail = (uint8_t *)malloc((size_t)s->E);
         if (!avail) return MOE_ERR(MOE_STATUS_ALLOC_FAILED, "availability check");
         const double p = training ? s->cfg.expert_dropout : 0.0;
         int64_t n = moe_router_availability(L->expert_mask_h, s->E, s->K, p, s->cfg.seed,
                                             L->train_calls, avail);
-        moe_status_t st = MOE_STATUS_SUCCESS;
-        for (int64_t i = 0; n < s->E && i < L->forced_T * s->K && st == MOE_STATUS_SUCCESS; ++i) {
-            int32_t e = L->forced_idx[i];
-            if (e >= 0 && e < s->E && !avail[e])
-                st = MOE_ERR(MOE_STATUS_INVALID_ARGUMENT,
-                             "forced routing sends token %lld to expert %d, which is unavailable "
-                             "in this forward (mask or expert dropout)",
-                             (long long)(i / s->K), (int)e);
-        }
+        moe_status_t st = n < s->E ? forced_available(L, avail) : MOE_STATUS_SUCCESS;
         free(avail);
         MOE_CHECK(st);
     }
@@ -461,6 +451,7 @@ moe_status_t moe__scheduler_forward_prepare(moe_layer_t *L, const void *x, int64
     return moe__buffers_reserve_tokens(L, T);
 }
 
+/* the forward; with ye (per-expert outputs) the combine is experts_out_fwd instead */
 static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, float *ge,
                             int64_t T, int training, void *stream) {
     moe_context_t *ctx = L->ctx;
@@ -499,8 +490,8 @@ static moe_status_t forward(moe_layer_t *L, const void *x, void *y, void *ye, fl
     }
     L->forced_last = L->forced_idx != NULL;
     if (L->forced_idx) {
-        moe_status_t fst = forced_available(L);
-        if (fst == MOE_STATUS_SUCCESS && T > 0) fst = moe__apply_forced_routing(L, stream);
+        /* its experts' availability was checked by moe__scheduler_forward_prepare */
+        moe_status_t fst = T > 0 ? moe__apply_forced_routing(L, stream) : MOE_STATUS_SUCCESS;
         free(L->forced_idx), free(L->forced_gate);
         L->forced_idx = NULL, L->forced_gate = NULL;
         MOE_CHECK(fst);

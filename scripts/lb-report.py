@@ -256,19 +256,27 @@ def make_plots(d, runs):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
 
+    def share_panels(runs, name, title, count, key, what, ylabel, even_line=False):
+        """one panel per run: each expert's (or rank's) share of the step's total, over steps"""
+        fig, axes = panels(plt, len(runs), title)
+        for ax, r in zip(axes.flat, runs):
+            rows = data[id(r)][1]
+            n = count(r, rows)
+            shares(ax, rows, n, key, what)
+            if even_line:
+                ax.axhline(1.0 / n, color="k", lw=0.8, ls=":")
+            ax.set_title(label(r), fontsize=10)
+        for ax in axes[:, 0]:
+            ax.set_ylabel(ylabel)
+        axes.flat[0].legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        save(fig, os.path.join(d, name), dpi)
+        plt.close(fig)
+
     # per-expert load over steps, one panel per strategy
-    fig, axes = panels(plt, len(heads), "tokens each expert processes per step "
-                       "(moving mean of 5 logged steps)")
-    for ax, r in zip(axes.flat, heads):
-        E, rows = data[id(r)]
-        shares(ax, rows, E, "load", "expert")
-        ax.set_title(label(r), fontsize=10)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("load / tokens")
-    axes.flat[0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    save(fig, os.path.join(d, "load_per_expert.png"), dpi)
-    plt.close(fig)
+    share_panels(heads, "load_per_expert.png", "tokens each expert processes per step "
+                 "(moving mean of 5 logged steps)", lambda r, rows: data[id(r)][0], "load",
+                 "expert", "load / tokens")
 
     def over_steps(name, key, ylabel, title, heads, logy=False):
         fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -297,19 +305,10 @@ def make_plots(d, runs):
     # per-rank load: each rank's share of the rows, one panel per strategy; and max/mean
     multi = [r for r in heads if r["ranks"] > 1 and num_ranks(data[id(r)][1]) > 1]
     if multi:
-        fig, axes = panels(plt, len(multi), "rows each rank's experts receive per step, "
-                           "share of all rows (moving mean of 5 logged steps)")
-        for ax, r in zip(axes.flat, multi):
-            _, rows = data[id(r)]
-            shares(ax, rows, num_ranks(rows), "rank_rows", "rank")
-            ax.axhline(1.0 / num_ranks(rows), color="k", lw=0.8, ls=":")
-            ax.set_title(label(r), fontsize=10)
-        for ax in axes[:, 0]:
-            ax.set_ylabel("rows / all rows")
-        axes.flat[0].legend(fontsize=7, loc="upper right")
-        fig.tight_layout()
-        save(fig, os.path.join(d, "rank_load.png"), dpi)
-        plt.close(fig)
+        share_panels(multi, "rank_load.png", "rows each rank's experts receive per step, "
+                     "share of all rows (moving mean of 5 logged steps)",
+                     lambda r, rows: num_ranks(rows), "rank_rows", "rank", "rows / all rows",
+                     even_line=True)
         over_steps("rank_imbalance.png", "rank_imbalance", "max / mean rows per rank",
                    "per-rank load imbalance (moving mean of 5 logged steps)", multi)
 

@@ -5,6 +5,7 @@
 #include <mpi.h>
 
 #include "ep_common.h"
+#include "ep_mpi.h"
 
 namespace {
 
@@ -12,17 +13,8 @@ using ep::Result;
 
 constexpr double kTol = 1e-5;  // f32; sums of one expert's rows in a different order
 
-int world_rank() {
-    int r = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    return r;
-}
-
-int world_size() {
-    int s = 1;
-    MPI_Comm_size(MPI_COMM_WORLD, &s);
-    return s;
-}
+using ep::world_rank;
+using ep::world_size;
 
 struct Comm {
     moe_comm_t *c = nullptr;
@@ -178,12 +170,4 @@ TEST(EpMpi, WrongBackendIsRefused) {
 
 }  // namespace
 
-int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    ::testing::InitGoogleTest(&argc, argv);
-    int rc = RUN_ALL_TESTS();
-    int worst = rc;
-    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    MPI_Finalize();
-    return worst;
-}
+int main(int argc, char **argv) { return ep::mpi_test_main(argc, argv); }

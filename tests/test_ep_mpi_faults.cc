@@ -14,6 +14,7 @@
 
 #include "comm/comm.h"
 #include "ep_common.h"
+#include "ep_mpi.h"
 #include "ep_faults.h"
 #include "moe/moe.h"
 
@@ -21,17 +22,8 @@ namespace {
 
 constexpr double kBound = 10.0;
 
-int world_rank() {
-    int r = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    return r;
-}
-
-int world_size() {
-    int s = 1;
-    MPI_Comm_size(MPI_COMM_WORLD, &s);
-    return s;
-}
+using ep::world_rank;
+using ep::world_size;
 
 // the slowest rank's time
 double max_over_ranks(double t) {
@@ -137,12 +129,4 @@ TEST(EpMpiFaults, CommFailingItsNthCallFailsEveryRankQuickly) {
 
 }  // namespace
 
-int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    ::testing::InitGoogleTest(&argc, argv);
-    int rc = RUN_ALL_TESTS();
-    int worst = rc;
-    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    MPI_Finalize();
-    return worst;
-}
+int main(int argc, char **argv) { return ep::mpi_test_main(argc, argv); }
